@@ -1,0 +1,194 @@
+"""Reading and writing DETR checkpoints.
+
+Reads the official DETR files (`{"model": state_dict, ...}`), fastdetr's own
+(which add `"config"`), bare state dicts, and DDP-wrapped ones (`module.`
+prefixes), always with `torch.load(weights_only=True)`: nothing in a
+checkpoint can run code. Writes are atomic (a temporary file in the same
+folder, flushed, then renamed over the target), so an interrupted save never
+leaves a truncated checkpoint behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import DETRConfig
+from .reference.detr import DETR
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and keys."""
+
+
+def _read(path_or_url: str | os.PathLike, map_location: Any) -> Any:
+    source = str(path_or_url)
+    if re.match(r"^https?://", source):
+        try:
+            return torch.hub.load_state_dict_from_url(source, map_location=map_location, weights_only=True)
+        except Exception as error:  # network, hash or format errors: say which URL
+            raise CheckpointError(f"{source}: could not download or read the checkpoint: {error}") from error
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (or it holds objects other than tensors and "
+            f"plain containers, which weights_only loading refuses): {error}"
+        ) from error
+
+
+def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The model state_dict inside a loaded checkpoint, with any DDP `module.` prefix removed."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        state_dict = checkpoint["model"]
+    elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, Tensor) for v in checkpoint.values()):
+        state_dict = checkpoint
+    else:
+        keys = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{source}: no model state_dict found (expected a 'model' entry); top level: {keys}")
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _count_layers(state_dict: dict[str, Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> DETRConfig:
+    """Read a DETRConfig off an official-layout state_dict.
+
+    Everything is inferred from key names and shapes except `nheads` (8 is
+    assumed), `dilation` (False: DC5 weights are indistinguishable, pass a
+    config for them), dropout and aux_loss (defaults).
+    """
+    try:
+        class_weight = state_dict["class_embed.weight"]
+        query_weight = state_dict["query_embed.weight"]
+        stem_weight = state_dict["backbone.0.body.conv1.weight"]
+        ffn_weight = state_dict["transformer.decoder.layers.0.linear1.weight"]
+    except KeyError as error:
+        raise CheckpointError(f"{source}: not a DETR state_dict, key {error} is missing") from error
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
+    layer3_blocks = _count_layers(state_dict, "backbone.0.body.layer3.")
+    depth = {(True, 6): "resnet50", (True, 23): "resnet101", (False, 2): "resnet18", (False, 6): "resnet34"}
+    backbone = depth.get((bottleneck, layer3_blocks))
+    if backbone is None:
+        raise CheckpointError(f"{source}: backbone with {layer3_blocks} layer3 blocks is not a known ResNet")
+    return DETRConfig(
+        num_classes=class_weight.shape[0] - 1,
+        backbone=backbone,
+        backbone_width=stem_weight.shape[0],
+        frozen_batchnorm=not any(key.endswith("num_batches_tracked") for key in state_dict),
+        position_embedding="learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
+        hidden_dim=class_weight.shape[1],
+        enc_layers=_count_layers(state_dict, "transformer.encoder.layers."),
+        dec_layers=_count_layers(state_dict, "transformer.decoder.layers."),
+        dim_feedforward=ffn_weight.shape[0],
+        pre_norm="transformer.encoder.norm.weight" in state_dict,
+        num_queries=query_weight.shape[0],
+    )
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError listing missing keys, unexpected keys and shape mismatches, if any."""
+    expected = model.state_dict()
+    # BatchNorm step counters: FrozenBatchNorm2d drops them, a trainable BatchNorm2d keeps its own.
+    ignorable = ("num_batches_tracked",)
+    missing = [key for key in expected if key not in state_dict and not key.endswith(ignorable)]
+    unexpected = [key for key in state_dict if key not in expected and not key.endswith(ignorable)]
+    mismatched = [
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{source} does not fit the model:"]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched)):
+        if items:
+            shown = "\n    ".join(items[:20])
+            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
+            lines.append(f"  {len(items)} {title}:\n    {shown}{more}")
+    raise CheckpointError("\n".join(lines))
+
+
+def load_checkpoint(path_or_url: str | os.PathLike, model: nn.Module | None = None, *,
+                    config: DETRConfig | None = None, map_location: Any = "cpu") -> nn.Module:
+    """Load DETR weights into `model` (strictly) and return it.
+
+    Without a model, one is built: from `config` if given, else from the
+    checkpoint's own config (fastdetr files), else inferred from the
+    state_dict's keys and shapes (official files; see `infer_config`).
+    A mismatch raises CheckpointError naming the missing and unexpected keys
+    and the differing shapes.
+    """
+    source = str(path_or_url)
+    checkpoint = _read(path_or_url, map_location)
+    state_dict = extract_state_dict(checkpoint, source)
+    if model is None:
+        if config is None and isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict):
+            config = DETRConfig.from_dict(checkpoint["config"])
+        model = DETR(config if config is not None else infer_config(state_dict, source))
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=False)  # check_state_dict is the strict check
+    return model
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> Path:
+    """Write `{"model": state_dict, "config": ..., "format_version": 1, **extra}` atomically.
+
+    `extra` entries (optimizer state, epoch, ...) must be tensors or plain
+    containers so that weights_only loading reads them back.
+    """
+    checkpoint: dict[str, Any] = {"model": model.state_dict(), "format_version": FORMAT_VERSION}
+    config = getattr(model, "config", None)
+    if isinstance(config, DETRConfig):
+        checkpoint["config"] = config.to_dict()
+    checkpoint.update(extra)
+    return atomic_save(checkpoint, path)
+
+
+def load_backbone_checkpoint(model: DETR, path: str | os.PathLike) -> DETR:
+    """Load ImageNet ResNet weights (torchvision's key names, e.g. resnet50-0676ba61.pth) into the backbone.
+
+    The classifier (`fc.*`) is dropped; every other key must fit the backbone body.
+    """
+    source = str(path)
+    state_dict = extract_state_dict(_read(path, "cpu"), source)
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
+    body = model.backbone[0].body
+    check_state_dict(body, state_dict, source)
+    body.load_state_dict(state_dict, strict=False)  # checked above
+    return model

@@ -1,0 +1,42 @@
+"""Builders for the named DETR presets: `fastdetr.detr_resnet50(num_classes=91, **overrides)` and friends.
+
+Each returns a `fastdetr.DETR` with freshly initialised weights; `overrides`
+are DETRConfig fields (an unknown name raises TypeError). Load weights with
+`fastdetr.load_checkpoint(path, model)`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .config import preset
+from .reference.detr import DETR
+
+
+def build_model(name: str, num_classes: int = 91, **overrides: Any) -> DETR:
+    """The preset `name` (see fastdetr.config.PRESETS) as a DETR."""
+    return DETR(preset(name, num_classes=num_classes, **overrides))
+
+
+def detr_resnet50(num_classes: int = 91, **overrides: Any) -> DETR:
+    """DETR-R50: 41.5 M parameters, 458 state_dict keys, as the official checkpoint."""
+    return build_model("detr_resnet50", num_classes, **overrides)
+
+
+def detr_resnet101(num_classes: int = 91, **overrides: Any) -> DETR:
+    """DETR-R101."""
+    return build_model("detr_resnet101", num_classes, **overrides)
+
+
+def detr_resnet50_dc5(num_classes: int = 91, **overrides: Any) -> DETR:
+    """DETR-R50 with a dilated last stage (stride 16 features)."""
+    return build_model("detr_resnet50_dc5", num_classes, **overrides)
+
+
+def detr_resnet101_dc5(num_classes: int = 91, **overrides: Any) -> DETR:
+    """DETR-R101 with a dilated last stage (stride 16 features)."""
+    return build_model("detr_resnet101_dc5", num_classes, **overrides)
+
+
+def detr_small(num_classes: int = 91, **overrides: Any) -> DETR:
+    """A 4 M-parameter DETR that trains from scratch on a CPU (half-width ResNet-18, d_model 128)."""
+    return build_model("detr_small", num_classes, **overrides)
