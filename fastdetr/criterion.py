@@ -1,0 +1,224 @@
+"""SetCriterion: DETR's set loss (classification, L1 and GIoU on matched pairs), with aux losses.
+
+The same keys and numbers as the original DETR's SetCriterion (models/detr.py)
+for the same inputs: "loss_ce", "class_error" (logged), "loss_bbox",
+"loss_giou", "cardinality_error" (logged), and for each aux decoder layer i
+"loss_ce_i", "loss_bbox_i", "loss_giou_i", "cardinality_error_i".
+
+How it differs from the original:
+- No host sync. The original reads the number of boxes with `.item()`; here
+  it stays a 0-d tensor on the logits' device (built with `torch.full`,
+  all-reduced when torch.distributed is initialised, divided by the world
+  size, clamped at 1). Every other count the losses need (targets and matched
+  pairs per image) is a tensor shape, known on the host without reading
+  values. The only sync left is the solver's: with the scipy backend one
+  device-to-host copy of the padded cost blocks per forward (for every layer
+  together); none with a device solver.
+- All layers are matched in one call (`HungarianMatcher.match_layers`) when the
+  matcher has it; any other matcher is called once per layer, as in the original.
+- Matched indices are on the logits' device and gathered there: a flat
+  (image, query) index per layer instead of the original's per-image
+  `torch.full_like` + `torch.cat`, and the matched targets are read from the
+  batch's concatenated labels and boxes.
+- GIoU of matched pairs is computed pair by pair, not as the diagonal of a
+  K x K matrix.
+- Only "labels", "boxes" and "cardinality" (no masks); an unknown loss name
+  raises ValueError when the criterion is built.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .box_ops import box_cxcywh_to_xyxy
+from .config import DETRConfig
+from .matcher import HungarianMatcher, Indices, Solver, generalized_box_iou_broadcast
+
+LOSSES = ("labels", "boxes", "cardinality")
+
+
+def num_boxes_tensor(num_targets: int, device: torch.device) -> Tensor:
+    """Average number of target boxes per process, at least 1, as a 0-d float32 tensor on `device`.
+
+    num_targets: this process's total. All-reduced (sum) over processes when
+    torch.distributed is initialised, then divided by the world size. Tensor
+    ops only: no `.item()`, so no host sync.
+    """
+    num_boxes = torch.full((), float(num_targets), dtype=torch.float32, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(num_boxes)
+        num_boxes = num_boxes / torch.distributed.get_world_size()
+    return num_boxes.clamp(min=1)
+
+
+def total_loss(loss_dict: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
+    """Sum of loss_dict[k] * weight_dict[k] over the keys in both (logged terms have no weight)."""
+    terms = [loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict]
+    if not terms:
+        raise ValueError(f"total_loss: no key of {sorted(loss_dict)} has a weight in weight_dict")
+    return torch.stack(terms).sum()
+
+
+class _MatchedBatch:
+    """Flat gather indices of one layer's matches, on the logits' device.
+
+    query_index: [K] flat index b * Q + pred_idx into the layer's [B * Q] predictions.
+    target_index: [K] index into the batch's concatenated targets.
+    """
+
+    def __init__(self, indices: Indices, num_targets: Sequence[int], num_queries: int, device: torch.device,
+                 offsets_cache: dict[tuple[int, ...], Tensor]):
+        counts = tuple(int(pred_idx.shape[0]) for pred_idx, _ in indices)
+        self.num_matched = sum(counts)
+        if self.num_matched == 0:
+            self.query_index = self.target_index = torch.empty(0, dtype=torch.int64, device=device)
+            return
+        # Per-pair offsets from the match counts, which are shapes (no sync). Layers
+        # usually match the same number of pairs per image: build them once per step.
+        key = (num_queries, *counts)
+        if key not in offsets_cache:
+            query_offset, target_offset, start = [], [], 0
+            for b, (count, n) in enumerate(zip(counts, num_targets)):
+                query_offset += [b * num_queries] * count
+                target_offset += [start] * count
+                start += n
+            offsets_cache[key] = torch.tensor([query_offset, target_offset], dtype=torch.int64).to(device)
+        offsets = offsets_cache[key]
+        self.query_index = torch.cat([pred_idx for pred_idx, _ in indices]).to(device) + offsets[0]
+        self.target_index = torch.cat([tgt_idx for _, tgt_idx in indices]).to(device) + offsets[1]
+
+
+class SetCriterion(nn.Module):
+    """DETR's loss: match predictions to targets, then supervise matched pairs and the no-object class.
+
+    num_classes: object classes, without no-object (the logits have num_classes + 1 entries).
+    matcher: a HungarianMatcher (or any callable matcher(outputs, targets) -> indices).
+    weight_dict: loss name -> weight, used by `total_loss` (kept for the training loop).
+    eos_coef: weight of the no-object class in the cross entropy.
+    losses: a subset of ("labels", "boxes", "cardinality").
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: dict[str, float], eos_coef: float,
+                 losses: Sequence[str]) -> None:
+        super().__init__()
+        unknown = [loss for loss in losses if loss not in LOSSES]
+        if unknown:
+            raise ValueError(f"SetCriterion: unknown loss(es) {unknown}; expected a subset of {LOSSES}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.eos_coef = eos_coef
+        self.losses = list(losses)
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Losses of the last layer and (with "aux_outputs") of every aux layer.
+
+        outputs: "pred_logits" [B, Q, C+1], "pred_boxes" [B, Q, 4] normalised cxcywh,
+            optionally "aux_outputs", a list of L-1 such dicts.
+        targets: B dicts, "labels" [n_b] int64 in [0, C), "boxes" [n_b, 4] normalised cxcywh.
+        Returns a dict of 0-d tensors (module docstring); "class_error" and
+        "cardinality_error*" carry no gradient.
+        """
+        aux_outputs = list(outputs.get("aux_outputs", []))
+        layers = [*aux_outputs, {k: v for k, v in outputs.items() if k != "aux_outputs"}]
+        if hasattr(self.matcher, "match_layers"):
+            per_layer = self.matcher.match_layers(outputs, targets)
+        else:
+            per_layer = [self.matcher(layer, targets) for layer in layers]
+
+        logits = outputs["pred_logits"]
+        device = logits.device
+        num_targets = [int(t["labels"].shape[0]) for t in targets]
+        num_boxes = num_boxes_tensor(sum(num_targets), device)
+        target_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        target_counts = torch.tensor(num_targets, dtype=torch.float32).to(device)
+
+        # the original's key order: the last layer's losses, then aux layer 0, 1, ...
+        order = [len(layers) - 1, *range(len(layers) - 1)]
+        offsets_cache: dict[tuple[int, ...], Tensor] = {}
+        losses: dict[str, Tensor] = {}
+        for layer_index in order:
+            layer, is_last = layers[layer_index], layer_index == len(layers) - 1
+            matched = _MatchedBatch(per_layer[layer_index], num_targets, layer["pred_logits"].shape[1], device,
+                                    offsets_cache)
+            layer_losses: dict[str, Tensor] = {}
+            if "labels" in self.losses:
+                layer_losses.update(self.loss_labels(layer["pred_logits"], target_labels, matched, log=is_last))
+            if "boxes" in self.losses:
+                layer_losses.update(self.loss_boxes(layer["pred_boxes"], target_boxes, matched, num_boxes))
+            if "cardinality" in self.losses:
+                layer_losses.update(self.loss_cardinality(layer["pred_logits"], target_counts))
+            suffix = "" if is_last else f"_{layer_index}"
+            losses.update({name + suffix: value for name, value in layer_losses.items()})
+        return losses
+
+    def loss_labels(self, logits: Tensor, target_labels: Tensor, matched: _MatchedBatch,
+                    log: bool = True) -> dict[str, Tensor]:
+        """Weighted cross entropy over C+1 classes; unmatched queries are trained towards no-object.
+
+        logits [B, Q, C+1]; target_labels [N] (all targets of the batch).
+        "class_error" (with `log`): 100 - top-1 accuracy (%) of the matched
+        queries, 100 when nothing is matched, as the original.
+        """
+        batch_size, num_queries, _ = logits.shape
+        flat_logits = logits.flatten(0, 1)  # [B*Q, C+1]
+        matched_labels = target_labels[matched.target_index]
+        target_classes = torch.full((batch_size * num_queries,), self.num_classes, dtype=torch.int64,
+                                    device=logits.device)
+        target_classes[matched.query_index] = matched_labels
+        losses = {"loss_ce": F.cross_entropy(flat_logits, target_classes, self.empty_weight)}
+        if log:
+            with torch.no_grad():
+                if matched.num_matched == 0:
+                    accuracy = torch.zeros((), device=logits.device)
+                else:
+                    correct = flat_logits[matched.query_index].argmax(-1) == matched_labels
+                    accuracy = correct.float().sum() * (100.0 / matched.num_matched)
+                losses["class_error"] = 100 - accuracy
+        return losses
+
+    def loss_boxes(self, pred_boxes: Tensor, target_boxes: Tensor, matched: _MatchedBatch,
+                   num_boxes: Tensor) -> dict[str, Tensor]:
+        """L1 and 1 - GIoU of the matched (prediction, target) cxcywh pairs, summed and divided by num_boxes.
+
+        pred_boxes [B, Q, 4]; target_boxes [N, 4] (all targets of the batch); num_boxes 0-d.
+        """
+        src = pred_boxes.flatten(0, 1)[matched.query_index]  # [K, 4]
+        tgt = target_boxes[matched.target_index]  # [K, 4]
+        loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
+        giou = generalized_box_iou_broadcast(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        loss_giou = (1 - giou).sum() / num_boxes
+        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    @torch.no_grad()
+    def loss_cardinality(self, logits: Tensor, target_counts: Tensor) -> dict[str, Tensor]:
+        """Mean |number of queries not predicting no-object - number of targets| per image (logged only).
+
+        logits [B, Q, C+1]; target_counts [B] float.
+        """
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
+        return {"cardinality_error": F.l1_loss(predicted.float(), target_counts)}
+
+
+def build_criterion(config: DETRConfig, *, cost_class: float = 1, cost_bbox: float = 5, cost_giou: float = 2,
+                    bbox_loss_coef: float = 5, giou_loss_coef: float = 2, eos_coef: float = 0.1,
+                    backend: str | Solver = "auto") -> SetCriterion:
+    """DETR's criterion for `config` (its num_classes, dec_layers, aux_loss), with DETR's default weights.
+
+    weight_dict: {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}, and with
+    config.aux_loss the same for "_0" ... "_{dec_layers-2}"; no-object
+    weight 0.1; losses labels, boxes, cardinality; matcher costs 1 / 5 / 2.
+    """
+    matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou, backend=backend)
+    base = {"loss_ce": 1.0, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
+    weight_dict = dict(base)
+    if config.aux_loss:
+        weight_dict.update({f"{k}_{i}": v for i in range(config.dec_layers - 1) for k, v in base.items()})
+    return SetCriterion(config.num_classes, matcher, weight_dict, eos_coef, list(LOSSES))
