@@ -1,0 +1,708 @@
+"""Flash attention for DETR: key padding mask, attention dropout, padded key blocks skipped.
+
+What is fused: softmax(q k^T * scale, keys masked) -> dropout -> @ v, forward and
+backward, without ever holding an L x S matrix in memory (flash-attention style:
+online softmax in fp32, the log-sum-exp of each query row saved for backward).
+The reference is `attention_ref` at the bottom of this file (plain PyTorch, the
+same math `torch.nn.MultiheadAttention` does, except for fully padded rows).
+
+How it differs from the flash-attention Triton kernels it learns from:
+- A per-batch boolean key padding mask (B, S), True = ignore the key. Key blocks
+  whose keys are all padded are skipped: the launcher builds, with torch ops and no
+  host sync, a per-batch list of the key blocks that hold any valid key (valid
+  blocks first) and their count; the forward and dQ kernels loop over that list
+  only, and a dK/dV program whose key block is fully padded writes zeros and
+  loops over nothing. Padded keys inside a visited block are never loaded (masked
+  loads), so whatever they hold (even NaN) cannot leak into the result.
+- A query row whose keys are all padded gets zeros and zero gradients (PyTorch's
+  softmax returns NaN there).
+- Dropout on the attention probabilities with Philox, counter = (key index, query
+  index, batch * heads + head, offset) and key = seed; seed and offset are drawn
+  on the host from torch's CPU generator (no device sync). Backward regenerates
+  the same mask from the same counters.
+- The output and the gradients are allocated as views of (L, B, H, D) storage,
+  the layout `nn.MultiheadAttention` reshapes to and from, so no copy is needed
+  on either side of the kernel.
+
+Limits: head dim 32 or 64 (DETR's 256 / 8 heads is 32); q, k, v of one dtype
+(fp32, fp16 or bf16), all math in fp32; B * H <= 65535 (grid axis 1); the last
+dimension must have stride 1 (anything else is copied once). One block config
+per kernel and dtype (`_configs()`), whatever L and S are: DETR's sizes (1 to
+~1300) are all served by them with masked tails, and every extra config would
+add to the set CI compiles ahead of time (`aot_configs()`, 18 variants). Block
+sizes were picked for no register spills on sm_80 / sm_90, not tuned on a GPU.
+Dropout draws one Philox call per score (10 rounds): correct and simple, but
+the costliest part of a training step's attention at D = 32.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdetr.backend import interpreter_enabled, use_triton
+
+_SUPPORTED_HEAD_DIMS = (32, 64)
+_LOG2E = 1.4426950408889634
+
+
+def _check_inputs(q, k, v, key_padding_mask, dropout_p) -> None:
+    """Shape, dtype and range checks that read metadata only (never a tensor's values)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects q (B, H, L, D), k and v (B, H, S, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: mismatched B/H/S/D: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if q.shape[3] not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention: head dim {q.shape[3]} (q {tuple(q.shape)}) is not supported; "
+                         f"supported: {_SUPPORTED_HEAD_DIMS}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if key_padding_mask is not None:
+        batch, seq_k = k.shape[0], k.shape[2]
+        if tuple(key_padding_mask.shape) != (batch, seq_k):
+            raise ValueError(f"attention: key_padding_mask must be (B, S) = ({batch}, {seq_k}); "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"attention: key_padding_mask must be bool (True = ignore the key); "
+                             f"got {key_padding_mask.dtype}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1); got {dropout_p}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _configs() -> dict:
+    """Launch configs by (kernel, dtype family): a small fixed set, all compiled ahead of time in CI.
+
+    Sized so that no variant spills registers on sm_80 / sm_90 (checked by the
+    AOT test). The forward and dQ kernels share BLOCK_N (the key block), so the
+    skip list built in forward serves backward. The backward kernels hold more
+    live tiles (two fp32 accumulators, transposed score tiles, the dropout
+    counters) and take smaller ones; 64-wide dK/dV tiles spilled on sm_80 at D = 64.
+    fp32 tiles are twice the bytes and its dots run in true fp32 ("ieee", not tf32,
+    for the 1e-5 tolerance), so they are smaller again.
+    """
+    half = dict(num_warps=4, num_stages=2, DOT_PRECISION="tf32")   # tf32 is ignored for fp16/bf16 dots
+    full = dict(num_warps=4, num_stages=2, DOT_PRECISION="ieee")
+    return {
+        ("fwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=64, **half),
+        ("dq", "16bit"): dict(BLOCK_M=32, BLOCK_N=64, **half),
+        ("dkdv", "16bit"): dict(BLOCK_M=32, BLOCK_N=32, **half),
+        ("fwd", "fp32"): dict(BLOCK_M=32, BLOCK_N=32, **full),
+        ("dq", "fp32"): dict(BLOCK_M=32, BLOCK_N=32, **full),
+        ("dkdv", "fp32"): dict(BLOCK_M=16, BLOCK_N=32, **full),
+    }
+
+
+def block_config(kernel: str, dtype: torch.dtype) -> dict:
+    """Launch config of `kernel` ("fwd", "dq" or "dkdv") for inputs of `dtype`.
+
+    Returns BLOCK_M (queries), BLOCK_N (keys), num_warps, num_stages,
+    DOT_PRECISION. L and S do not enter: DETR's sizes (1 to ~1300) are served by
+    the same tiles with masked tails, and each extra choice would double the set
+    CI compiles ahead of time.
+    """
+    return _configs()[(kernel, "fp32" if dtype == torch.float32 else "16bit")]
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether the kernels must multiply in fp32: only bf16 under Triton's interpreter.
+
+    Triton 3.6's interpreter keeps bf16 tiles as uint16 bit patterns and its
+    `tl.dot` multiplies those integers (checked: a 16 x 16 bf16 product is off
+    by ~1e10). Under the interpreter the operands, already rounded to bf16,
+    are widened to fp32 first, which gives the product a tensor core computes;
+    compiled kernels (UPCAST_DOT=False, the only variant built for a GPU) keep
+    bf16 operands and tensor cores.
+    """
+    return dtype == torch.bfloat16 and interpreter_enabled()
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST_DOT widens the operands first (see `_upcast_dot`)."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dropout_keep(seed, rng_offset, bh, query_ids, key_ids, dropout_p):
+    """Bool block, True = keep. query_ids / key_ids: int32 blocks of one shape (either orientation).
+
+    Philox4x32-10 with counter (key, query, batch * heads + head, rng_offset) and
+    key seed: each element has its own counter, so forward and backward tiles of
+    any shape and orientation draw the same number for the same element, and no
+    index product can overflow.
+    """
+    bh_ids = tl.zeros_like(query_ids) + bh
+    offset_ids = tl.zeros_like(query_ids) + rng_offset
+    bits, _, _, _ = tl.philox(seed, key_ids, query_ids, bh_ids, offset_ids)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+# Masking and dropout are runtime arguments, not constexprs: the masked variant
+# costs one predicated load per key block when off, the dropout branch is uniform
+# per program, and four times fewer variants keep the ahead-of-time set small.
+# `has_mask`, `seed`, `rng_offset` are not specialised (a value of 1 would
+# otherwise compile a variant of its own).
+
+@triton.jit(do_not_specialize=["has_mask", "seed", "rng_offset"])
+def _attention_fwd_kernel(
+    Q_ptr, K_ptr, V_ptr,                      # (B, H, L, D), (B, H, S, D), (B, H, S, D); last stride 1
+    Out_ptr,                                  # (B, H, L, D) in q's dtype; last stride 1
+    LSE_ptr,                                  # (B, H, L) fp32 log2-sum-exp2 of the scaled scores
+    key_padding_mask_ptr,                     # (B, S) uint8, 1 = ignore the key (read if has_mask)
+    kv_block_index_ptr, kv_block_count_ptr,   # (B, num_kv_blocks), (B,) int32: blocks with a valid key
+    block_visits_ptr,                         # (B, H, L) int32, key blocks visited (COUNT_VISITS)
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_o_b, stride_o_h, stride_o_l,
+    num_heads, seq_len_q, seq_len_k, num_kv_blocks,
+    has_mask,                                 # 0 / 1
+    qk_scale,                                 # softmax scale * log2(e)
+    dropout_p, seed, rng_offset,              # dropout off when dropout_p == 0
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COUNT_VISITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    b64 = batch.to(tl.int64)
+    h64 = head.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len_q
+    masked = has_mask != 0
+
+    q = tl.load(Q_ptr + b64 * stride_q_b + h64 * stride_q_h + offs_m.to(tl.int64)[:, None] * stride_q_l
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = K_ptr + b64 * stride_k_b + h64 * stride_k_h
+    v_base = V_ptr + b64 * stride_v_b + h64 * stride_v_h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)   # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                  # running sum of exp2, before dropout
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)       # running sum of kept p * v
+
+    # only the key blocks that hold a valid key (all of them without a mask)
+    num_iters = num_kv_blocks
+    if masked:
+        num_iters = tl.load(kv_block_count_ptr + batch)
+    for it in range(0, num_iters):
+        block = tl.where(masked, tl.load(kv_block_index_ptr + b64 * num_kv_blocks + it, mask=masked,
+                                         other=0), it)
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_in = offs_n < seq_len_k
+        padded = tl.load(key_padding_mask_ptr + b64 * seq_len_k + offs_n, mask=key_in & masked, other=0)
+        key_ok = key_in & (padded == 0)
+        # padded keys are never loaded: whatever they hold cannot reach the output
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_k_s + offs_d[None, :],
+                    mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_v_s + offs_d[None, :],
+                    mask=key_ok[:, None], other=0.0)
+        scores = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+        scores = tl.where(key_ok[None, :], scores, float("-inf"))
+        # online softmax; a row that has seen only masked keys keeps max -inf, so
+        # exponentiate against 0 there instead (exp2(-inf) = 0, never -inf - -inf)
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(scores - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if dropout_p > 0.0:
+            query_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            key_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            keep = _dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+
+    # epilogue: normalise, 1 / (1 - p) of dropout folded in; fully padded rows -> 0
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc * ((1.0 / (1.0 - dropout_p)) / l_safe)[:, None]
+    tl.store(Out_ptr + b64 * stride_o_b + h64 * stride_o_h + offs_m.to(tl.int64)[:, None] * stride_o_l
+             + offs_d[None, :], out.to(Out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    # lse = +inf on fully padded rows makes exp2(score - lse) = 0 in backward
+    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
+    row_index = pid_bh.to(tl.int64) * seq_len_q + offs_m
+    tl.store(LSE_ptr + row_index, lse, mask=row_ok)
+    if COUNT_VISITS:
+        tl.store(block_visits_ptr + row_index, tl.zeros([BLOCK_M], tl.int32) + num_iters, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["has_mask", "seed", "rng_offset"])
+def _attention_bwd_dq_kernel(
+    Q_ptr, K_ptr, V_ptr, Out_ptr, dOut_ptr,   # (B, H, L, D), (B, H, S, D) x 2, (B, H, L, D) x 2
+    dQ_ptr,                                   # (B, H, L, D) in q's dtype
+    LSE_ptr,                                  # (B, H, L) fp32, from forward
+    Delta_ptr,                                # (B, H, L) fp32, written here: rowsum(dO * O)
+    key_padding_mask_ptr,                     # (B, S) uint8 (read if has_mask)
+    kv_block_index_ptr, kv_block_count_ptr,   # (B, num_kv_blocks), (B,) int32, as in forward
+    block_visits_ptr,                         # (B, H, L) int32 (COUNT_VISITS)
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_o_b, stride_o_h, stride_o_l,
+    stride_do_b, stride_do_h, stride_do_l,
+    stride_dq_b, stride_dq_h, stride_dq_l,
+    num_heads, seq_len_q, seq_len_k, num_kv_blocks,
+    has_mask,
+    sm_scale, qk_scale,                       # softmax scale, and it times log2(e)
+    dropout_p, seed, rng_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COUNT_VISITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    b64 = batch.to(tl.int64)
+    h64 = head.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len_q
+    rows = offs_m.to(tl.int64)[:, None]
+    masked = has_mask != 0
+
+    q = tl.load(Q_ptr + b64 * stride_q_b + h64 * stride_q_h + rows * stride_q_l + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(dOut_ptr + b64 * stride_do_b + h64 * stride_do_h + rows * stride_do_l + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    o = tl.load(Out_ptr + b64 * stride_o_b + h64 * stride_o_h + rows * stride_o_l + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = K_ptr + b64 * stride_k_b + h64 * stride_k_h
+    v_base = V_ptr + b64 * stride_v_b + h64 * stride_v_h
+
+    # preprocess, fused: delta = rowsum(dO * O) of this query block, kept for the dK/dV kernel
+    row_index = pid_bh.to(tl.int64) * seq_len_q + offs_m
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(Delta_ptr + row_index, delta, mask=row_ok)
+    lse = tl.load(LSE_ptr + row_index, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    num_iters = num_kv_blocks
+    if masked:
+        num_iters = tl.load(kv_block_count_ptr + batch)
+    for it in range(0, num_iters):
+        block = tl.where(masked, tl.load(kv_block_index_ptr + b64 * num_kv_blocks + it, mask=masked,
+                                         other=0), it)
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_in = offs_n < seq_len_k
+        padded = tl.load(key_padding_mask_ptr + b64 * seq_len_k + offs_n, mask=key_in & masked, other=0)
+        key_ok = key_in & (padded == 0)
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_k_s + offs_d[None, :],
+                    mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_v_s + offs_d[None, :],
+                    mask=key_ok[:, None], other=0.0)
+        scores = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+        scores = tl.where(key_ok[None, :] & row_ok[:, None], scores, float("-inf"))
+        p = tl.math.exp2(scores - lse[:, None])
+        # dP = dO V^T through the dropout mask; dS = P * (dP - delta)
+        dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
+        if dropout_p > 0.0:
+            query_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            key_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            keep = _dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
+
+    # epilogue
+    dq = dq * sm_scale
+    tl.store(dQ_ptr + b64 * stride_dq_b + h64 * stride_dq_h + rows * stride_dq_l + offs_d[None, :],
+             dq.to(dQ_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if COUNT_VISITS:
+        tl.store(block_visits_ptr + row_index, tl.zeros([BLOCK_M], tl.int32) + num_iters, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["has_mask", "seed", "rng_offset"])
+def _attention_bwd_dkdv_kernel(
+    Q_ptr, K_ptr, V_ptr, dOut_ptr,            # (B, H, L, D), (B, H, S, D) x 2, (B, H, L, D)
+    dK_ptr, dV_ptr,                           # (B, H, S, D) in k's dtype
+    LSE_ptr, Delta_ptr,                       # (B, H, L) fp32, from forward and the dQ kernel
+    key_padding_mask_ptr,                     # (B, S) uint8 (read if has_mask)
+    block_visits_ptr,                         # (B, H, S) int32, query blocks visited (COUNT_VISITS)
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_do_b, stride_do_h, stride_do_l,
+    stride_dk_b, stride_dk_h, stride_dk_s,
+    stride_dv_b, stride_dv_h, stride_dv_s,
+    num_heads, seq_len_q, seq_len_k,
+    has_mask,
+    sm_scale, qk_scale,
+    dropout_p, seed, rng_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COUNT_VISITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # one program per (key block, batch * head), on transposed tiles (keys x queries)
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    b64 = batch.to(tl.int64)
+    h64 = head.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = offs_n.to(tl.int64)[:, None]
+    masked = has_mask != 0
+
+    key_in = offs_n < seq_len_k
+    padded = tl.load(key_padding_mask_ptr + b64 * seq_len_k + offs_n, mask=key_in & masked, other=0)
+    key_ok = key_in & (padded == 0)
+    k = tl.load(K_ptr + b64 * stride_k_b + h64 * stride_k_h + cols * stride_k_s + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    v = tl.load(V_ptr + b64 * stride_v_b + h64 * stride_v_h + cols * stride_v_s + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    q_base = Q_ptr + b64 * stride_q_b + h64 * stride_q_h
+    do_base = dOut_ptr + b64 * stride_do_b + h64 * stride_do_h
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # a fully padded key block loops over no query block and stores zeros
+    num_iters = tl.cdiv(seq_len_q, BLOCK_M) * tl.max(key_ok.to(tl.int32), 0)
+    for it in range(0, num_iters):
+        offs_m = it * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seq_len_q
+        rows = offs_m.to(tl.int64)[:, None]
+        q = tl.load(q_base + rows * stride_q_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + rows * stride_do_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        row_index = pid_bh.to(tl.int64) * seq_len_q + offs_m
+        lse = tl.load(LSE_ptr + row_index, mask=row_ok, other=0.0)
+        delta = tl.load(Delta_ptr + row_index, mask=row_ok, other=0.0)
+
+        scores_t = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST_DOT) * qk_scale
+        scores_t = tl.where(key_ok[:, None] & row_ok[None, :], scores_t, float("-inf"))
+        p_t = tl.math.exp2(scores_t - lse[None, :])
+        dp_t = _dot(v, tl.trans(do), DOT_PRECISION, UPCAST_DOT)
+        p_dropped = p_t
+        if dropout_p > 0.0:
+            query_ids = offs_m[None, :] + tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+            key_ids = offs_n[:, None] + tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+            keep = _dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            p_dropped = tl.where(keep, p_t * inv_keep, 0.0)
+            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
+        dv += _dot(p_dropped.to(do.dtype), do, DOT_PRECISION, UPCAST_DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION, UPCAST_DOT)
+
+    # epilogue
+    dk = dk * sm_scale
+    tl.store(dK_ptr + b64 * stride_dk_b + h64 * stride_dk_h + cols * stride_dk_s + offs_d[None, :],
+             dk.to(dK_ptr.dtype.element_ty), mask=key_in[:, None])
+    tl.store(dV_ptr + b64 * stride_dv_b + h64 * stride_dv_h + cols * stride_dv_s + offs_d[None, :],
+             dv.to(dV_ptr.dtype.element_ty), mask=key_in[:, None])
+    if COUNT_VISITS:
+        tl.store(block_visits_ptr + pid_bh.to(tl.int64) * seq_len_k + offs_n,
+                 tl.zeros([BLOCK_N], tl.int32) + num_iters, mask=key_in)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    # The kernels index D with stride 1 (vectorised loads); any other layout is copied once.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _mha_layout_empty(batch: int, heads: int, seq: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, H, seq, D) view of (seq, B, H, D) storage, the layout MHA reshapes from."""
+    return torch.empty(seq, batch, heads, head_dim, dtype=like.dtype, device=like.device).permute(1, 2, 0, 3)
+
+
+def kv_block_table(key_padding_mask: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch, the key blocks that hold at least one valid key.
+
+    key_padding_mask: (B, S) bool, True = padded. Returns (index, count): index
+    (B, cdiv(S, block_n)) int32 with the valid blocks first, in key order; count
+    (B,) int32. Built with torch ops only: no host sync.
+    """
+    batch, seq_k = key_padding_mask.shape
+    num_blocks = triton.cdiv(seq_k, block_n)
+    valid = torch.nn.functional.pad(~key_padding_mask, (0, num_blocks * block_n - seq_k), value=False)
+    block_has_key = valid.view(batch, num_blocks, block_n).any(dim=2)
+    count = block_has_key.sum(dim=1, dtype=torch.int32)
+    # a stable sort on "is empty" puts the valid blocks first and keeps them in key order
+    index = torch.sort((~block_has_key).to(torch.uint8), dim=1, stable=True).indices.to(torch.int32)
+    return index.contiguous(), count
+
+
+def _mask_args(key_padding_mask, kv_table, block_n, like):
+    """(mask as uint8, block index, block count, placeholder) kernel arguments.
+
+    Pointers a launch does not read (no mask, no visit count) get a one-element
+    int32 placeholder, so the pointer types always match `aot_configs()`.
+    """
+    placeholder = torch.empty(1, dtype=torch.int32, device=like.device)
+    if key_padding_mask is None:
+        return placeholder.view(torch.uint8), placeholder, placeholder, placeholder
+    if kv_table is None:
+        kv_table = kv_block_table(key_padding_mask, block_n)
+    return key_padding_mask.contiguous().view(torch.uint8), kv_table[0], kv_table[1], placeholder
+
+
+def attention_forward(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0, rng_offset=0,
+                      block_visits=None):
+    """Launch the forward kernel.
+
+    q: (B, H, L, D), k and v: (B, H, S, D), any strides; key_padding_mask: (B, S)
+    bool or None; seed, rng_offset: ints in [0, 2**31) keying the dropout RNG.
+    block_visits: optional (B, H, L) int32 tensor, filled with the number of key
+    blocks the program of each query row visited (a test instrument).
+    Returns (out (B, H, L, D) in q's dtype, lse (B, H, L) fp32 in log2 units,
+    kv block table (index, count) or None without a mask).
+    """
+    _check_inputs(q, k, v, key_padding_mask, dropout_p)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    if batch * heads > 65535:
+        raise ValueError(f"attention: B * H = {batch * heads} exceeds the kernel's grid limit 65535 "
+                         f"(q {tuple(q.shape)})")
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    config = block_config("fwd", q.dtype)
+    out = _mha_layout_empty(batch, heads, seq_q, head_dim, q)
+    lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
+    if seq_q == 0 or seq_k == 0:
+        return out.zero_(), lse.fill_(float("inf")), None
+
+    mask_u8, block_index, block_count, placeholder = _mask_args(key_padding_mask, None, config["BLOCK_N"], q)
+    grid = (triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse,
+        mask_u8, block_index, block_count,
+        block_visits if block_visits is not None else placeholder,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        heads, seq_q, seq_k, triton.cdiv(seq_k, config["BLOCK_N"]),
+        int(key_padding_mask is not None),
+        scale * _LOG2E,
+        float(dropout_p), int(seed), int(rng_offset),
+        HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        COUNT_VISITS=block_visits is not None, DOT_PRECISION=config["DOT_PRECISION"],
+        UPCAST_DOT=_upcast_dot(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    table = None if key_padding_mask is None else (block_index, block_count)
+    return out, lse, table
+
+
+def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=None, kv_table=None, dropout_p=0.0,
+                       scale=None, seed=0, rng_offset=0, dq_block_visits=None, dkv_block_visits=None):
+    """Launch the backward kernels: dQ (with delta = rowsum(dO * O) fused in), then dK/dV.
+
+    Two kernels rather than one with atomics: the dK/dV kernel owns a key block
+    and the dQ kernel a query block, so every gradient is written once, in its
+    dtype, deterministically, with no fp32 dQ buffer to zero and convert; the
+    price is computing q k^T a second time. Delta is computed by the dQ kernel
+    (which loads dO anyway) and read by the dK/dV kernel launched after it: one
+    launch fewer than a separate preprocess kernel.
+
+    grad_out, q, out: (B, H, L, D); k, v: (B, H, S, D); lse: (B, H, L) from
+    forward; kv_table: forward's block table (rebuilt when None and masked).
+    dq_block_visits (B, H, L) / dkv_block_visits (B, H, S): optional int32 test
+    instruments (key blocks per dQ program / query blocks per dK/dV program).
+    Returns (dq, dk, dv) in the inputs' dtype.
+    """
+    grad_out, q, k, v, out = (_unit_last_stride(t) for t in (grad_out, q, k, v, out))
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    dq_config, dkdv_config = block_config("dq", q.dtype), block_config("dkdv", q.dtype)
+    dq = _mha_layout_empty(batch, heads, seq_q, head_dim, q)
+    dk = _mha_layout_empty(batch, heads, seq_k, head_dim, k)
+    dv = _mha_layout_empty(batch, heads, seq_k, head_dim, v)
+    if seq_q == 0 or seq_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+
+    if block_config("fwd", q.dtype)["BLOCK_N"] != dq_config["BLOCK_N"]:
+        kv_table = None   # forward's table is for other key blocks
+    mask_u8, block_index, block_count, placeholder = _mask_args(key_padding_mask, kv_table,
+                                                                dq_config["BLOCK_N"], q)
+    delta = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
+    has_mask = int(key_padding_mask is not None)
+    _attention_bwd_dq_kernel[(triton.cdiv(seq_q, dq_config["BLOCK_M"]), batch * heads)](
+        q, k, v, out, grad_out, dq, lse, delta,
+        mask_u8, block_index, block_count,
+        dq_block_visits if dq_block_visits is not None else placeholder,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        heads, seq_q, seq_k, triton.cdiv(seq_k, dq_config["BLOCK_N"]),
+        has_mask,
+        scale, scale * _LOG2E,
+        float(dropout_p), int(seed), int(rng_offset),
+        HEAD_DIM=head_dim, BLOCK_M=dq_config["BLOCK_M"], BLOCK_N=dq_config["BLOCK_N"],
+        COUNT_VISITS=dq_block_visits is not None, DOT_PRECISION=dq_config["DOT_PRECISION"],
+        UPCAST_DOT=_upcast_dot(q.dtype), num_warps=dq_config["num_warps"], num_stages=dq_config["num_stages"],
+    )
+    _attention_bwd_dkdv_kernel[(triton.cdiv(seq_k, dkdv_config["BLOCK_N"]), batch * heads)](
+        q, k, v, grad_out, dk, dv, lse, delta,
+        mask_u8,
+        dkv_block_visits if dkv_block_visits is not None else placeholder,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        heads, seq_q, seq_k,
+        has_mask,
+        scale, scale * _LOG2E,
+        float(dropout_p), int(seed), int(rng_offset),
+        HEAD_DIM=head_dim, BLOCK_M=dkdv_config["BLOCK_M"], BLOCK_N=dkdv_config["BLOCK_N"],
+        COUNT_VISITS=dkv_block_visits is not None, DOT_PRECISION=dkdv_config["DOT_PRECISION"],
+        UPCAST_DOT=_upcast_dot(q.dtype), num_warps=dkdv_config["num_warps"], num_stages=dkdv_config["num_stages"],
+    )
+    return dq, dk, dv
+
+
+class KernelConfig(NamedTuple):
+    """One kernel variant, as `triton.compile(ASTSource(kernel, signature, constexprs), options=...)` takes it."""
+    kernel: object          # the @triton.jit function
+    signature: dict         # argument name -> Triton type ("*bf16", "*i32", "i32", "fp32", "constexpr")
+    constexprs: dict        # constexpr name -> value
+    options: dict           # num_warps, num_stages
+
+
+_KERNELS = {"fwd": "_attention_fwd_kernel", "dq": "_attention_bwd_dq_kernel",
+            "dkdv": "_attention_bwd_dkdv_kernel"}
+_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FP32_POINTERS = {"LSE_ptr", "Delta_ptr"}
+_I32_POINTERS = {"kv_block_index_ptr", "kv_block_count_ptr", "block_visits_ptr"}
+_FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
+
+
+def _signature(kernel, dtype_name: str) -> dict:
+    """Triton types of every argument of `kernel`, as the launchers above pass them."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name.isupper():
+            signature[name] = "constexpr"
+        elif name in _FP32_POINTERS:
+            signature[name] = "*fp32"
+        elif name in _I32_POINTERS:
+            signature[name] = "*i32"
+        elif name == "key_padding_mask_ptr":
+            signature[name] = "*u8"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + dtype_name
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def aot_configs() -> list[KernelConfig]:
+    """Every kernel variant the launchers can choose: 3 kernels x 3 dtypes x head dims {32, 64}.
+
+    (Masking and dropout are runtime arguments; the COUNT_VISITS test instrument
+    is left out.) Strides and sizes are typed i32, as the launchers pass them for
+    tensors under 2**31 elements.
+    """
+    configs = []
+    for kernel_name, kernel_attr in _KERNELS.items():
+        kernel = globals()[kernel_attr]
+        for dtype, dtype_name in _TRITON_DTYPE_NAMES.items():
+            config = block_config(kernel_name, dtype)
+            for head_dim in _SUPPORTED_HEAD_DIMS:
+                constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                                  COUNT_VISITS=False, DOT_PRECISION=config["DOT_PRECISION"],
+                                  UPCAST_DOT=False)
+                options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+                configs.append(KernelConfig(kernel, _signature(kernel, dtype_name), constexprs, options))
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+def _draw_dropout_seed() -> tuple[int, int]:
+    # torch's CPU generator: reproducible under torch.manual_seed, and never a device sync
+    seed, rng_offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
+    return seed, rng_offset
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, dropout_p, scale, seed, rng_offset):
+        out, lse, table = attention_forward(q, k, v, key_padding_mask, dropout_p, scale, seed, rng_offset)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask,
+                              *(table if table is not None else ()))
+        ctx.dropout_p, ctx.scale, ctx.seed, ctx.rng_offset = dropout_p, scale, seed, rng_offset
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_padding_mask, *table = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, key_padding_mask,
+                                        tuple(table) if table else None, ctx.dropout_p, ctx.scale,
+                                        ctx.seed, ctx.rng_offset)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None):
+    """Scaled dot-product attention with a key padding mask and attention dropout.
+
+    q: (B, H, L, D); k, v: (B, H, S, D); any strides (views of the (L, B, H, D)
+    storage `nn.MultiheadAttention` uses are read in place); D in {32, 64}.
+    key_padding_mask: (B, S) bool, True = ignore that key, or None.
+    dropout_p: probability of zeroing an attention weight (kept weights are scaled
+    by 1 / (1 - dropout_p)); the RNG draw comes from torch's CPU generator.
+    scale: multiplies q k^T; default 1 / sqrt(D).
+    Returns (B, H, L, D) in q's dtype (on the Triton path a view of (L, B, H, D)
+    storage). A query row whose keys are all padded returns zeros and passes zero
+    gradients, where PyTorch's softmax would return NaN.
+    Runs the Triton kernels when `fastdetr.backend.use_triton` says so, else `attention_ref`.
+    """
+    _check_inputs(q, k, v, key_padding_mask, dropout_p)
+    if not use_triton(q, k, v, key_padding_mask):
+        return attention_ref(q, k, v, key_padding_mask, dropout_p, scale)
+    seed, rng_offset = _draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
+    return AttentionFunction.apply(q, k, v, key_padding_mask, float(dropout_p), scale, seed, rng_offset)
+
+
+def attention_ref(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, dropout_keep=None):
+    """Plain-PyTorch attention, the oracle and the fallback; math in the inputs' dtype.
+
+    Same arguments and result as `attention` (fully padded rows -> zeros). With
+    dropout_p > 0 the keep mask is `dropout_keep` ((B, H, L, S) bool, True = keep)
+    when given, else drawn by torch's dropout.
+    """
+    _check_inputs(q, k, v, key_padding_mask, dropout_p)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    probs_zero = None
+    if key_padding_mask is not None:
+        # all keys padded: softmax of all -inf is NaN (also in its gradient); such
+        # rows skip the fill and get zeroed after the softmax instead
+        probs_zero = key_padding_mask.all(dim=1)
+        fill = key_padding_mask & ~probs_zero[:, None]
+        scores = scores.masked_fill(fill[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if probs_zero is not None:
+        probs = probs.masked_fill(probs_zero[:, None, None, None], 0.0)
+    if dropout_p > 0.0:
+        if dropout_keep is None:
+            probs = torch.nn.functional.dropout(probs, dropout_p, training=True)
+        else:
+            probs = probs * dropout_keep / (1.0 - dropout_p)
+    return torch.matmul(probs, v)

@@ -1,0 +1,453 @@
+"""fastdetr.kernels.attention: the flash-attention kernels against float64 math.
+
+The kernels run on the CPU through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), so sizes stay small: B = H = 2 with DETR's odd and tiny
+sequence lengths. The last test compiles every kernel variant ahead of time for
+sm_80 and sm_90 (no GPU needed) and checks for register spills.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastdetr.kernels.attention import (
+    _check_inputs,
+    aot_configs,
+    attention,
+    attention_backward,
+    attention_forward,
+    attention_ref,
+    block_config,
+    kv_block_table,
+)
+
+# shared/DESIGN.md: relative error ||out - ref|| / ||ref||, (forward, gradients)
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (1e-2, 2e-2),
+    torch.bfloat16: (1e-2, 2e-2),
+}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, the norm floored at 1: with one valid key the exact dq, dk are 0."""
+    assert not torch.isnan(actual).any(), "NaN in the kernel's result"
+    diff = (actual.double() - expected.double()).norm().item()
+    return diff / max(expected.double().norm().item(), 1.0)
+
+
+def oracle(q, k, v, key_padding_mask=None, scale=None, keep=None, dropout_p=0.0):
+    """Float64 attention written out here, independent of the module: fully padded rows give 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = q @ k.transpose(-2, -1) * scale
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).clamp_min(-1e300).detach()   # -inf rows: exp(-inf) = 0
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
+    return probs @ v
+
+
+def make_qkv(batch, heads, seq_q, seq_k, head_dim, dtype, layout, generator):
+    """q (B, H, L, D), k, v (B, H, S, D) with fresh random values.
+
+    layout "mha": views of (L, B, H*D) and one packed (S, B, 2*H*D) buffer, as
+    nn.MultiheadAttention slices them (non-contiguous, last stride 1);
+    "contiguous": plain (B, H, *, D); "transposed": last stride != 1 (copied by the launcher).
+    """
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    if layout == "mha":
+        q = randn(seq_q, batch, heads * head_dim).view(seq_q, batch, heads, head_dim).permute(1, 2, 0, 3)
+        kv = randn(seq_k, batch, 2 * heads * head_dim).view(seq_k, batch, 2, heads, head_dim)
+        k, v = kv[:, :, 0].permute(1, 2, 0, 3), kv[:, :, 1].permute(1, 2, 0, 3)
+        assert not k.is_contiguous() and k.stride(-1) == 1
+    elif layout == "contiguous":
+        q = randn(batch, heads, seq_q, head_dim)
+        k, v = randn(batch, heads, seq_k, head_dim), randn(batch, heads, seq_k, head_dim)
+    elif layout == "transposed":
+        q = randn(batch, heads, head_dim, seq_q).transpose(-1, -2)
+        k = randn(batch, heads, head_dim, seq_k).transpose(-1, -2)
+        v = randn(batch, heads, head_dim, seq_k).transpose(-1, -2)
+    else:
+        raise ValueError(layout)
+    return q, k, v
+
+
+def make_mask(kind, batch, seq_k, generator):
+    """(B, S) bool key padding masks; batches differ so per-batch skip lists differ.
+
+    "half": batch 0 pads its last half, batch 1 a random ~half (scattered, inside blocks);
+    "all_but_one": batch 0 pads every key but a random one, batch 1 its first half.
+    """
+    if kind == "none":
+        return None
+    mask = torch.zeros(batch, seq_k, dtype=torch.bool)
+    if kind == "half":
+        mask[0, seq_k - seq_k // 2:] = True
+        mask[1] = torch.rand(seq_k, generator=generator) < 0.5
+        mask[1, torch.randint(seq_k, (1,), generator=generator)] = False
+    elif kind == "all_but_one":
+        mask[0] = True
+        mask[0, torch.randint(seq_k, (1,), generator=generator)] = False
+        mask[1, : seq_k // 2] = True
+    else:
+        raise ValueError(kind)
+    return mask
+
+
+def check_against_oracle(q, k, v, mask, dtype, generator, dropout_p=0.0, **launch):
+    """Forward and dq/dk/dv through `attention` (or the launchers with `launch`) vs the float64 oracle."""
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(dtype)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = oracle(q64, k64, v64, mask)
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+    assert relative_error(out, ref) <= fwd_tol
+    for name, actual, expected in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+        assert actual.dtype == dtype
+        assert relative_error(actual, expected) <= grad_tol, name
+
+
+# (L, S, D, mask, layout, H): every L and S in {1, 7, 100, 129, 257} and both D,
+# each mask kind with several shapes, without crossing all of them (B = 2; one
+# head for 257 x 257, the interpreter's slowest case).
+FP32_CASES = [
+    (1, 1, 32, "none", "contiguous", 2),
+    (7, 7, 64, "half", "mha", 2),
+    (100, 100, 32, "none", "mha", 2),             # decoder self-attention
+    (100, 257, 32, "half", "mha", 2),             # cross-attention over padded memory
+    (129, 129, 64, "all_but_one", "mha", 2),
+    (257, 257, 32, "half", "mha", 1),             # encoder self-attention
+    (7, 129, 32, "all_but_one", "contiguous", 2),
+    (257, 7, 64, "none", "mha", 2),
+    (1, 100, 64, "half", "mha", 2),
+    (129, 1, 32, "none", "transposed", 2),
+    (100, 7, 64, "all_but_one", "transposed", 2),
+]
+
+
+@pytest.mark.parametrize("seq_q,seq_k,head_dim,mask_kind,layout,heads", FP32_CASES)
+def test_fp32_matches_float64(seq_q, seq_k, head_dim, mask_kind, layout, heads):
+    generator = torch.Generator().manual_seed(seq_q * 1000 + seq_k + head_dim)
+    q, k, v = make_qkv(2, heads, seq_q, seq_k, head_dim, torch.float32, layout, generator)
+    check_against_oracle(q, k, v, make_mask(mask_kind, 2, seq_k, generator), torch.float32, generator)
+
+
+@pytest.mark.parametrize("dtype,seq_q,seq_k,head_dim,mask_kind", [
+    (torch.float16, 100, 129, 32, "half"),
+    (torch.bfloat16, 129, 100, 64, "all_but_one"),
+])
+def test_half_precision_matches_float64(dtype, seq_q, seq_k, head_dim, mask_kind):
+    generator = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv(2, 2, seq_q, seq_k, head_dim, dtype, "mha", generator)
+    check_against_oracle(q, k, v, make_mask(mask_kind, 2, seq_k, generator), dtype, generator)
+
+
+def test_oracle_agrees_with_torch_sdpa():
+    """The float64 oracle is right where PyTorch is defined (no fully padded rows)."""
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = make_qkv(2, 2, 7, 100, 32, torch.float64, "contiguous", generator)
+    mask = make_mask("half", 2, 100, generator)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~mask[:, None, None, :])
+    assert torch.allclose(oracle(q, k, v, mask), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_ref_matches_oracle_and_is_the_fallback(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = make_qkv(2, 2, 7, 129, 64, torch.float64, "mha", generator)
+    mask = make_mask("half", 2, 129, generator)
+    mask[0] = True   # a fully padded batch: zeros, not NaN
+    expected = oracle(q, k, v, mask)
+    assert torch.allclose(attention_ref(q, k, v, mask), expected, rtol=1e-12, atol=1e-12)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # CPU tensors without the interpreter -> plain PyTorch
+    assert torch.equal(attention(q, k, v, mask), attention_ref(q, k, v, mask))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_fully_padded_rows_give_zeros_and_zero_grads(dropout_p):
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 100, 129, 32, torch.float32, "contiguous", generator))
+    mask = make_mask("half", 2, 129, generator)
+    mask[0] = True
+    out = attention(q, k, v, mask, dropout_p=dropout_p)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=generator))
+    for tensor in (out, dq, dk, dv):
+        assert torch.isfinite(tensor).all()
+        assert torch.equal(tensor[0], torch.zeros_like(tensor[0]))
+    assert out[1].abs().sum() > 0 and dq[1].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------
+
+def recover_keep_mask(batch, heads, seq_q, seq_k, head_dim, dropout_p, seed, rng_offset):
+    """The forward kernel's own keep mask (B, H, L, S), read off its output.
+
+    With v one-hot over a chunk of `head_dim` keys, out[l, j] = P[l, key j] * keep / (1 - p),
+    and P > 0 for random scores, so the nonzero outputs are exactly the kept weights.
+    """
+    generator = torch.Generator().manual_seed(11)
+    q = torch.randn(batch, heads, seq_q, head_dim, generator=generator)
+    k = torch.randn(batch, heads, seq_k, head_dim, generator=generator)
+    keep = torch.empty(batch, heads, seq_q, seq_k, dtype=torch.bool)
+    for start in range(0, seq_k, head_dim):
+        width = min(head_dim, seq_k - start)
+        v = torch.zeros(batch, heads, seq_k, head_dim)
+        v[:, :, start:start + width, :width] = torch.eye(width)
+        out, _, _ = attention_forward(q, k, v, None, dropout_p, None, seed, rng_offset)
+        keep[..., start:start + width] = out[..., :width] != 0
+        # the kept weights are the softmax weights scaled by 1 / (1 - p)
+        probs = torch.softmax(q.double() @ k.double().transpose(-2, -1) * head_dim ** -0.5, dim=-1)
+        expected = probs[..., start:start + width] * keep[..., start:start + width] / (1.0 - dropout_p)
+        assert torch.allclose(out[..., :width].double(), expected, rtol=1e-5, atol=1e-7)
+    return keep
+
+
+def test_dropout_keep_rate_and_seeds():
+    batch, heads, seq_q, seq_k, dropout_p = 2, 2, 129, 64, 0.25
+    keep = recover_keep_mask(batch, heads, seq_q, seq_k, 64, dropout_p, seed=1234, rng_offset=5)
+    n = keep.numel()
+    sigma = math.sqrt(dropout_p * (1 - dropout_p) / n)
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) <= 3 * sigma
+    # no structure along any axis: every (b, h) slice and every key column keeps about 1 - p
+    per_head = keep.float().mean(dim=(2, 3))
+    assert (per_head - (1 - dropout_p)).abs().max() <= 4 * math.sqrt(dropout_p * (1 - dropout_p) / (n / 4))
+    # same seed -> same mask; another seed or offset -> another mask
+    assert torch.equal(keep, recover_keep_mask(batch, heads, seq_q, seq_k, 64, dropout_p, 1234, 5))
+    for seed, rng_offset in ((1235, 5), (1234, 6)):
+        other = recover_keep_mask(batch, heads, seq_q, seq_k, 64, dropout_p, seed, rng_offset)
+        assert (other != keep).float().mean() > 0.2
+
+
+def test_dropout_backward_uses_the_forward_mask():
+    """Gradients equal the float64 oracle's evaluated with the mask recovered from the forward kernel."""
+    batch, heads, seq_q, seq_k, head_dim, dropout_p = 2, 2, 100, 129, 32, 0.2
+    seed, rng_offset = 99, 7
+    keep = recover_keep_mask(batch, heads, seq_q, seq_k, head_dim, dropout_p, seed, rng_offset)
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(batch, heads, seq_q, seq_k, head_dim, torch.float32, "mha", generator)
+    mask = make_mask("half", batch, seq_k, generator)
+    out, lse, table = attention_forward(q, k, v, mask, dropout_p, None, seed, rng_offset)
+    grad_out = torch.randn(out.shape, generator=generator)
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, table, dropout_p, None, seed, rng_offset)
+
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = oracle(q64, k64, v64, mask, keep=keep, dropout_p=dropout_p)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+    assert relative_error(out, ref) <= 1e-5
+    for name, actual, expected in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads):
+        assert relative_error(actual, expected) <= 1e-4, name
+
+
+def test_attention_dropout_follows_torch_manual_seed():
+    generator = torch.Generator().manual_seed(6)
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 7, 100, 32, torch.float32, "mha", generator))
+    mask = make_mask("half", 2, 100, generator)
+    torch.manual_seed(42)
+    first = attention(q, k, v, mask, dropout_p=0.1)
+    torch.manual_seed(42)
+    again = attention(q, k, v, mask, dropout_p=0.1)
+    torch.manual_seed(43)
+    other = attention(q, k, v, mask, dropout_p=0.1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    no_dropout = attention(q, k, v, mask, dropout_p=0.0)
+    assert relative_error(no_dropout, oracle(q, k, v, mask)) <= 1e-5
+    grads = torch.autograd.grad(first, (q, k, v), torch.ones_like(first))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded key blocks: skipped, never loaded
+# ---------------------------------------------------------------------------------------------
+
+def test_fully_padded_key_blocks_are_skipped():
+    """The kernels count the blocks each program visits; fully padded key blocks are not among them."""
+    batch, heads, seq_q, seq_k, head_dim = 2, 2, 65, 257, 32
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = make_qkv(batch, heads, seq_q, seq_k, head_dim, torch.float32, "mha", generator)
+    mask = torch.zeros(batch, seq_k, dtype=torch.bool)
+    mask[0, 64:192] = True     # whole blocks for every block size used (16, 32, 64)
+    mask[0, 200] = True        # and one key in a block that stays
+    mask[1, 180:] = True       # a padded tail, ~30% of the keys
+
+    def blocks_with_a_key(block_n):
+        return [sum(not mask[b, i:i + block_n].all() for i in range(0, seq_k, block_n)) for b in range(batch)]
+
+    fwd_visits = torch.full((batch, heads, seq_q), -1, dtype=torch.int32)
+    out, lse, table = attention_forward(q, k, v, mask, block_visits=fwd_visits)
+    fwd_n = block_config("fwd", torch.float32)["BLOCK_N"]
+    for b, expected in enumerate(blocks_with_a_key(fwd_n)):
+        assert (fwd_visits[b] == expected).all()
+    assert fwd_visits[0, 0, 0] < triton_cdiv(seq_k, fwd_n) and fwd_visits[1, 0, 0] < triton_cdiv(seq_k, fwd_n)
+
+    grad_out = torch.randn(out.shape, generator=generator)
+    dq_visits = torch.full((batch, heads, seq_q), -1, dtype=torch.int32)
+    dkv_visits = torch.full((batch, heads, seq_k), -1, dtype=torch.int32)
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, table,
+                                    dq_block_visits=dq_visits, dkv_block_visits=dkv_visits)
+    dq_n = block_config("dq", torch.float32)["BLOCK_N"]
+    for b, expected in enumerate(blocks_with_a_key(dq_n)):
+        assert (dq_visits[b] == expected).all()
+    dkdv = block_config("dkdv", torch.float32)
+    for b in range(batch):
+        for start in range(0, seq_k, dkdv["BLOCK_N"]):
+            block_mask = mask[b, start:start + dkdv["BLOCK_N"]]
+            expected = 0 if block_mask.all() else triton_cdiv(seq_q, dkdv["BLOCK_M"])
+            assert (dkv_visits[b, :, start:start + dkdv["BLOCK_N"]] == expected).all()
+    # and the result is still right
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = oracle(q64, k64, v64, mask)
+    assert relative_error(out, ref) <= 1e-5
+    for actual, expected in zip((dq, dk, dv), torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())):
+        assert relative_error(actual, expected) <= 1e-4
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def test_padded_keys_are_never_read():
+    """NaN in padded keys and values (whole blocks and single keys) never reaches outputs or gradients."""
+    generator = torch.Generator().manual_seed(9)
+    q, k, v = make_qkv(2, 2, 100, 257, 64, torch.float32, "contiguous", generator)
+    mask = make_mask("half", 2, 257, generator)
+    k_nan = k.masked_fill(mask[:, None, :, None], float("nan")).requires_grad_()
+    v_nan = v.masked_fill(mask[:, None, :, None], float("inf")).requires_grad_()
+    q = q.requires_grad_()
+    out = attention(q, k_nan, v_nan, mask, dropout_p=0.0)
+    grad_out = torch.randn(out.shape, generator=generator)
+    dq, dk, dv = torch.autograd.grad(out, (q, k_nan, v_nan), grad_out)
+    assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
+    assert relative_error(out, oracle(q, k, v, mask)) <= 1e-5
+    padded = mask[:, None, :, None].expand_as(dk)
+    assert (dk[padded] == 0).all() and (dv[padded] == 0).all()
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on any op that copies a tensor's value to the host (.item(), bool(tensor), .tolist())."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            raise AssertionError(f"host read: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_checks_and_skip_list_read_no_values():
+    generator = torch.Generator().manual_seed(10)
+    q, k, v = make_qkv(2, 2, 7, 129, 32, torch.float32, "mha", generator)
+    mask = make_mask("all_but_one", 2, 129, generator)
+    with _NoHostSync():
+        _check_inputs(q, k, v, mask, 0.1)
+        index, count = kv_block_table(mask, 32)
+    # batch 0: one block holds the only valid key; batch 1: the first half is padded
+    assert count.tolist() == [1, 129 // 32 + 1 - 2]
+    valid_block = int(torch.nonzero(~mask[0])[0, 0]) // 32
+    assert index[0, 0].item() == valid_block
+    assert index[1, :3].tolist() == [2, 3, 4]
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda q, k, v, m: (q[:1], k, v, m), "mismatched"),
+    (lambda q, k, v, m: (q, k[:, :1], v[:, :1], m), "mismatched"),
+    (lambda q, k, v, m: (q, k, v[:, :, :3], m), "mismatched"),
+    (lambda q, k, v, m: (q[..., :16], k[..., :16], v[..., :16], m), "head dim 16"),
+    (lambda q, k, v, m: (q, k, v, m[:, :5]), r"key_padding_mask must be \(B, S\)"),
+    (lambda q, k, v, m: (q, k, v, m.float()), "must be bool"),
+    (lambda q, k, v, m: (q.double(), k, v, m), "share a dtype"),
+    (lambda q, k, v, m: (q[0], k[0], v[0], m), "expects q"),
+])
+def test_bad_inputs_raise_value_errors(make_args, message):
+    generator = torch.Generator().manual_seed(12)
+    q, k, v = make_qkv(2, 2, 7, 9, 32, torch.float32, "contiguous", generator)
+    mask = make_mask("half", 2, 9, generator)
+    with pytest.raises(ValueError, match=message):
+        attention(*make_args(q, k, v, mask))
+
+
+@pytest.mark.parametrize("dropout_p", [1.0, -0.1, 1.5])
+def test_bad_dropout_raises(dropout_p):
+    q = torch.randn(1, 1, 3, 32)
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention(q, q, q, dropout_p=dropout_p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for real GPUs
+# ---------------------------------------------------------------------------------------------
+
+_AOT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastdetr.kernels.attention import aot_configs
+
+    for index, config in enumerate(aot_configs()):
+        for capability in (80, 90):
+            print("@@begin", flush=True)   # ptxas's log (TRITON_DUMP_PTXAS_LOG) follows
+            result = dict(index=index, kernel=config.kernel.__name__, capability=capability,
+                          q=config.signature["Q_ptr"], constexprs=config.constexprs)
+            try:
+                source = ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs)
+                compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                          options=config.options)
+                result.update(ok=True, shared=compiled.metadata.shared)
+            except Exception as error:   # reported, not raised: one broken variant must not hide the rest
+                result.update(ok=False, error=repr(error)[:2000])
+            print("@@result " + json.dumps(result), flush=True)
+""")
+
+
+def test_every_config_compiles_for_sm80_and_sm90_without_spills(tmp_path):
+    """`aot_configs()` is the launchers' whole choice; each compiles with ptxas and spills nothing.
+
+    Runs in a subprocess: with TRITON_INTERPRET=1 the kernels in this process are
+    interpreter objects, which triton.compile does not take. A fresh cache dir
+    makes ptxas run (and print its register report) for every variant.
+    """
+    configs = aot_configs()
+    assert len(configs) == 18
+    assert {c.constexprs["HEAD_DIM"] for c in configs} == {32, 64}
+    assert {c.signature["Q_ptr"] for c in configs} == {"*fp32", "*fp16", "*bf16"}
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results, failures = [], []
+    for chunk in run.stdout.split("@@begin")[1:]:
+        log, _, result_line = chunk.partition("@@result ")
+        result = json.loads(result_line)
+        spill_stores = sum(int(n) for n in _numbers_before(log, "bytes spill stores"))
+        result["spill_stores"] = spill_stores
+        results.append(result)
+        if not result["ok"] or spill_stores:
+            failures.append(result)
+    assert len(results) == 2 * len(configs)
+    assert not failures, json.dumps(failures, indent=1)
+
+
+def _numbers_before(text: str, suffix: str) -> list[str]:
+    words = text.replace(",", " ").split()
+    tail = suffix.split()
+    return [words[i - 1] for i in range(1, len(words) - len(tail) + 1)
+            if words[i:i + len(tail)] == tail]
