@@ -1,0 +1,147 @@
+"""Ahead-of-time compile report: every kernel configuration, for sm_80 and sm_90, without a GPU.
+
+    python -m fastdetr.kernels.report [--targets 80 90] [--json FILE]
+
+Each kernel module exposes `aot_configs()`: every (kernel, signature,
+constexprs, options) its launchers can choose. This compiles each one with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))` -- no GPU
+needed, the Triton wheel carries ptxas and cuobjdump -- then reads the cubin's
+resource usage (registers, spill stores/loads, local memory, shared memory)
+and its SASS for tensor-core instructions (HMMA = mma on sm_80/sm_90, HGMMA =
+wgmma on sm_90). It prints a table and exits non-zero on a compile error or a
+spill: the interpreter that CI runs the kernels through accepts code a real
+GPU would reject, and this is the check that catches it.
+
+The kernels must be compiled with Triton's interpreter off (under the
+interpreter, `triton.jit` returns an interpreted function), so `main` sets
+TRITON_INTERPRET=0 before it imports any kernel module; run it as its own
+process (tests do, through subprocess).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+# Kernel modules with an `aot_configs()`; a new kernel module is added here.
+KERNEL_MODULES = ("fastdetr.kernels.attention", "fastdetr.kernels.assignment")
+
+
+@dataclass
+class CompileRow:
+    module: str
+    kernel: str
+    config: str
+    target: str
+    ok: bool
+    registers: int | None = None
+    spill_bytes: int | None = None  # local memory per thread: spills and stack
+    shared_bytes: int | None = None  # dynamic shared memory per program
+    tensor_cores: str = ""
+    seconds: float = 0.0
+    error: str = ""
+
+
+def _triton_tool(name: str) -> str | None:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.access(path, os.X_OK) else None
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None, str]:
+    """(registers, local bytes per thread, tensor-core instructions) read off a cubin."""
+    cuobjdump = _triton_tool("cuobjdump")
+    if cuobjdump is None:
+        return None, None, "?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", file.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", file.name], capture_output=True, text=True, check=True).stdout
+
+    def field(name: str) -> int | None:
+        match = re.search(rf"\b{name}:(\d+)", usage)
+        return int(match.group(1)) if match else None
+
+    local = (field("LOCAL") or 0) + (field("STACK") or 0)
+    cores = "wgmma" if "HGMMA" in sass else "mma" if "HMMA" in sass else "none"
+    return field("REG"), local, cores
+
+
+def _describe(signature: dict, constexprs: dict, options: dict) -> str:
+    dtype = next((kind[1:] for kind in signature.values() if kind.startswith("*")), "")
+    items = {**constexprs, **options}
+    return " ".join([dtype] + [f"{key}={value}" for key, value in items.items()])
+
+
+def compile_all(targets: tuple[int, ...] = (80, 90), modules: tuple[str, ...] = KERNEL_MODULES) -> list[CompileRow]:
+    """Compile every configuration of `modules` for every target; never raises on a compile error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    rows = []
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for kernel, signature, constexprs, options in module.aot_configs():
+            name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+            for cap in targets:
+                row = CompileRow(module_name.rsplit(".", 1)[-1], name, _describe(signature, constexprs, options),
+                                 f"sm_{cap}", ok=False)
+                start = time.perf_counter()
+                try:
+                    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+                    compiled = triton.compile(source, target=GPUTarget("cuda", cap, 32), options=options)
+                    row.registers, row.spill_bytes, row.tensor_cores = _resource_usage(compiled.asm["cubin"])
+                    row.shared_bytes = compiled.metadata.shared  # Triton's shared memory is dynamic
+                    row.ok = True
+                except Exception as error:  # report every failure, keep compiling the rest
+                    row.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
+                row.seconds = time.perf_counter() - start
+                rows.append(row)
+    return rows
+
+
+def format_table(rows: list[CompileRow]) -> str:
+    header = ("module", "kernel", "config", "target", "regs", "spill B", "shared B", "tensor cores", "status")
+    lines = [header]
+    for row in rows:
+        status = "ok" if row.ok and not row.spill_bytes else ("SPILL" if row.ok else f"FAIL {row.error}")
+        lines.append((row.module, row.kernel, row.config, row.target, str(row.registers), str(row.spill_bytes),
+                      str(row.shared_bytes), row.tensor_cores, status))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastdetr.kernels.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--targets", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    parser.add_argument("--modules", nargs="+", default=list(KERNEL_MODULES))
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("kernels.report: Triton was imported with the interpreter on; run this as its own process",
+              file=sys.stderr)
+        return 2
+    os.environ["TRITON_INTERPRET"] = "0"  # compile real kernels, whatever the caller's environment says
+    rows = compile_all(tuple(args.targets), tuple(args.modules))
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump([asdict(row) for row in rows], file, indent=1)
+    failed = [row for row in rows if not row.ok or row.spill_bytes]
+    print(f"\n{len(rows)} compiles, {len(rows) - len(failed)} clean, {len(failed)} failed or spilled")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
