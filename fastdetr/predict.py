@@ -72,14 +72,17 @@ def predict_image(model: nn.Module, image: Image.Image, augment: AugmentConfig =
                   threshold: float = 0.5) -> list[dict[str, Any]]:
     """Detections on one PIL image, best first: [{"category_id", "score", "box": [x0, y0, x1, y1]}, ...].
 
-    Boxes are in the pixels of `image` (not of the resized model input); only queries whose
-    best real-class probability is at least `threshold` are kept.
+    Boxes are in the pixels of `image` (not of the resized model input), clipped to it (DETR's
+    boxes may cross the border; `evaluate` keeps them unclipped, as the original does); only
+    queries whose best real-class probability is at least `threshold` are kept.
     """
     device = next(model.parameters()).device
     pixels = preprocess(image, augment).to(device)
     outputs = model([pixels])
     size = torch.tensor([[image.height, image.width]], device=device)
     result = PostProcess()({key: outputs[key].float() for key in ("pred_logits", "pred_boxes")}, size)[0]
+    result["boxes"][:, 0::2] = result["boxes"][:, 0::2].clamp(0, image.width)
+    result["boxes"][:, 1::2] = result["boxes"][:, 1::2].clamp(0, image.height)
     order = result["scores"].argsort(descending=True).tolist()
     scores, labels, boxes = (result[key].cpu().tolist() for key in ("scores", "labels", "boxes"))
     return [{"category_id": int(labels[i]), "score": float(scores[i]), "box": [float(v) for v in boxes[i]]}
@@ -114,7 +117,8 @@ def predict_files(image_paths: Sequence[str | os.PathLike], checkpoint: str | os
     """`fastdetr predict`: for each image write out_dir/<stem>.json and out_dir/<stem>.png.
 
     The JSON holds {"image": path, "width", "height", "threshold", "detections": [{"category_id",
-    "category", "score", "box": [x0, y0, x1, y1] in pixels}, ...]}. Returns those dicts, one per image.
+    "category", "score", "box": [x0, y0, x1, y1] in pixels, clipped to the image}, ...]}.
+    Returns those dicts, one per image.
     """
     model, info = load_model(checkpoint, device)
     out = Path(out_dir)

@@ -43,6 +43,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -118,6 +119,8 @@ class TrainConfig:
         if self.augment != "auto" and self.augment not in AUGMENTS:
             raise ValueError(f"TrainConfig.augment: unknown {self.augment!r}; expected 'auto' or one of "
                              f"{sorted(AUGMENTS)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):  # anything else would silently mean the CPU
+            raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"TrainConfig.amp: expected auto, bf16, fp16 or off, got {self.amp!r}")
         for name in ("epochs", "batch_size", "log_every"):
@@ -407,7 +410,11 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
             say(f"COCO evaluation after epoch {epoch} ({len(val_set)} images):\n{format_summary(stats)}")
             log("eval", epoch=epoch, step=step, **stats)
         if runtime.distributed:
-            dist.barrier()
+            # Every rank needs rank 0's result: the caller decides on it whether to save, and saving
+            # is a collective (the RNG states are gathered).
+            shared = [stats]
+            dist.broadcast_object_list(shared, src=0)
+            stats = shared[0]
         return stats
 
     def save(epoch_done: int) -> None:
@@ -421,6 +428,21 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
                          "scaler": scaler.state_dict(), "epoch": epoch_done, "step": step,
                          "train_time_s": train_time, "rng": rng, "eval": last_eval,
                          "world_size": runtime.world_size, **extra}, checkpoint_path)
+
+    def last_good() -> str:
+        return str(checkpoint_path) if checkpoint_path.is_file() else "none (first epoch)"
+
+    def raise_if_non_finite(host: Tensor, lengths: int) -> None:
+        """host: the window's first rows, read to the CPU; a non-finite one stops the run, the earliest named."""
+        bad = (~torch.isfinite(host)).any(1).nonzero().flatten().tolist()
+        if bad:
+            row = bad[0]
+            bad_step, bad_epoch, batch_index, image_ids = window.where[row]
+            named = ", ".join(f"{name}={value:.4g}" for name, value in zip(LOGGED, host[row].tolist()))
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad_step} (epoch {bad_epoch}, batch {batch_index} of {lengths}; "
+                f"image ids on rank {runtime.rank}: {image_ids}): {named}. Training stopped; the last good "
+                f"checkpoint is {last_good()}")
 
     def flush(epoch: int, lengths: int) -> tuple[bool, bool]:
         """Read the window once: log, check for non-finite losses, and agree on stopping / dropping the LR."""
@@ -438,15 +460,7 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         host = values.cpu()
         flags = flags.cpu().tolist()
-        bad = (~torch.isfinite(host)).any(1).nonzero().flatten().tolist()
-        if bad:
-            row = bad[0]
-            bad_step, bad_epoch, batch_index, image_ids = window.where[row]
-            named = ", ".join(f"{name}={value:.4g}" for name, value in zip(LOGGED, host[row].tolist()))
-            raise NonFiniteLossError(
-                f"non-finite loss at step {bad_step} (epoch {bad_epoch}, batch {batch_index} of {lengths}; "
-                f"image ids on rank {runtime.rank}: {image_ids}): {named}. Training stopped; the last good "
-                f"checkpoint is {checkpoint_path if checkpoint_path.is_file() else 'none (first epoch)'}")
+        raise_if_non_finite(host, lengths)
         means = host.mean(0).tolist()
         seconds = time.perf_counter() - window.start_time
         rate = window.images * runtime.world_size / max(seconds, 1e-9)
@@ -461,6 +475,8 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
 
     epoch = start_epoch
     if budget is not None and train_time >= budget:
+        # A finished budgeted run, resumed: nothing to train; its last epoch (counted as done) is start_epoch - 1.
+        epoch = start_epoch - 1
         stopped = "time_budget"
     else:
         for epoch in range(start_epoch, config.epochs):
@@ -486,7 +502,18 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
                 with autocast_context(device, runtime.amp):
                     outputs = ddp_model(images)
                 outputs = _to_float(outputs)
-                loss_dict = criterion(outputs, targets)
+                try:
+                    loss_dict = criterion(outputs, targets)
+                except ValueError as error:
+                    # NaN predictions mostly surface here, not in the loss: the scipy matcher rejects
+                    # their cost blocks. Same report as a non-finite loss (the check syncs, but only here).
+                    if _all_finite(outputs):
+                        raise
+                    raise_if_non_finite(window.values[:len(window)].cpu(), len(loader))  # a loss went first?
+                    raise NonFiniteLossError(
+                        f"non-finite model outputs at step {step + 1} (epoch {epoch}, batch {batch_index} of "
+                        f"{len(loader)}; image ids on rank {runtime.rank}: {image_ids}); the matcher cannot "
+                        f"assign them. Training stopped; the last good checkpoint is {last_good()}") from error
                 loss = total_loss(loss_dict, weight_dict)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -530,6 +557,12 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
                "eval": last_eval, "checkpoint": str(checkpoint_path), "log": str(log_path)}
     log("end", **{key: value for key, value in summary.items() if key != "eval"})
     return summary
+
+
+def _all_finite(outputs: dict[str, Any]) -> bool:
+    tensors = [value for value in outputs.values() if isinstance(value, Tensor)]
+    tensors += [value for aux in outputs.get("aux_outputs", []) for value in aux.values()]
+    return all(bool(torch.isfinite(value).all()) for value in tensors)
 
 
 def _to_float(outputs: dict[str, Any]) -> dict[str, Any]:
