@@ -1,22 +1,31 @@
 """The `fastdetr` command (also `python -m fastdetr`).
 
-    fastdetr info    versions, devices and which backend each path takes
-    fastdetr demo    a smoke run: build DETR-R50 and the small CPU preset, run inference, count ops and syncs
+    fastdetr info                      versions, devices and which backend each path takes
+    fastdetr demo                      train a small DETR on generated shapes, evaluate, draw (`make demo`)
+    fastdetr smoke                     build DETR-R50 and the small preset, run inference, count ops and syncs
+    fastdetr train [--flags]           train (every TrainConfig field is a flag; see `fastdetr train -h`)
+    fastdetr eval --checkpoint C --images DIR --annotations FILE
+    fastdetr predict IMAGE... --checkpoint C [--threshold T] [--out DIR]
 
-Training, evaluation and prediction commands arrive with the training issue;
-until then `demo` runs inference with freshly initialised weights.
+Multi-process training: `torchrun --nproc_per_node N -m fastdetr train ...`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import platform
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import __version__
 from .backend import interpreter_enabled, triton_importable
+from .demo import DEMO_BUDGET_S
 from .models import build_model
 from .profiling import OpCounter
 from .reference.detr import PostProcess
@@ -38,10 +47,10 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _smoke(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    print("fastdetr demo: inference smoke run with freshly initialised weights (no training yet),")
+    print("fastdetr smoke: inference with freshly initialised weights,")
     print(f"on {device}. Detections below are meaningless; shapes, speed and sync counts are not.\n")
     sizes = [(args.size, args.size * 4 // 3), (args.size * 3 // 4, args.size)]
     images = [torch.randn(3, h, w, device=device) for h, w in sizes]
@@ -72,24 +81,144 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    demo = DemoConfig(out_dir=args.out, data_dir=args.data_dir, budget_s=args.budget, device=args.device,
+                      num_train=args.num_train, num_val=args.num_val, progress=not args.no_progress)
+    run_demo(demo)
+    return 0
+
+
+def _parse_field(kind: Any, text: str) -> Any:
+    if kind in ("bool", bool):
+        lowered = text.strip().lower()
+        if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return lowered in ("1", "true", "yes", "on")
+    if kind in ("int", int):
+        return int(text)
+    if kind in ("float", float):
+        return float(text)
+    return text
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of the dataclass `cls`; None, dicts and unions parse as their default's kind."""
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if isinstance(default, dict):
+            parser.add_argument(flag, dest=field.name, type=json.loads, default=default,
+                                help=f"JSON object (default {json.dumps(default)})")
+            continue
+        annotation = str(field.type)
+        kind = next((name for name in ("bool", "int", "float") if name in annotation.split(" | ")), "str")
+        parser.add_argument(flag, dest=field.name, default=default, metavar=kind.upper(),
+                            type=lambda text, kind=kind: None if text.lower() == "none" else _parse_field(kind, text),
+                            help=f"(default {default})")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
+    try:
+        config = TrainConfig(**values)
+    except ValueError as error:
+        print(f"fastdetr train: {error}", file=sys.stderr)
+        return 2
+    summary = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({key: value for key, value in summary.items()}, indent=1))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint, format_summary
+
+    stats = evaluate_checkpoint(args.checkpoint, args.images, args.annotations, batch_size=args.batch_size,
+                                device=args.device, num_workers=args.num_workers, val_size=args.val_size,
+                                max_size=args.max_size)
+    print(format_summary(stats))
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats, indent=1))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    reports = predict_files(args.images, args.checkpoint, threshold=args.threshold, out_dir=args.out,
+                            device=args.device)
+    for report in reports:
+        found = ", ".join(f"{d['category']} {d['score']:.2f}" for d in report["detections"]) or "nothing"
+        print(f"{report['image']}: {found}")
+    print(f"wrote a JSON and a PNG per image to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdetr", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and backends").set_defaults(func=_info)
-    demo = sub.add_parser("demo", help="smoke inference run (training arrives with the training issue)")
-    demo.add_argument("--presets", nargs="+", default=["detr_small", "detr_resnet50"],
-                      help="presets to build (default: detr_small detr_resnet50)")
-    demo.add_argument("--size", type=int, default=480, help="height of the first image in pixels")
-    demo.add_argument("--repeat", type=int, default=2, help="timed forward passes per preset")
-    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="train a small DETR on generated shapes, evaluate and draw (make demo)")
+    demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    demo.add_argument("--data-dir", default="out/data/easy", help="where the synthetic set is generated")
+    demo.add_argument("--budget", type=float, default=DEMO_BUDGET_S,
+                      help=f"training time in seconds (default {DEMO_BUDGET_S:.0f})")
+    demo.add_argument("--num-train", type=int, default=4000, help="training images to generate")
+    demo.add_argument("--num-val", type=int, default=200, help="validation images to generate")
+    demo.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    demo.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     demo.set_defaults(func=_demo)
+
+    smoke = sub.add_parser("smoke", help="inference smoke run with fresh weights: speed, ops and host syncs")
+    smoke.add_argument("--presets", nargs="+", default=["detr_small", "detr_resnet50"],
+                      help="presets to build (default: detr_small detr_resnet50)")
+    smoke.add_argument("--size", type=int, default=480, help="height of the first image in pixels")
+    smoke.add_argument("--repeat", type=int, default=2, help="timed forward passes per preset")
+    smoke.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    smoke.add_argument("--seed", type=int, default=0)
+    smoke.set_defaults(func=_smoke)
+
+    from .train import TrainConfig
+
+    train = sub.add_parser("train", help="train a DETR (COCO-format data or a synthetic set)",
+                           description="Train a DETR. Every field of fastdetr.train.TrainConfig is a flag.")
+    _add_dataclass_flags(train, TrainConfig)
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("eval", help="COCO evaluation of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--images", required=True, help="image folder")
+    evaluate.add_argument("--annotations", required=True, help="COCO json")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    evaluate.add_argument("--num-workers", type=int, default=0)
+    evaluate.add_argument("--val-size", type=int, default=None, help="shorter side in pixels (default: checkpoint's)")
+    evaluate.add_argument("--max-size", type=int, default=None, help="longer side at most (default: checkpoint's)")
+    evaluate.add_argument("--json", help="also write the 12 numbers to this file")
+    evaluate.set_defaults(func=_eval)
+
+    predict = sub.add_parser("predict", help="detections on image files: a JSON and an annotated PNG each")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
+    predict.add_argument("--out", default="out/predict", help="output folder (default out/predict)")
+    predict.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    predict.set_defaults(func=_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as error:
+        # bad input (a missing file, a bad annotation, a checkpoint mismatch): one clear line, no traceback
+        print(f"fastdetr {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""The `fastdetr` command: train, eval, predict and demo end to end on tiny synthetic sets, and its errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fastdetr.cli import build_parser, main
+
+# A detr_small shrunk further so that a CLI run takes seconds on two cores.
+TINY_MODEL = json.dumps({"num_queries": 6, "enc_layers": 1, "dec_layers": 2, "hidden_dim": 64,
+                         "dim_feedforward": 128, "nheads": 2})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """One CLI training run (1 epoch of 8 images): its output folder, checkpoint and data folder."""
+    root = tmp_path_factory.mktemp("cli")
+    out, data = root / "run", root / "data"
+    code = main(["train", "--synthetic", "easy", "--data-dir", str(data), "--num-train", "8", "--num-val", "4",
+                 "--model-overrides", TINY_MODEL, "--epochs", "1", "--batch-size", "2", "--num-workers", "0",
+                 "--device", "cpu", "--output-dir", str(out), "--progress", "false", "--log-every", "2",
+                 "--augment", "light"])
+    assert code == 0
+    return {"out": out, "checkpoint": out / "checkpoint.pth", "data": data}
+
+
+def test_train_writes_a_checkpoint_and_a_log(trained, capsys):
+    assert trained["checkpoint"].is_file()
+    events = [json.loads(line) for line in (trained["out"] / "log.jsonl").read_text().splitlines()]
+    kinds = [event["event"] for event in events]
+    assert kinds[0] == "config" and "train" in kinds and "eval" in kinds and kinds[-1] == "end"
+    config = events[0]["config"]
+    assert config["num_train"] == 8 and config["model_overrides"]["num_queries"] == 6 and config["progress"] is False
+
+
+def test_every_train_config_field_is_a_flag():
+    from fastdetr.train import TrainConfig
+
+    args = build_parser().parse_args(["train", "--synthetic", "demo", "--time-budget-s", "12.5", "--resume", "none",
+                                      "--num-threads", "3", "--model-overrides", '{"num_queries": 7}'])
+    assert args.time_budget_s == 12.5 and args.resume is None and args.num_threads == 3
+    assert args.model_overrides == {"num_queries": 7}
+    for field in TrainConfig.__dataclass_fields__:
+        assert hasattr(args, field), field
+
+
+def test_train_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--progress", "maybe"])
+    assert main(["train", "--epochs", "2"]) == 2  # no data given
+    assert "train_images" in capsys.readouterr().err
+
+
+def test_eval_prints_the_coco_summary(trained, capsys, tmp_path):
+    val = trained["data"] / "val"
+    stats_file = tmp_path / "stats.json"
+    code = main(["eval", "--checkpoint", str(trained["checkpoint"]), "--images", str(val / "images"),
+                 "--annotations", str(val / "annotations.json"), "--device", "cpu", "--json", str(stats_file)])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "maxDets" in line]
+    assert len(lines) == 12
+    stats = json.loads(stats_file.read_text())
+    assert set(stats) >= {"AP", "AP50", "AR100"} and all(-1 <= v <= 1 for v in stats.values())
+
+
+def test_predict_writes_json_and_png(trained, capsys, tmp_path):
+    images = sorted((trained["data"] / "val" / "images").iterdir())[:2]
+    code = main(["predict", *map(str, images), "--checkpoint", str(trained["checkpoint"]), "--threshold", "0",
+                 "--out", str(tmp_path), "--device", "cpu"])
+    assert code == 0
+    for image in images:
+        report = json.loads((tmp_path / f"{image.stem}.json").read_text())
+        assert report["image"] == str(image) and report["detections"], report
+        width, height = report["width"], report["height"]
+        for detection in report["detections"]:
+            x0, y0, x1, y1 = detection["box"]
+            assert -1e-3 <= x0 <= x1 <= width + 1e-3 and -1e-3 <= y0 <= y1 <= height + 1e-3
+            assert 0 <= detection["score"] <= 1 and isinstance(detection["category"], str)
+        with Image.open(tmp_path / f"{image.stem}.png") as drawn:
+            assert drawn.size == (width, height)
+
+
+def test_predict_names_a_missing_checkpoint_and_a_bad_image(trained, capsys, tmp_path):
+    image = next((trained["data"] / "val" / "images").iterdir())
+    assert main(["predict", str(image), "--checkpoint", str(tmp_path / "nope.pth"), "--out", str(tmp_path)]) == 1
+    assert "nope.pth" in capsys.readouterr().err
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    assert main(["predict", str(broken), "--checkpoint", str(trained["checkpoint"]), "--out", str(tmp_path),
+                 "--device", "cpu"]) == 1
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_demo_trains_evaluates_and_draws(tmp_path, capsys):
+    """The demo's whole pipeline on a budget of seconds (the figures come from the real run, see README)."""
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--budget", "4",
+                 "--num-train", "32", "--num-val", "4", "--device", "cpu", "--no-progress"])
+    assert code == 0
+    for name in ("loss_curve.png", "predictions.png", "checkpoint.pth", "log.jsonl"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    with Image.open(out / "loss_curve.png") as curve:
+        assert curve.width > 400
+    assert "AP50 =" in capsys.readouterr().out
