@@ -85,6 +85,7 @@ class TrainConfig:
     num_train: int = 4000
     num_val: int = 200
     augment: str = "auto"                  # "detr" | "synthetic" | "light"; auto: synthetic sets "synthetic"
+    skip_bad: bool = False                 # bad images/annotations: warn, skip and count (logged), not raise
     # model: a preset of fastdetr.config.PRESETS; num_classes comes from the data
     model: str = "detr_small"
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -267,10 +268,11 @@ def _datasets(config: TrainConfig, runtime: _Runtime) -> tuple[CocoDetection, Co
         val_images, val_annotations = str(val_file.parent / "images"), str(val_file)
     name = config.augment if config.augment != "auto" else ("synthetic" if config.synthetic else "detr")
     augment = AUGMENTS[name]
-    train_set = CocoDetection(train_images, train_annotations, train=True, augment=augment, seed=config.seed)
+    train_set = CocoDetection(train_images, train_annotations, train=True, augment=augment, seed=config.seed,
+                              skip_bad=config.skip_bad)
     val_set = None
     if val_images and val_annotations:
-        val_set = CocoDetection(val_images, val_annotations, train=False, augment=augment)
+        val_set = CocoDetection(val_images, val_annotations, train=False, augment=augment, skip_bad=config.skip_bad)
     return train_set, val_set, augment
 
 
@@ -538,7 +540,11 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
             if bar is not None:
                 bar.close()
             train_time += time.perf_counter() - epoch_start
-            log("epoch", epoch=epoch, step=step, train_time_s=round(train_time, 2), lr=optimizer.param_groups[0]["lr"])
+            skipped = train_set.skipped if config.skip_bad else {}
+            log("epoch", epoch=epoch, step=step, train_time_s=round(train_time, 2), lr=optimizer.param_groups[0]["lr"],
+                **({"skipped": skipped} if skipped else {}))
+            if any(skipped.values()):
+                say(train_set.skip_summary())
             is_last = stop or epoch == config.epochs - 1
             if not is_last and config.eval_every > 0 and (epoch + 1) % config.eval_every == 0:
                 last_eval = run_eval(epoch) or last_eval

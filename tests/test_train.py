@@ -442,3 +442,22 @@ def test_predict_errors_name_the_file(data_dir, baseline, tmp_path):
     not_a_checkpoint.write_text("hello")
     with pytest.raises(CheckpointError, match=re.escape(f"{not_a_checkpoint}: not a readable PyTorch checkpoint")):
         predict_files([image], not_a_checkpoint, out_dir=tmp_path / "out")
+
+
+def test_skip_bad_skips_a_corrupt_image_and_counts_it_in_the_log(data_dir, tmp_path):
+    """A corrupt training image: an error naming it by default; with skip_bad, a warning, a skip and a count."""
+    import shutil
+    import warnings
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    annotations = json.loads((copy / "train" / "annotations.json").read_text())
+    broken = copy / "train" / "images" / annotations["images"][3]["file_name"]
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(Exception, match=broken.name):
+        run(config(copy, tmp_path / "strict", epochs=1))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        run(config(copy, tmp_path / "lenient", epochs=1, skip_bad=True))
+    epochs = [event for event in read_log(tmp_path / "lenient") if event["event"] == "epoch"]
+    assert epochs[-1]["skipped"] == {"annotations": 0, "images": 1}
