@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-DEMO_BUDGET_S = 600.0   # training time (evaluation, data generation and set-up come on top)
+DEMO_BUDGET_S = 720.0   # training time (evaluation, data generation and set-up come on top)
 
 
 @dataclass
