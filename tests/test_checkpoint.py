@@ -122,3 +122,16 @@ def test_backbone_checkpoint_with_torchvision_names(tmp_path, images):
     model = fastdetr.load_backbone_checkpoint(fastdetr.detr_resnet50(), tmp_path / "resnet50.pth")
     for key, value in donor.state_dict().items():
         assert torch.equal(model.backbone[0].body.state_dict()[key], value), key
+
+
+def test_atomic_save_gives_the_file_the_usual_permissions(tmp_path):
+    """Not mkstemp's owner-only 0600: the mode a plain open() would give (0666 less the umask)."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = atomic_save({"a": torch.randn(3)}, tmp_path / "perm.pth")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
