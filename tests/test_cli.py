@@ -105,3 +105,14 @@ def test_demo_trains_evaluates_and_draws(tmp_path, capsys):
     with Image.open(out / "loss_curve.png") as curve:
         assert curve.width > 400
     assert "AP50 =" in capsys.readouterr().out
+
+
+def test_smoke_runs_inference_and_counts_syncs(capsys):
+    assert main(["smoke", "--presets", "detr_small", "--size", "64", "--repeat", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "detr_small" in out and "0 host syncs" in out and "pred_logits (2, 20, 92)" in out
+
+
+def test_info_names_the_backend(capsys):
+    assert main(["info"]) == 0
+    assert "torch" in capsys.readouterr().out
