@@ -1,0 +1,403 @@
+"""Linear + residual + LayerNorm: DETR's post-norm epilogue for out_proj and linear2.
+
+What is fused: y = LayerNorm(residual + x @ W^T + b) over the last dimension
+(d_model = N), with LayerNorm's weight, bias and eps. The reference is
+`linear_residual_layernorm_ref` at the bottom of this file: `F.linear`, an add,
+`F.layer_norm`, i.e. what a post-norm `nn.TransformerEncoderLayer` does after
+its attention or FFN (3-4 kernels and three HBM round trips of an (M, N) tensor).
+
+Forward (Triton, one kernel): a program owns BLOCK_M rows and the whole row
+width N (padded to a power of two >= 64, masked), runs the GEMM over K in
+BLOCK_K steps with fp32 accumulation, and in its epilogue adds the bias and the
+residual, computes each row's mean and rstd in fp32, normalises, applies the
+LayerNorm affine and stores y in the input dtype, plus the per-row mean and rstd
+(fp32) and, only when a gradient is needed, the pre-norm sum z (input dtype).
+
+Backward: one Triton kernel for the LayerNorm backward (dz from dy, z, mean,
+rstd, gamma: row reductions that need the whole row, which a program owns), which
+also writes per-program fp32 partial sums of dgamma, dbeta and d(linear bias),
+reduced with torch (deterministic, no atomics). The two GEMM gradients,
+dx = dz @ W and dW = dz^T @ x, are torch matmuls (cuBLAS on a GPU): they are
+plain GEMMs with nothing to fuse in their epilogues, and dW reduces over the
+rows, which no row-owning program can do without atomics. d(residual) is dz itself.
+
+Saved for backward: x (M*K), W (N*K), z (M*N), mean and rstd (2*M fp32) and the
+LayerNorm weight -- the same tensors the reference's autograd keeps (F.linear
+saves x and W, F.layer_norm its input z, mean and rstd), so no extra bytes; in
+inference (no grad needed) z is not even written. (Saving y instead of z and
+recovering xhat = (y - beta) / gamma would spare the z write but divides by
+gamma, which training may drive to zero.)
+
+Limits: N <= 256 (DETR's d_model; wider rows run `linear_residual_layernorm_ref`,
+plain PyTorch, with autograd through torch); x, weight, bias, residual and the
+LayerNorm parameters share one dtype (fp32, fp16 or bf16), and bias, ln_weight
+and ln_bias are tensors (not None); M < 2**31. fp32 dots run in true fp32
+("ieee", not tf32), for the 1e-5 tolerance. Dropout on (x W^T + b) is NOT
+implemented yet: `linear_residual_layernorm` raises NotImplementedError for
+dropout_p > 0 (the reference supports it). Block sizes were picked for no
+register spills on sm_80 / sm_90 (`aot_configs()`), not tuned on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fastdetr.backend import interpreter_enabled, use_triton
+
+MAX_FUSED_WIDTH = 256
+_BLOCK_N_CHOICES = (64, 128, 256)
+
+
+def _check_inputs(x, weight, bias, residual, ln_weight, ln_bias, dropout_p) -> None:
+    """Shape, dtype and range checks that read metadata only."""
+    for name, tensor in (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if tensor is None:
+            raise ValueError(f"linear_residual_layernorm: {name} must be a tensor, not None")
+    if weight.dim() != 2:
+        raise ValueError(f"linear_residual_layernorm: weight must be (N, K); got {tuple(weight.shape)}")
+    width, inner = weight.shape
+    if x.dim() < 1 or x.shape[-1] != inner:
+        raise ValueError(f"linear_residual_layernorm: x (..., K={inner}) expected; got {tuple(x.shape)}")
+    if tuple(residual.shape) != (*x.shape[:-1], width):
+        raise ValueError(f"linear_residual_layernorm: residual must be {(*x.shape[:-1], width)}; "
+                         f"got {tuple(residual.shape)}")
+    for name, tensor in (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if tuple(tensor.shape) != (width,):
+            raise ValueError(f"linear_residual_layernorm: {name} must be ({width},); got {tuple(tensor.shape)}")
+    dtypes = {t.dtype for t in (x, weight, bias, residual, ln_weight, ln_bias)}
+    if len(dtypes) != 1:
+        raise ValueError(f"linear_residual_layernorm: all inputs must share a dtype; got {sorted(map(str, dtypes))}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"linear_residual_layernorm: dropout_p must be in [0, 1); got {dropout_p}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _configs() -> dict:
+    """Launch configs by (kernel, dtype family, BLOCK_N); all compiled ahead of time in CI.
+
+    BLOCK_N is the row width N padded to a power of two (at least 64: narrower
+    rows are masked). The forward keeps a BLOCK_M x BLOCK_N fp32 accumulator and
+    a BLOCK_N x BLOCK_K tile of W live; fp32 tiles are twice the bytes and their
+    ieee dots use no tensor cores, so they are smaller. The backward kernel is
+    elementwise plus row sums.
+    """
+    configs = {}
+    for block_n in _BLOCK_N_CHOICES:
+        warps = 4 if block_n <= 128 else 8
+        configs[("fwd", "16bit", block_n)] = dict(BLOCK_M=32, BLOCK_K=32, num_warps=warps, num_stages=2,
+                                                  DOT_PRECISION="tf32")   # ignored by fp16/bf16 dots
+        configs[("fwd", "fp32", block_n)] = dict(BLOCK_M=16, BLOCK_K=16, num_warps=warps, num_stages=2,
+                                                 DOT_PRECISION="ieee")
+        for family in ("16bit", "fp32"):
+            configs[("bwd", family, block_n)] = dict(BLOCK_M=16, num_warps=warps, num_stages=1)
+    return configs
+
+
+def _block_n(width: int) -> int:
+    return max(_BLOCK_N_CHOICES[0], triton.next_power_of_2(width))
+
+
+def block_config(kernel: str, dtype: torch.dtype, width: int) -> dict:
+    """Launch config of `kernel` ("fwd" or "bwd") for inputs of `dtype` and row width N = `width` (<= 256)."""
+    block_n = _block_n(width)
+    return dict(_configs()[(kernel, "fp32" if dtype == torch.float32 else "16bit", block_n)], BLOCK_N=block_n)
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether to multiply in fp32: only bf16 under Triton 3.6's interpreter, whose bf16 tl.dot is wrong.
+
+    Same rule as `fastdetr.kernels.attention._upcast_dot`: the interpreter
+    multiplies bf16 bit patterns as integers; the operands, already rounded to
+    bf16, are widened to fp32 there. Compiled kernels keep bf16 tensor-core dots.
+    """
+    return dtype == torch.bfloat16 and interpreter_enabled()
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST_DOT widens the operands first (see `_upcast_dot`)."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+# `store_preln` is a runtime argument (not a constexpr): one variant serves
+# training and inference; unspecialised so the value 1 compiles no variant of its own.
+
+@triton.jit(do_not_specialize=["store_preln"])
+def _linear_layernorm_fwd_kernel(
+    X_ptr,                      # (M, K), last stride 1
+    W_ptr,                      # (N, K), last stride 1
+    Bias_ptr,                   # (N,)
+    Residual_ptr,               # (M, N), last stride 1
+    LnW_ptr, LnB_ptr,           # (N,), (N,)
+    Y_ptr,                      # (M, N) out, input dtype
+    PreLN_ptr,                  # (M, N) out, input dtype: z = residual + x W^T + b (if store_preln)
+    Mean_ptr, Rstd_ptr,         # (M,), (M,) fp32 out
+    stride_x_m, stride_w_n, stride_res_m, stride_y_m, stride_z_m,
+    num_rows, num_cols, inner_dim,   # M, N, K
+    eps,
+    store_preln,                # 0 / 1
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m < num_rows
+    col_ok = offs_n < num_cols
+    rows = offs_m.to(tl.int64)[:, None]
+    cols = offs_n.to(tl.int64)
+
+    # main loop: acc = x W^T over K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k_start in range(0, inner_dim, BLOCK_K):
+        ks = k_start + offs_k
+        k_ok = ks < inner_dim
+        x = tl.load(X_ptr + rows * stride_x_m + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W_ptr + cols[:, None] * stride_w_n + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        acc += _dot(x, tl.trans(w), DOT_PRECISION, UPCAST_DOT)
+
+    # epilogue: + bias + residual, LayerNorm over the valid columns
+    mask = row_ok[:, None] & col_ok[None, :]
+    bias = tl.load(Bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+    residual = tl.load(Residual_ptr + rows * stride_res_m + cols[None, :], mask=mask, other=0.0)
+    z = acc + bias[None, :] + residual.to(tl.float32)
+    z = tl.where(col_ok[None, :], z, 0.0)
+    mean = tl.sum(z, 1) / num_cols
+    centred = tl.where(col_ok[None, :], z - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / num_cols + eps)
+    ln_w = tl.load(LnW_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+    ln_b = tl.load(LnB_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+    y = centred * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+    tl.store(Y_ptr + rows * stride_y_m + cols[None, :], y.to(Y_ptr.dtype.element_ty), mask=mask)
+    tl.store(Mean_ptr + offs_m, mean, mask=row_ok)
+    tl.store(Rstd_ptr + offs_m, rstd, mask=row_ok)
+    if store_preln != 0:
+        tl.store(PreLN_ptr + rows * stride_z_m + cols[None, :], z.to(PreLN_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layernorm_bwd_kernel(
+    dY_ptr,                     # (M, N), last stride 1
+    PreLN_ptr,                  # (M, N) z from forward, last stride 1
+    LnW_ptr,                    # (N,)
+    Mean_ptr, Rstd_ptr,         # (M,), (M,) fp32
+    dZ_ptr,                     # (M, N) out, input dtype: gradient of z (= of the residual)
+    dLnW_partial_ptr, dLnB_partial_ptr, dBias_partial_ptr,   # (num_programs, N) fp32 out
+    stride_dy_m, stride_z_m, stride_dz_m,
+    num_rows, num_cols,         # M, N
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < num_rows
+    col_ok = offs_n < num_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+
+    dy = tl.load(dY_ptr + rows * stride_dy_m + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(PreLN_ptr + rows * stride_z_m + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(Mean_ptr + offs_m, mask=row_ok, other=0.0)
+    rstd = tl.load(Rstd_ptr + offs_m, mask=row_ok, other=0.0)
+    ln_w = tl.load(LnW_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+
+    # dz = rstd * (g dy - mean(g dy) - xhat * mean(g dy xhat)), means over the valid columns
+    xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+    w_dy = tl.where(mask, ln_w[None, :] * dy, 0.0)
+    c_xhat = tl.sum(w_dy * xhat, 1) / num_cols
+    c_mean = tl.sum(w_dy, 1) / num_cols
+    dz = tl.where(mask, (w_dy - xhat * c_xhat[:, None] - c_mean[:, None]) * rstd[:, None], 0.0)
+    tl.store(dZ_ptr + rows * stride_dz_m + offs_n[None, :], dz.to(dZ_ptr.dtype.element_ty), mask=mask)
+
+    # this program's share of the parameter gradients (summed over programs by torch)
+    partial = pid.to(tl.int64) * num_cols + offs_n
+    tl.store(dLnW_partial_ptr + partial, tl.sum(dy * xhat, 0), mask=col_ok)
+    tl.store(dLnB_partial_ptr + partial, tl.sum(dy, 0), mask=col_ok)
+    tl.store(dBias_partial_ptr + partial, tl.sum(dz, 0), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., width) -> (M, width) with last stride 1 (a view when possible)."""
+    flat = tensor.reshape(-1, width)
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, store_preln=True):
+    """Launch the forward kernel.
+
+    x: (M, K), weight: (N, K), residual: (M, N), bias / ln_weight / ln_bias: (N,),
+    N <= 256, one dtype. Returns (y (M, N) in x's dtype, z (M, N) pre-norm sum or
+    None when not store_preln, mean (M,) fp32, rstd (M,) fp32).
+    """
+    x, residual = _rows(x, x.shape[-1]), _rows(residual, residual.shape[-1])
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias, ln_weight, ln_bias = bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous()
+    num_rows, inner = x.shape
+    width = weight.shape[0]
+    if width > MAX_FUSED_WIDTH:
+        raise ValueError(f"linear_layernorm_forward: N = {width} > {MAX_FUSED_WIDTH}; use the reference path")
+    config = block_config("fwd", x.dtype, width)
+    y = torch.empty(num_rows, width, dtype=x.dtype, device=x.device)
+    z = torch.empty_like(y) if store_preln else None
+    mean = torch.empty(num_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if num_rows == 0:
+        return y, z, mean, rstd
+    z_arg = z if z is not None else y   # never written when store_preln is 0
+    _linear_layernorm_fwd_kernel[(triton.cdiv(num_rows, config["BLOCK_M"]),)](
+        x, weight, bias, residual, ln_weight, ln_bias, y, z_arg, mean, rstd,
+        x.stride(0), weight.stride(0), residual.stride(0), y.stride(0), z_arg.stride(0),
+        num_rows, width, inner,
+        float(eps), int(store_preln),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        DOT_PRECISION=config["DOT_PRECISION"], UPCAST_DOT=_upcast_dot(x.dtype),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return y, z, mean, rstd
+
+
+def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight):
+    """LayerNorm backward in Triton, then the GEMM gradients with torch matmuls.
+
+    grad_y, z: (M, N); x: (M, K); weight: (N, K); mean, rstd: (M,) fp32 from
+    forward; ln_weight: (N,). Returns (dx (M, K), dweight (N, K), dbias (N,),
+    dresidual (M, N), dln_weight (N,), dln_bias (N,)), all in x's dtype.
+    """
+    grad_y = _rows(grad_y, grad_y.shape[-1])
+    num_rows, width = z.shape
+    config = block_config("bwd", x.dtype, width)
+    programs = triton.cdiv(num_rows, config["BLOCK_M"])
+    dz = torch.empty_like(z)
+    partials = torch.empty(3, programs, width, dtype=torch.float32, device=z.device)
+    if num_rows > 0:
+        _layernorm_bwd_kernel[(programs,)](
+            grad_y, z, ln_weight, mean, rstd, dz, partials[0], partials[1], partials[2],
+            grad_y.stride(0), z.stride(0), dz.stride(0),
+            num_rows, width,
+            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+    dln_weight, dln_bias, dbias = partials.sum(dim=1).to(x.dtype).unbind(0)
+    dx = dz @ weight
+    dweight = dz.t() @ x
+    return dx, dweight, dbias, dz, dln_weight, dln_bias
+
+
+class KernelConfig(NamedTuple):
+    """One kernel variant, as `triton.compile(ASTSource(kernel, signature, constexprs), options=...)` takes it."""
+    kernel: object          # the @triton.jit function
+    signature: dict         # argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
+    constexprs: dict        # constexpr name -> value
+    options: dict           # num_warps, num_stages
+
+
+_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FP32_POINTERS = {"Mean_ptr", "Rstd_ptr", "dLnW_partial_ptr", "dLnB_partial_ptr", "dBias_partial_ptr"}
+
+
+def _signature(kernel, dtype_name: str) -> dict:
+    """Triton types of every argument of `kernel`, as the launchers above pass them."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name.isupper():
+            signature[name] = "constexpr"
+        elif name in _FP32_POINTERS:
+            signature[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + dtype_name
+        elif name == "eps":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def aot_configs() -> list[KernelConfig]:
+    """Every kernel variant the launchers can choose: 2 kernels x 3 dtypes x BLOCK_N {64, 128, 256}.
+
+    Strides and sizes are typed i32, as the launchers pass them for tensors under
+    2**31 elements; UPCAST_DOT is an interpreter-only variant and left out.
+    """
+    configs = []
+    for dtype, dtype_name in _TRITON_DTYPE_NAMES.items():
+        for block_n in _BLOCK_N_CHOICES:
+            fwd = block_config("fwd", dtype, block_n)
+            configs.append(KernelConfig(
+                _linear_layernorm_fwd_kernel, _signature(_linear_layernorm_fwd_kernel, dtype_name),
+                dict(BLOCK_M=fwd["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=fwd["BLOCK_K"],
+                     DOT_PRECISION=fwd["DOT_PRECISION"], UPCAST_DOT=False),
+                dict(num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])))
+            bwd = block_config("bwd", dtype, block_n)
+            configs.append(KernelConfig(
+                _layernorm_bwd_kernel, _signature(_layernorm_bwd_kernel, dtype_name),
+                dict(BLOCK_M=bwd["BLOCK_M"], BLOCK_N=block_n),
+                dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"])))
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+class LinearResidualLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, ln_weight, ln_bias, eps):
+        needs_grad = any(ctx.needs_input_grad[:6])
+        y, z, mean, rstd = linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps,
+                                                    store_preln=needs_grad)
+        if needs_grad:
+            ctx.save_for_backward(x, weight, z, mean, rstd, ln_weight)
+        ctx.x_shape, ctx.residual_shape = x.shape, residual.shape
+        return y.view(residual.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, z, mean, rstd, ln_weight = ctx.saved_tensors
+        dx, dweight, dbias, dresidual, dln_weight, dln_bias = linear_layernorm_backward(
+            grad_y, _rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight)
+        return (dx.view(ctx.x_shape), dweight, dbias, dresidual.view(ctx.residual_shape), dln_weight, dln_bias,
+                None)
+
+
+def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, dropout_p=0.0):
+    """LayerNorm(residual + x @ weight^T + bias) over the last dimension, with LayerNorm's affine.
+
+    x: (..., K); weight: (N, K); bias: (N,); residual: (..., N) with x's leading
+    dims; ln_weight, ln_bias: (N,); all one dtype. Returns (..., N) in that dtype.
+    Runs the Triton kernels when `fastdetr.backend.use_triton` says so and
+    N <= 256; otherwise `linear_residual_layernorm_ref` (plain PyTorch).
+    dropout_p > 0 raises NotImplementedError (dropout is not fused yet).
+    """
+    _check_inputs(x, weight, bias, residual, ln_weight, ln_bias, dropout_p)
+    if dropout_p > 0.0:
+        raise NotImplementedError("linear_residual_layernorm: dropout_p > 0 is not implemented yet; "
+                                  "use linear_residual_layernorm_ref (or dropout_p=0.0)")
+    if weight.shape[0] > MAX_FUSED_WIDTH or not use_triton(x, weight, bias, residual, ln_weight, ln_bias):
+        return linear_residual_layernorm_ref(x, weight, bias, residual, ln_weight, ln_bias, eps)
+    return LinearResidualLayerNormFunction.apply(x, weight, bias, residual, ln_weight, ln_bias, float(eps))
+
+
+def linear_residual_layernorm_ref(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, dropout_p=0.0):
+    """Plain-PyTorch oracle and fallback: layer_norm(residual + dropout(linear(x))), math in the inputs' dtype."""
+    _check_inputs(x, weight, bias, residual, ln_weight, ln_bias, dropout_p)
+    out = F.linear(x, weight, bias)
+    if dropout_p > 0.0:
+        out = F.dropout(out, dropout_p, training=True)
+    return F.layer_norm(residual + out, (weight.shape[0],), ln_weight, ln_bias, eps)
