@@ -1,40 +1,44 @@
 """Linear + residual + LayerNorm: DETR's post-norm epilogue for out_proj and linear2.
 
-What is fused: y = LayerNorm(residual + x @ W^T + b) over the last dimension
-(d_model = N), with LayerNorm's weight, bias and eps. The reference is
+What is fused: y = LayerNorm(residual + dropout(x @ W^T + b)) over the last
+dimension (d_model = N), with LayerNorm's weight, bias and eps. The reference is
 `linear_residual_layernorm_ref` at the bottom of this file: `F.linear`, an add,
 `F.layer_norm`, i.e. what a post-norm `nn.TransformerEncoderLayer` does after
 its attention or FFN (3-4 kernels and three HBM round trips of an (M, N) tensor).
 
 Forward (Triton, one kernel): a program owns BLOCK_M rows and the whole row
 width N (padded to a power of two >= 64, masked), runs the GEMM over K in
-BLOCK_K steps with fp32 accumulation, and in its epilogue adds the bias and the
+BLOCK_K steps with fp32 accumulation, and in its epilogue adds the bias, applies
+dropout (Philox, counter = (column, row, 0, offset), key = seed; seed and offset
+drawn on the host from torch's CPU generator, no device sync), adds the
 residual, computes each row's mean and rstd in fp32, normalises, applies the
 LayerNorm affine and stores y in the input dtype, plus the per-row mean and rstd
 (fp32) and, only when a gradient is needed, the pre-norm sum z (input dtype).
 
 Backward: one Triton kernel for the LayerNorm backward (dz from dy, z, mean,
-rstd, gamma: row reductions that need the whole row, which a program owns), which
-also writes per-program fp32 partial sums of dgamma, dbeta and d(linear bias),
+rstd, gamma: row reductions that need the whole row, which a program owns) and
+the dropout backward (the same Philox draws regenerate the mask), which also
+writes per-program fp32 partial sums of dgamma, dbeta and d(linear bias),
 reduced with torch (deterministic, no atomics). The two GEMM gradients,
-dx = dz @ W and dW = dz^T @ x, are torch matmuls (cuBLAS on a GPU): they are
-plain GEMMs with nothing to fuse in their epilogues, and dW reduces over the
-rows, which no row-owning program can do without atomics. d(residual) is dz itself.
+dx = dlin @ W and dW = dlin^T @ x (dlin = dz through dropout), are torch
+matmuls (cuBLAS on a GPU): plain GEMMs with nothing to fuse in their epilogues,
+and dW reduces over the rows, which no row-owning program can do without atomics. d(residual) is dz itself.
 
 Saved for backward: x (M*K), W (N*K), z (M*N), mean and rstd (2*M fp32) and the
 LayerNorm weight -- the same tensors the reference's autograd keeps (F.linear
 saves x and W, F.layer_norm its input z, mean and rstd), so no extra bytes; in
 inference (no grad needed) z is not even written. (Saving y instead of z and
 recovering xhat = (y - beta) / gamma would spare the z write but divides by
-gamma, which training may drive to zero.)
+gamma, which training may drive to zero.) The dropout mask is regenerated, not
+saved: the reference also keeps an (M, N) mask. With dropout on, backward
+allocates one more (M, N) temporary (dlin) besides dz.
 
 Limits: N <= 256 (DETR's d_model; wider rows run `linear_residual_layernorm_ref`,
 plain PyTorch, with autograd through torch); x, weight, bias, residual and the
 LayerNorm parameters share one dtype (fp32, fp16 or bf16), and bias, ln_weight
 and ln_bias are tensors (not None); M < 2**31. fp32 dots run in true fp32
-("ieee", not tf32), for the 1e-5 tolerance. Dropout on (x W^T + b) is NOT
-implemented yet: `linear_residual_layernorm` raises NotImplementedError for
-dropout_p > 0 (the reference supports it). Block sizes were picked for no
+("ieee", not tf32), for the 1e-5 tolerance. The dropout mask differs from
+torch's (another RNG), with the same keep rate. Block sizes were picked for no
 register spills on sm_80 / sm_90 (`aot_configs()`), not tuned on a GPU.
 """
 from __future__ import annotations
@@ -130,10 +134,22 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
-# `store_preln` is a runtime argument (not a constexpr): one variant serves
-# training and inference; unspecialised so the value 1 compiles no variant of its own.
+@triton.jit
+def _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p):
+    """Bool block, True = keep: Philox4x32-10, counter (column, row, 0, rng_offset), key seed.
 
-@triton.jit(do_not_specialize=["store_preln"])
+    Each element has its own counter, so the forward and backward tiles draw the
+    same number for the same (row, column) whatever their block shapes.
+    """
+    zeros = tl.zeros_like(row_ids)
+    bits, _, _, _ = tl.philox(seed, col_ids, row_ids, zeros, zeros + rng_offset)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+# `store_preln` and dropout are runtime arguments (not constexprs): one variant
+# serves training and inference; unspecialised so the value 1 compiles no variant of its own.
+
+@triton.jit(do_not_specialize=["store_preln", "seed", "rng_offset"])
 def _linear_layernorm_fwd_kernel(
     X_ptr,                      # (M, K), last stride 1
     W_ptr,                      # (N, K), last stride 1
@@ -147,6 +163,7 @@ def _linear_layernorm_fwd_kernel(
     num_rows, num_cols, inner_dim,   # M, N, K
     eps,
     store_preln,                # 0 / 1
+    dropout_p, seed, rng_offset,   # dropout on (x W^T + b), off when dropout_p == 0
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -169,11 +186,17 @@ def _linear_layernorm_fwd_kernel(
                     other=0.0)
         acc += _dot(x, tl.trans(w), DOT_PRECISION, UPCAST_DOT)
 
-    # epilogue: + bias + residual, LayerNorm over the valid columns
+    # epilogue: + bias, dropout, + residual, LayerNorm over the valid columns
     mask = row_ok[:, None] & col_ok[None, :]
     bias = tl.load(Bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+    acc = acc + bias[None, :]
+    if dropout_p > 0.0:
+        row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        keep = _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
+        acc = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
     residual = tl.load(Residual_ptr + rows * stride_res_m + cols[None, :], mask=mask, other=0.0)
-    z = acc + bias[None, :] + residual.to(tl.float32)
+    z = acc + residual.to(tl.float32)
     z = tl.where(col_ok[None, :], z, 0.0)
     mean = tl.sum(z, 1) / num_cols
     centred = tl.where(col_ok[None, :], z - mean[:, None], 0.0)
@@ -188,16 +211,18 @@ def _linear_layernorm_fwd_kernel(
         tl.store(PreLN_ptr + rows * stride_z_m + cols[None, :], z.to(PreLN_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _layernorm_bwd_kernel(
     dY_ptr,                     # (M, N), last stride 1
     PreLN_ptr,                  # (M, N) z from forward, last stride 1
     LnW_ptr,                    # (N,)
     Mean_ptr, Rstd_ptr,         # (M,), (M,) fp32
     dZ_ptr,                     # (M, N) out, input dtype: gradient of z (= of the residual)
+    dLin_ptr,                   # (M, N) out, input dtype: gradient of x W^T + b (written if dropout_p > 0)
     dLnW_partial_ptr, dLnB_partial_ptr, dBias_partial_ptr,   # (num_programs, N) fp32 out
-    stride_dy_m, stride_z_m, stride_dz_m,
+    stride_dy_m, stride_z_m, stride_dz_m, stride_dlin_m,
     num_rows, num_cols,         # M, N
+    dropout_p, seed, rng_offset,   # as in forward
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -221,12 +246,21 @@ def _layernorm_bwd_kernel(
     c_mean = tl.sum(w_dy, 1) / num_cols
     dz = tl.where(mask, (w_dy - xhat * c_xhat[:, None] - c_mean[:, None]) * rstd[:, None], 0.0)
     tl.store(dZ_ptr + rows * stride_dz_m + offs_n[None, :], dz.to(dZ_ptr.dtype.element_ty), mask=mask)
+    # through dropout: the same Philox draw as forward for each (row, column)
+    d_lin = dz
+    if dropout_p > 0.0:
+        row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        keep = _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
+        d_lin = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
+        tl.store(dLin_ptr + rows * stride_dlin_m + offs_n[None, :], d_lin.to(dLin_ptr.dtype.element_ty),
+                 mask=mask)
 
     # this program's share of the parameter gradients (summed over programs by torch)
     partial = pid.to(tl.int64) * num_cols + offs_n
     tl.store(dLnW_partial_ptr + partial, tl.sum(dy * xhat, 0), mask=col_ok)
     tl.store(dLnB_partial_ptr + partial, tl.sum(dy, 0), mask=col_ok)
-    tl.store(dBias_partial_ptr + partial, tl.sum(dz, 0), mask=col_ok)
+    tl.store(dBias_partial_ptr + partial, tl.sum(d_lin, 0), mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,11 +273,13 @@ def _rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
-def linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, store_preln=True):
+def linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, store_preln=True,
+                             dropout_p=0.0, seed=0, rng_offset=0):
     """Launch the forward kernel.
 
     x: (M, K), weight: (N, K), residual: (M, N), bias / ln_weight / ln_bias: (N,),
-    N <= 256, one dtype. Returns (y (M, N) in x's dtype, z (M, N) pre-norm sum or
+    N <= 256, one dtype; seed, rng_offset: ints in [0, 2**31) keying the dropout
+    RNG (kept values scaled by 1 / (1 - dropout_p)). Returns (y (M, N) in x's dtype, z (M, N) pre-norm sum or
     None when not store_preln, mean (M,) fp32, rstd (M,) fp32).
     """
     x, residual = _rows(x, x.shape[-1]), _rows(residual, residual.shape[-1])
@@ -266,6 +302,7 @@ def linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps=
         x.stride(0), weight.stride(0), residual.stride(0), y.stride(0), z_arg.stride(0),
         num_rows, width, inner,
         float(eps), int(store_preln),
+        float(dropout_p), int(seed), int(rng_offset),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         DOT_PRECISION=config["DOT_PRECISION"], UPCAST_DOT=_upcast_dot(x.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -273,11 +310,12 @@ def linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps=
     return y, z, mean, rstd
 
 
-def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight):
-    """LayerNorm backward in Triton, then the GEMM gradients with torch matmuls.
+def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight, dropout_p=0.0, seed=0, rng_offset=0):
+    """LayerNorm (and dropout) backward in Triton, then the GEMM gradients with torch matmuls.
 
     grad_y, z: (M, N); x: (M, K); weight: (N, K); mean, rstd: (M,) fp32 from
-    forward; ln_weight: (N,). Returns (dx (M, K), dweight (N, K), dbias (N,),
+    forward; ln_weight: (N,); dropout arguments as in forward (the mask is
+    regenerated, never stored). Returns (dx (M, K), dweight (N, K), dbias (N,),
     dresidual (M, N), dln_weight (N,), dln_bias (N,)), all in x's dtype.
     """
     grad_y = _rows(grad_y, grad_y.shape[-1])
@@ -285,18 +323,20 @@ def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight):
     config = block_config("bwd", x.dtype, width)
     programs = triton.cdiv(num_rows, config["BLOCK_M"])
     dz = torch.empty_like(z)
+    d_lin = torch.empty_like(z) if dropout_p > 0.0 else dz
     partials = torch.empty(3, programs, width, dtype=torch.float32, device=z.device)
     if num_rows > 0:
         _layernorm_bwd_kernel[(programs,)](
-            grad_y, z, ln_weight, mean, rstd, dz, partials[0], partials[1], partials[2],
-            grad_y.stride(0), z.stride(0), dz.stride(0),
+            grad_y, z, ln_weight, mean, rstd, dz, d_lin, partials[0], partials[1], partials[2],
+            grad_y.stride(0), z.stride(0), dz.stride(0), d_lin.stride(0),
             num_rows, width,
+            float(dropout_p), int(seed), int(rng_offset),
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
     dln_weight, dln_bias, dbias = partials.sum(dim=1).to(x.dtype).unbind(0)
-    dx = dz @ weight
-    dweight = dz.t() @ x
+    dx = d_lin @ weight
+    dweight = d_lin.t() @ x
     return dx, dweight, dbias, dz, dln_weight, dln_bias
 
 
@@ -322,7 +362,7 @@ def _signature(kernel, dtype_name: str) -> dict:
             signature[name] = "*fp32"
         elif name.endswith("_ptr"):
             signature[name] = "*" + dtype_name
-        elif name == "eps":
+        elif name in ("eps", "dropout_p"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
@@ -358,10 +398,11 @@ def aot_configs() -> list[KernelConfig]:
 
 class LinearResidualLayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, ln_weight, ln_bias, eps):
+    def forward(ctx, x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed, rng_offset):
         needs_grad = any(ctx.needs_input_grad[:6])
         y, z, mean, rstd = linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps,
-                                                    store_preln=needs_grad)
+                                                    needs_grad, dropout_p, seed, rng_offset)
+        ctx.dropout_p, ctx.seed, ctx.rng_offset = dropout_p, seed, rng_offset
         if needs_grad:
             ctx.save_for_backward(x, weight, z, mean, rstd, ln_weight)
         ctx.x_shape, ctx.residual_shape = x.shape, residual.shape
@@ -371,9 +412,16 @@ class LinearResidualLayerNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, z, mean, rstd, ln_weight = ctx.saved_tensors
         dx, dweight, dbias, dresidual, dln_weight, dln_bias = linear_layernorm_backward(
-            grad_y, _rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight)
+            grad_y, _rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight, ctx.dropout_p, ctx.seed,
+            ctx.rng_offset)
         return (dx.view(ctx.x_shape), dweight, dbias, dresidual.view(ctx.residual_shape), dln_weight, dln_bias,
-                None)
+                None, None, None, None)
+
+
+def _draw_dropout_seed() -> tuple[int, int]:
+    # torch's CPU generator: reproducible under torch.manual_seed, and never a device sync
+    seed, rng_offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
+    return seed, rng_offset
 
 
 def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, dropout_p=0.0):
@@ -383,15 +431,16 @@ def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps
     dims; ln_weight, ln_bias: (N,); all one dtype. Returns (..., N) in that dtype.
     Runs the Triton kernels when `fastdetr.backend.use_triton` says so and
     N <= 256; otherwise `linear_residual_layernorm_ref` (plain PyTorch).
-    dropout_p > 0 raises NotImplementedError (dropout is not fused yet).
+    dropout_p: probability of zeroing an element of x W^T + b (kept ones scaled by
+    1 / (1 - dropout_p)), always applied (the caller passes 0.0 in eval mode);
+    the Triton path draws its seed from torch's CPU generator.
     """
     _check_inputs(x, weight, bias, residual, ln_weight, ln_bias, dropout_p)
-    if dropout_p > 0.0:
-        raise NotImplementedError("linear_residual_layernorm: dropout_p > 0 is not implemented yet; "
-                                  "use linear_residual_layernorm_ref (or dropout_p=0.0)")
     if weight.shape[0] > MAX_FUSED_WIDTH or not use_triton(x, weight, bias, residual, ln_weight, ln_bias):
-        return linear_residual_layernorm_ref(x, weight, bias, residual, ln_weight, ln_bias, eps)
-    return LinearResidualLayerNormFunction.apply(x, weight, bias, residual, ln_weight, ln_bias, float(eps))
+        return linear_residual_layernorm_ref(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p)
+    seed, rng_offset = _draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
+    return LinearResidualLayerNormFunction.apply(x, weight, bias, residual, ln_weight, ln_bias, float(eps),
+                                                 float(dropout_p), seed, rng_offset)
 
 
 def linear_residual_layernorm_ref(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, dropout_p=0.0):

@@ -2,7 +2,8 @@
 
 The kernels run on the CPU through Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), so K stays small (<= 512). Rows cover DETR's odd and tiny
-counts (1, 7, 100, 129), widths d_model 256 and odd ones (96, 40); the last test
+counts (1, 7, 100, 129), widths d_model 256 and odd ones (96, 40); dropout's
+mask is checked by its keep rate and by matching forward and backward; the last test
 compiles every kernel variant ahead of time for sm_80 and sm_90 (no GPU needed)
 and checks for register spills.
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from fastdetr.kernels.linear_layernorm import (
     LinearResidualLayerNormFunction,
     aot_configs,
+    linear_layernorm_forward,
     linear_residual_layernorm,
     linear_residual_layernorm_ref,
 )
@@ -154,11 +156,9 @@ def test_inference_does_not_need_grad():
     assert relative_error(out, oracle(*(t.double() for t in inputs))) <= 1e-5
 
 
-def test_dropout_is_not_implemented_and_bad_inputs_raise():
+def test_bad_inputs_raise():
     generator = torch.Generator().manual_seed(6)
     inputs = make_inputs((7,), 64, 96, torch.float32, generator)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        linear_residual_layernorm(*inputs, dropout_p=0.1)
     with pytest.raises(ValueError, match="dropout_p"):
         linear_residual_layernorm(*inputs, dropout_p=1.0)
     x, weight, bias, residual, ln_weight, ln_bias = inputs
@@ -168,6 +168,64 @@ def test_dropout_is_not_implemented_and_bad_inputs_raise():
         linear_residual_layernorm(x, weight, bias, residual.double(), ln_weight, ln_bias)
     with pytest.raises(ValueError, match="bias"):
         linear_residual_layernorm(x, weight, None, residual, ln_weight, ln_bias)
+
+
+def recover_keep_mask(x, weight, bias, residual, ln_weight, ln_bias, dropout_p, seed, rng_offset):
+    """The forward kernel's keep mask: z - residual is 0 exactly where (x W^T + b) was dropped.
+
+    Read off in fp32 whatever the inputs' dtype (a bf16 z could round a small kept
+    term away); the mask depends on (row, column, seed, offset) only.
+    """
+    x, weight, bias, residual, ln_weight, ln_bias = (
+        t.float() for t in (x, weight, bias, residual, ln_weight, ln_bias))
+    _, z, _, _ = linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, 1e-5, True,
+                                          dropout_p, seed, rng_offset)
+    return (z.double() - residual.double()) != 0
+
+
+def test_dropout_keep_rate_and_seeds():
+    generator = torch.Generator().manual_seed(8)
+    inputs = make_inputs((129,), 64, 256, torch.float32, generator)
+    keep = recover_keep_mask(*inputs, 0.3, seed=11, rng_offset=5)
+    assert abs(keep.double().mean().item() - 0.7) < 0.02
+    # rows and columns both enter the counter: no repeated row or column patterns
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
+    assert not torch.equal(keep, recover_keep_mask(*inputs, 0.3, seed=12, rng_offset=5))
+    assert not torch.equal(keep, recover_keep_mask(*inputs, 0.3, seed=11, rng_offset=6))
+    assert torch.equal(keep, recover_keep_mask(*inputs, 0.3, seed=11, rng_offset=5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_dropout_backward_uses_the_forward_mask(dtype):
+    """Forward and every gradient match float64 math with the forward kernel's mask."""
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    dropout_p, seed, rng_offset = 0.25, 123, 7
+    generator = torch.Generator().manual_seed(9)
+    inputs = tuple(t.requires_grad_() for t in make_inputs((100,), 64, 96, dtype, generator))
+    keep = recover_keep_mask(*(t.detach() for t in inputs), dropout_p, seed, rng_offset)
+    assert 0.6 < keep.double().mean().item() < 0.9
+    out = LinearResidualLayerNormFunction.apply(*inputs, 1e-5, dropout_p, seed, rng_offset)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    x, weight, bias, residual, ln_weight, ln_bias = (t.detach().double().requires_grad_() for t in inputs)
+    inputs64 = (x, weight, bias, residual, ln_weight, ln_bias)
+    z = residual + (x @ weight.t() + bias) * keep / (1.0 - dropout_p)
+    ref = F.layer_norm(z, (96,), ln_weight, ln_bias, 1e-5)
+    assert relative_error(out, ref) <= fwd_tol
+    for name, actual, expected in zip(NAMES, grads, torch.autograd.grad(ref, inputs64, grad_out.double())):
+        assert relative_error(actual, expected) <= grad_tol, name
+
+
+def test_dropout_follows_torch_manual_seed():
+    generator = torch.Generator().manual_seed(10)
+    inputs = make_inputs((7,), 64, 96, torch.float32, generator)
+    torch.manual_seed(0)
+    first = linear_residual_layernorm(*inputs, dropout_p=0.5)
+    torch.manual_seed(0)
+    assert torch.equal(first, linear_residual_layernorm(*inputs, dropout_p=0.5))
+    assert not torch.equal(first, linear_residual_layernorm(*inputs, dropout_p=0.5))
+    assert not torch.isnan(first).any()
 
 
 def test_every_config_compiles_for_sm80_and_sm90_without_spills():
