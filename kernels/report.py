@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 
 # Kernel modules with an `aot_configs()`; a new kernel module is added here.
-KERNEL_MODULES = ("fastdetr.kernels.attention", "fastdetr.kernels.assignment")
+KERNEL_MODULES = ("fastdetr.kernels.attention", "fastdetr.kernels.assignment", "fastdetr.kernels.linear_layernorm")
 
 
 @dataclass
