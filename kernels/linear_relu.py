@@ -1,0 +1,376 @@
+"""Linear + ReLU + dropout: DETR's FFN linear1 (d_model 256 -> 2048).
+
+What is fused: h = dropout(relu(x @ W^T + b)). The reference is
+`linear_relu_dropout_ref` at the bottom of this file: `F.linear`, `F.relu`,
+`F.dropout` (three kernels, two extra HBM round trips of the (M, N) tensor and
+a stored (M, N) dropout mask).
+
+Forward (Triton, one kernel): a program owns a BLOCK_M x BLOCK_N tile of h, runs
+the GEMM over K in BLOCK_K steps with fp32 accumulation (ieee dots for fp32
+inputs), and in its epilogue adds the bias, applies ReLU and dropout (Philox,
+counter = (column, row, 0, offset), key = seed, as in `linear_layernorm`; seed
+and offset drawn on the host from torch's CPU generator, no device sync) and
+stores h in the input dtype.
+
+Backward: one Triton elementwise kernel computes the gradient of the
+pre-activation, d_pre = dh * scale where h > 0, else 0, and per-program fp32
+partial column sums of it (the bias gradient, reduced with torch: deterministic,
+no atomics). The saved output h holds both masks: a dropped element is exactly
+0, and a kept one is relu(pre) * scale with scale >= 1, positive exactly where
+pre > 0 -- so h > 0 is (ReLU mask AND dropout keep mask), and the Philox draws
+need not even be regenerated. (A positive pre-activation too small for the
+output dtype stores h = 0 and gets no gradient; the reference rounds the
+pre-activation to that dtype before its ReLU, so it does the same.) Triton
+here because one pass reads dh and h and writes d_pre and the bias sums; torch
+would take a comparison, a multiply and a separate reduction. The GEMM
+gradients dx = d_pre @ W and dW = d_pre^T @ x are torch matmuls (cuBLAS on a
+GPU): plain GEMMs with nothing to fuse in their epilogues.
+
+Saved for backward: x (M*K), W (N*K) and h (M*N, the output, so no extra
+bytes) -- less than the reference's autograd, which keeps x, W, relu's output
+and an (M, N) dropout mask. The pre-activation is never stored.
+
+Limits: x, weight and bias share one dtype (fp32, fp16 or bf16), bias is a
+tensor (not None), M < 2**31. Any N and K (both masked). fp32 dots run in true
+fp32 ("ieee", not tf32), for the 1e-5 tolerance. The dropout mask differs from
+torch's (another RNG), with the same keep rate. Block sizes were picked for no
+register spills on sm_80 / sm_90 (`aot_configs()`), not tuned on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fastdetr.backend import interpreter_enabled, use_triton
+
+
+def _check_inputs(x, weight, bias, dropout_p) -> None:
+    """Shape, dtype and range checks that read metadata only."""
+    if bias is None:
+        raise ValueError("linear_relu_dropout: bias must be a tensor, not None")
+    if weight.dim() != 2:
+        raise ValueError(f"linear_relu_dropout: weight must be (N, K); got {tuple(weight.shape)}")
+    width, inner = weight.shape
+    if x.dim() < 1 or x.shape[-1] != inner:
+        raise ValueError(f"linear_relu_dropout: x (..., K={inner}) expected; got {tuple(x.shape)}")
+    if tuple(bias.shape) != (width,):
+        raise ValueError(f"linear_relu_dropout: bias must be ({width},); got {tuple(bias.shape)}")
+    dtypes = {t.dtype for t in (x, weight, bias)}
+    if len(dtypes) != 1:
+        raise ValueError(f"linear_relu_dropout: x, weight and bias must share a dtype; got {sorted(map(str, dtypes))}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"linear_relu_dropout: inputs must be floating point; got {x.dtype}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"linear_relu_dropout: dropout_p must be in [0, 1); got {dropout_p}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _configs() -> dict:
+    """Launch configs by (kernel, dtype family); all compiled ahead of time in CI.
+
+    The forward keeps a BLOCK_M x BLOCK_N fp32 accumulator live and, in its
+    epilogue, one Philox draw per element; fp32 tiles are twice the bytes and
+    their ieee dots use no tensor cores, so they are smaller. The backward is
+    elementwise plus column sums.
+    """
+    return {
+        ("fwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3,
+                               DOT_PRECISION="tf32"),   # ignored by fp16/bf16 dots
+        ("fwd", "fp32"): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2,
+                              DOT_PRECISION="ieee"),
+        ("bwd", "16bit"): dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1),
+        ("bwd", "fp32"): dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1),
+    }
+
+
+def block_config(kernel: str, dtype: torch.dtype) -> dict:
+    """Launch config of `kernel` ("fwd" or "bwd") for inputs of `dtype`."""
+    return dict(_configs()[(kernel, "fp32" if dtype == torch.float32 else "16bit")])
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether to multiply in fp32: only bf16 under Triton 3.6's interpreter, whose bf16 tl.dot is wrong.
+
+    Same rule as `fastdetr.kernels.attention._upcast_dot`: the interpreter
+    multiplies bf16 bit patterns as integers; the operands, already rounded to
+    bf16, are widened to fp32 there. Compiled kernels keep bf16 tensor-core dots.
+    """
+    return dtype == torch.bfloat16 and interpreter_enabled()
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST_DOT widens the operands first (see `_upcast_dot`)."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p):
+    """Bool block, True = keep: Philox4x32-10, counter (column, row, 0, rng_offset), key seed.
+
+    Each element has its own counter, so the draw for a (row, column) does not
+    depend on the tile shape; the scheme of `fastdetr.kernels.linear_layernorm`.
+    """
+    zeros = tl.zeros_like(row_ids)
+    bits, _, _, _ = tl.philox(seed, col_ids, row_ids, zeros, zeros + rng_offset)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+# dropout_p is a runtime argument (not a constexpr): one variant serves training
+# and inference; seed and offset unspecialised so the value 1 compiles no variant of its own.
+
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
+def _linear_relu_fwd_kernel(
+    X_ptr,                      # (M, K), last stride 1
+    W_ptr,                      # (N, K), last stride 1
+    Bias_ptr,                   # (N,)
+    H_ptr,                      # (M, N) out, input dtype
+    stride_x_m, stride_w_n, stride_h_m,
+    num_rows, num_cols, inner_dim,   # M, N, K
+    dropout_p, seed, rng_offset,     # dropout on relu(x W^T + b), off when dropout_p == 0
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m < num_rows
+    col_ok = offs_n < num_cols
+    rows = offs_m.to(tl.int64)[:, None]
+    cols = offs_n.to(tl.int64)
+
+    # main loop: acc = x W^T over K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k_start in range(0, inner_dim, BLOCK_K):
+        ks = k_start + offs_k
+        k_ok = ks < inner_dim
+        x = tl.load(X_ptr + rows * stride_x_m + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W_ptr + cols[:, None] * stride_w_n + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        acc += _dot(x, tl.trans(w), DOT_PRECISION, UPCAST_DOT)
+
+    # epilogue: + bias, ReLU, dropout
+    bias = tl.load(Bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+    # NaN propagates, as in torch.relu (a plain max.f32 on the GPU would return 0)
+    h = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if dropout_p > 0.0:
+        row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        keep = _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
+        h = tl.where(keep, h * (1.0 / (1.0 - dropout_p)), 0.0)
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(H_ptr + rows * stride_h_m + cols[None, :], h.to(H_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_relu_bwd_kernel(
+    dH_ptr,                     # (M, N), last stride 1
+    H_ptr,                      # (M, N) forward output, last stride 1
+    dPre_ptr,                   # (M, N) out, input dtype: gradient of x W^T + b
+    dBias_partial_ptr,          # (num_row_programs, N) fp32 out
+    stride_dh_m, stride_h_m, stride_dpre_m,
+    num_rows, num_cols,         # M, N
+    dropout_p,                  # as in forward
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < num_rows
+    col_ok = offs_n < num_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+
+    dh = tl.load(dH_ptr + rows * stride_dh_m + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(H_ptr + rows * stride_h_m + offs_n[None, :], mask=mask, other=0.0)
+    # h > 0 is the ReLU mask AND the dropout keep mask (see the module docstring)
+    d_pre = tl.where(h > 0, dh * (1.0 / (1.0 - dropout_p)), 0.0)
+    tl.store(dPre_ptr + rows * stride_dpre_m + offs_n[None, :], d_pre.to(dPre_ptr.dtype.element_ty), mask=mask)
+    # this program's share of the bias gradient (summed over row programs by torch)
+    partial = pid_m.to(tl.int64) * num_cols + offs_n
+    tl.store(dBias_partial_ptr + partial, tl.sum(d_pre, 0), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., width) -> (M, width) with last stride 1 (a view when possible)."""
+    flat = tensor.reshape(-1, width)
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def linear_relu_forward(x, weight, bias, dropout_p=0.0, seed=0, rng_offset=0):
+    """Launch the forward kernel.
+
+    x: (M, K), weight: (N, K), bias: (N,), one dtype; seed, rng_offset: ints in
+    [0, 2**31) keying the dropout RNG (kept values scaled by 1 / (1 - dropout_p)).
+    Returns h (M, N) in x's dtype.
+    """
+    x = _rows(x, x.shape[-1])
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = bias.contiguous()
+    num_rows, inner = x.shape
+    width = weight.shape[0]
+    config = block_config("fwd", x.dtype)
+    h = torch.empty(num_rows, width, dtype=x.dtype, device=x.device)
+    if num_rows == 0 or width == 0:
+        return h
+    grid = (triton.cdiv(num_rows, config["BLOCK_M"]), triton.cdiv(width, config["BLOCK_N"]))
+    _linear_relu_fwd_kernel[grid](
+        x, weight, bias, h,
+        x.stride(0), weight.stride(0), h.stride(0),
+        num_rows, width, inner,
+        float(dropout_p), int(seed), int(rng_offset),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        DOT_PRECISION=config["DOT_PRECISION"], UPCAST_DOT=_upcast_dot(x.dtype),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return h
+
+
+def linear_relu_backward(grad_h, x, weight, h, dropout_p=0.0):
+    """ReLU + dropout backward in Triton, then the GEMM gradients with torch matmuls.
+
+    grad_h, h: (M, N); x: (M, K); weight: (N, K); dropout_p as in forward (the
+    masks are read off h, never stored). Returns (dx (M, K), dweight (N, K),
+    dbias (N,)), all in x's dtype.
+    """
+    grad_h = _rows(grad_h, grad_h.shape[-1])
+    num_rows, width = h.shape
+    config = block_config("bwd", x.dtype)
+    row_programs = triton.cdiv(num_rows, config["BLOCK_M"])
+    d_pre = torch.empty_like(h)
+    partials = torch.zeros(row_programs, width, dtype=torch.float32, device=h.device)
+    if num_rows > 0 and width > 0:
+        _linear_relu_bwd_kernel[(row_programs, triton.cdiv(width, config["BLOCK_N"]))](
+            grad_h, h, d_pre, partials,
+            grad_h.stride(0), h.stride(0), d_pre.stride(0),
+            num_rows, width,
+            float(dropout_p),
+            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+    dbias = partials.sum(dim=0).to(x.dtype)
+    dx = d_pre @ weight
+    dweight = d_pre.t() @ x
+    return dx, dweight, dbias
+
+
+class KernelConfig(NamedTuple):
+    """One kernel variant, as `triton.compile(ASTSource(kernel, signature, constexprs), options=...)` takes it."""
+    kernel: object          # the @triton.jit function
+    signature: dict         # argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
+    constexprs: dict        # constexpr name -> value
+    options: dict           # num_warps, num_stages
+
+
+_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FP32_POINTERS = {"dBias_partial_ptr"}
+
+
+def _signature(kernel, dtype_name: str) -> dict:
+    """Triton types of every argument of `kernel`, as the launchers above pass them."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name.isupper():
+            signature[name] = "constexpr"
+        elif name in _FP32_POINTERS:
+            signature[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + dtype_name
+        elif name == "dropout_p":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def aot_configs() -> list[KernelConfig]:
+    """Every kernel variant the launchers can choose: 2 kernels x 3 dtypes.
+
+    Strides and sizes are typed i32, as the launchers pass them for tensors under
+    2**31 elements; UPCAST_DOT is an interpreter-only variant and left out.
+    """
+    configs = []
+    for dtype, dtype_name in _TRITON_DTYPE_NAMES.items():
+        fwd = block_config("fwd", dtype)
+        configs.append(KernelConfig(
+            _linear_relu_fwd_kernel, _signature(_linear_relu_fwd_kernel, dtype_name),
+            dict(BLOCK_M=fwd["BLOCK_M"], BLOCK_N=fwd["BLOCK_N"], BLOCK_K=fwd["BLOCK_K"],
+                 DOT_PRECISION=fwd["DOT_PRECISION"], UPCAST_DOT=False),
+            dict(num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])))
+        bwd = block_config("bwd", dtype)
+        configs.append(KernelConfig(
+            _linear_relu_bwd_kernel, _signature(_linear_relu_bwd_kernel, dtype_name),
+            dict(BLOCK_M=bwd["BLOCK_M"], BLOCK_N=bwd["BLOCK_N"]),
+            dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"])))
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+class LinearReluDropoutFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dropout_p, seed, rng_offset):
+        h = linear_relu_forward(x, weight, bias, dropout_p, seed, rng_offset)
+        ctx.dropout_p = dropout_p
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(x, weight, h)
+        ctx.x_shape = x.shape
+        return h.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, weight, h = ctx.saved_tensors
+        dx, dweight, dbias = linear_relu_backward(grad_h, _rows(x, x.shape[-1]), weight, h, ctx.dropout_p)
+        return dx.view(ctx.x_shape), dweight, dbias, None, None, None
+
+
+def _draw_dropout_seed() -> tuple[int, int]:
+    # torch's CPU generator: reproducible under torch.manual_seed, and never a device sync
+    seed, rng_offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
+    return seed, rng_offset
+
+
+def linear_relu_dropout(x, weight, bias, dropout_p=0.0):
+    """dropout(relu(x @ weight^T + bias)).
+
+    x: (..., K); weight: (N, K); bias: (N,); one dtype (fp32, fp16 or bf16).
+    Returns (..., N) in that dtype. Runs the Triton kernels when
+    `fastdetr.backend.use_triton` says so; otherwise `linear_relu_dropout_ref`
+    (plain PyTorch). dropout_p: probability of zeroing an element (kept ones
+    scaled by 1 / (1 - dropout_p)), always applied (the caller passes 0.0 in
+    eval mode); the Triton path draws its seed from torch's CPU generator.
+    """
+    _check_inputs(x, weight, bias, dropout_p)
+    if x.dtype not in _TRITON_DTYPE_NAMES or not use_triton(x, weight, bias):   # fp64: the reference
+        return linear_relu_dropout_ref(x, weight, bias, dropout_p)
+    seed, rng_offset = _draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
+    return LinearReluDropoutFunction.apply(x, weight, bias, float(dropout_p), seed, rng_offset)
+
+
+def linear_relu_dropout_ref(x, weight, bias, dropout_p=0.0):
+    """Plain-PyTorch oracle and fallback: dropout(relu(linear(x))), math in the inputs' dtype."""
+    _check_inputs(x, weight, bias, dropout_p)
+    out = F.relu(F.linear(x, weight, bias))
+    if dropout_p > 0.0:
+        out = F.dropout(out, dropout_p, training=True)
+    return out
