@@ -29,6 +29,7 @@ from .models import (
     detr_small,
 )
 from .nested import ImageBatch, batch_images
+from .optimize import optimize
 from .reference.detr import DETR, MLP, PostProcess
 
 __version__ = "0.1.0"
@@ -37,5 +38,5 @@ __all__ = [
     "DETR", "DETRConfig", "PRESETS", "MLP", "PostProcess", "ImageBatch", "batch_images", "box_ops",
     "build_model", "detr_resnet50", "detr_resnet101", "detr_resnet50_dc5", "detr_resnet101_dc5", "detr_small",
     "load_checkpoint", "save_checkpoint", "load_backbone_checkpoint", "infer_config", "CheckpointError",
-    "HungarianMatcher", "SetCriterion", "build_criterion",
+    "HungarianMatcher", "SetCriterion", "build_criterion", "optimize",
 ]

@@ -4,5 +4,6 @@ Each subclasses (or mirrors) the module it replaces, with the same parameters
 and state_dict, so checkpoints and optimizer state carry over.
 """
 from .attention import MultiheadAttention
+from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer"]
