@@ -2,7 +2,9 @@
 
 Each returns a `fastdetr.DETR` with freshly initialised weights; `overrides`
 are DETRConfig fields (an unknown name raises TypeError). Load weights with
-`fastdetr.load_checkpoint(path, model)`.
+`fastdetr.load_checkpoint(path, model)`. `fused=True` (any builder) returns
+the model with its transformer layers switched to the fused ones
+(`fastdetr.optimize`); the state_dict is the same.
 """
 from __future__ import annotations
 
@@ -12,9 +14,14 @@ from .config import preset
 from .reference.detr import DETR
 
 
-def build_model(name: str, num_classes: int = 91, **overrides: Any) -> DETR:
-    """The preset `name` (see fastdetr.config.PRESETS) as a DETR."""
-    return DETR(preset(name, num_classes=num_classes, **overrides))
+def build_model(name: str, num_classes: int = 91, fused: bool = False, **overrides: Any) -> DETR:
+    """The preset `name` (see fastdetr.config.PRESETS) as a DETR; `fused=True` applies `fastdetr.optimize`."""
+    model = DETR(preset(name, num_classes=num_classes, **overrides))
+    if fused:
+        from .optimize import optimize
+
+        optimize(model)
+    return model
 
 
 def detr_resnet50(num_classes: int = 91, **overrides: Any) -> DETR:

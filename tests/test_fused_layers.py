@@ -229,3 +229,15 @@ def test_optimize_converts_layers_of_another_class_by_structure():
     args, kwargs = _inputs("encoder", 7)
     with torch.no_grad():
         assert _rel(model[0](*args, **kwargs), ref(*args, **kwargs)) < 1e-5
+
+
+def test_builders_take_fused_true():
+    import fastdetr
+    from fastdetr.nn import TransformerDecoderLayer, TransformerEncoderLayer
+
+    plain = fastdetr.detr_small(num_classes=3, enc_layers=1, dec_layers=2)
+    fused = fastdetr.detr_small(num_classes=3, enc_layers=1, dec_layers=2, fused=True)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert all(isinstance(layer, TransformerEncoderLayer) for layer in fused.transformer.encoder.layers)
+    assert all(isinstance(layer, TransformerDecoderLayer) for layer in fused.transformer.decoder.layers)
+    assert not any(isinstance(layer, TransformerEncoderLayer) for layer in plain.transformer.encoder.layers)
