@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdetr.backend import interpreter_enabled, use_triton
+from fastdetr.backend import use_triton
+from fastdetr.kernels.common import _dot, _upcast_dot
 
 _SUPPORTED_HEAD_DIMS = (32, 64)
 _LOG2E = 1.4426950408889634
@@ -111,27 +112,6 @@ def block_config(kernel: str, dtype: torch.dtype) -> dict:
     CI compiles ahead of time.
     """
     return _configs()[(kernel, "fp32" if dtype == torch.float32 else "16bit")]
-
-
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    """Whether the kernels must multiply in fp32: only bf16 under Triton's interpreter.
-
-    Triton 3.6's interpreter keeps bf16 tiles as uint16 bit patterns and its
-    `tl.dot` multiplies those integers (checked: a 16 x 16 bf16 product is off
-    by ~1e10). Under the interpreter the operands, already rounded to bf16,
-    are widened to fp32 first, which gives the product a tensor core computes;
-    compiled kernels (UPCAST_DOT=False, the only variant built for a GPU) keep
-    bf16 operands and tensor cores.
-    """
-    return dtype == torch.bfloat16 and interpreter_enabled()
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation; UPCAST_DOT widens the operands first (see `_upcast_dot`)."""
-    if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit

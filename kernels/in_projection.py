@@ -43,7 +43,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastdetr.backend import interpreter_enabled, use_triton
+from fastdetr.backend import use_triton
+from fastdetr.kernels.common import _dot, _upcast_dot
 
 _BLOCK_N_CHOICES = (64, 128)
 
@@ -107,24 +108,6 @@ def block_config(dtype: torch.dtype, embed_dim: int) -> dict:
     """Launch config for inputs of `dtype` and embedding width E = `embed_dim`."""
     block_n = _block_n(embed_dim)
     return dict(_configs()[("fp32" if dtype == torch.float32 else "16bit", block_n)], BLOCK_N=block_n)
-
-
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    """Whether to multiply in fp32: only bf16 under Triton 3.6's interpreter, whose bf16 tl.dot is wrong.
-
-    Same rule as `fastdetr.kernels.attention._upcast_dot`: the interpreter
-    multiplies bf16 bit patterns as integers; the operands, already rounded to
-    bf16, are widened to fp32 there. Compiled kernels keep bf16 tensor-core dots.
-    """
-    return dtype == torch.bfloat16 and interpreter_enabled()
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation; UPCAST_DOT widens the operands first (see `_upcast_dot`)."""
-    if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastdetr.backend import interpreter_enabled, use_triton
+from fastdetr.backend import use_triton
+from fastdetr.kernels.common import _dot, _upcast_dot
 
 MAX_FUSED_WIDTH = 256
 _BLOCK_N_CHOICES = (64, 128, 256)
@@ -114,24 +115,6 @@ def block_config(kernel: str, dtype: torch.dtype, width: int) -> dict:
     """Launch config of `kernel` ("fwd" or "bwd") for inputs of `dtype` and row width N = `width` (<= 256)."""
     block_n = _block_n(width)
     return dict(_configs()[(kernel, "fp32" if dtype == torch.float32 else "16bit", block_n)], BLOCK_N=block_n)
-
-
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    """Whether to multiply in fp32: only bf16 under Triton 3.6's interpreter, whose bf16 tl.dot is wrong.
-
-    Same rule as `fastdetr.kernels.attention._upcast_dot`: the interpreter
-    multiplies bf16 bit patterns as integers; the operands, already rounded to
-    bf16, are widened to fp32 there. Compiled kernels keep bf16 tensor-core dots.
-    """
-    return dtype == torch.bfloat16 and interpreter_enabled()
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation; UPCAST_DOT widens the operands first (see `_upcast_dot`)."""
-    if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
