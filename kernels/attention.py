@@ -37,14 +37,13 @@ the costliest part of a training step's attention at D = 32.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import _dot, _upcast_dot
+from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, _dot, _upcast_dot, aot_signature
 
 _SUPPORTED_HEAD_DIMS = (32, 64)
 _LOG2E = 1.4426950408889634
@@ -553,41 +552,11 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=None, kv_ta
     return dq, dk, dv
 
 
-class KernelConfig(NamedTuple):
-    """One kernel variant, as `triton.compile(ASTSource(kernel, signature, constexprs), options=...)` takes it."""
-    kernel: object          # the @triton.jit function
-    signature: dict         # argument name -> Triton type ("*bf16", "*i32", "i32", "fp32", "constexpr")
-    constexprs: dict        # constexpr name -> value
-    options: dict           # num_warps, num_stages
-
-
 _KERNELS = {"fwd": "_attention_fwd_kernel", "dq": "_attention_bwd_dq_kernel",
             "dkdv": "_attention_bwd_dkdv_kernel"}
-_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FP32_POINTERS = {"LSE_ptr", "Delta_ptr"}
-_I32_POINTERS = {"kv_block_index_ptr", "kv_block_count_ptr", "block_visits_ptr"}
+_POINTER_TYPES = {"LSE_ptr": "*fp32", "Delta_ptr": "*fp32", "kv_block_index_ptr": "*i32",
+                  "kv_block_count_ptr": "*i32", "block_visits_ptr": "*i32", "key_padding_mask_ptr": "*u8"}
 _FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
-
-
-def _signature(kernel, dtype_name: str) -> dict:
-    """Triton types of every argument of `kernel`, as the launchers above pass them."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            signature[name] = "constexpr"
-        elif name in _FP32_POINTERS:
-            signature[name] = "*fp32"
-        elif name in _I32_POINTERS:
-            signature[name] = "*i32"
-        elif name == "key_padding_mask_ptr":
-            signature[name] = "*u8"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + dtype_name
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
 
 
 def aot_configs() -> list[KernelConfig]:
@@ -600,14 +569,15 @@ def aot_configs() -> list[KernelConfig]:
     configs = []
     for kernel_name, kernel_attr in _KERNELS.items():
         kernel = globals()[kernel_attr]
-        for dtype, dtype_name in _TRITON_DTYPE_NAMES.items():
+        for dtype, dtype_name in TRITON_DTYPE_NAMES.items():
             config = block_config(kernel_name, dtype)
             for head_dim in _SUPPORTED_HEAD_DIMS:
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                                   COUNT_VISITS=False, DOT_PRECISION=config["DOT_PRECISION"],
                                   UPCAST_DOT=False)
                 options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
-                configs.append(KernelConfig(kernel, _signature(kernel, dtype_name), constexprs, options))
+                signature = aot_signature(kernel, dtype_name, _POINTER_TYPES, _FLOAT_ARGS)
+                configs.append(KernelConfig(kernel, signature, constexprs, options))
     return configs
 
 

@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernels of `fastdetr.kernels`.
+"""Pieces shared by the Triton kernels of `fastdetr.kernels`: the bf16 dot workaround and AOT descriptions.
 
 `_dot` is every kernel's matrix product. Triton 3.6's interpreter keeps bf16
 tiles as uint16 bit patterns and its `tl.dot` multiplies those integers
@@ -9,6 +9,9 @@ which gives the product a tensor core computes. Compiled kernels
 tensor cores.
 """
 from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import NamedTuple
 
 import torch
 import triton
@@ -28,3 +31,37 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+# ---- ahead-of-time compile descriptions (read by fastdetr.kernels.report) ----------------------
+
+TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class KernelConfig(NamedTuple):
+    """One kernel variant, as `triton.compile(ASTSource(kernel, signature, constexprs), options=...)` takes it."""
+    kernel: object          # the @triton.jit function
+    signature: dict         # argument name -> Triton type ("*bf16", "*i32", "i32", "fp32", "constexpr")
+    constexprs: dict        # constexpr name -> value
+    options: dict           # num_warps, num_stages
+
+
+def aot_signature(kernel, dtype_name: str, pointer_types: Mapping[str, str] | None = None,
+                  float_args: Collection[str] = ()) -> dict:
+    """Triton types of every argument of `kernel`, as its launcher passes them.
+
+    UPPER_CASE arguments are constexprs; `*_ptr` arguments point at the input
+    dtype (`dtype_name`) unless `pointer_types` names another ("*fp32", "*i32",
+    "*u8"); scalars in `float_args` are fp32, every other scalar i32 (sizes and
+    strides of tensors under 2**31 elements).
+    """
+    pointer_types = pointer_types or {}
+    signature = {}
+    for name in kernel.arg_names:
+        if name.isupper():
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, "*" + dtype_name)
+        else:
+            signature[name] = "fp32" if name in float_args else "i32"
+    return signature

@@ -36,7 +36,6 @@ sm_90 (`aot_configs()`), not tuned on a GPU.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,7 @@ import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import _dot, _upcast_dot
+from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, _dot, _upcast_dot, aot_signature
 
 _BLOCK_N_CHOICES = (64, 128)
 
@@ -233,28 +232,6 @@ def in_projection_backward(grad_out, x, pos, weight, needs_x=True, needs_pos=Tru
     return dx, dpos, dweight, dbias
 
 
-class KernelConfig(NamedTuple):
-    """One kernel variant, as `triton.compile(ASTSource(kernel, signature, constexprs), options=...)` takes it."""
-    kernel: object          # the @triton.jit function
-    signature: dict         # argument name -> Triton type ("*bf16", "i32", "constexpr")
-    constexprs: dict        # constexpr name -> value
-    options: dict           # num_warps, num_stages
-
-
-_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _signature(kernel, dtype_name: str) -> dict:
-    """Triton types of every argument of `kernel`, as the launcher passes them."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + dtype_name
-        else:
-            signature[name] = "i32"
-    return signature
 
 
 def aot_configs() -> list[KernelConfig]:
@@ -264,13 +241,13 @@ def aot_configs() -> list[KernelConfig]:
     2**31 elements; UPCAST_DOT is an interpreter-only variant and left out.
     """
     configs = []
-    for dtype, dtype_name in _TRITON_DTYPE_NAMES.items():
+    for dtype, dtype_name in TRITON_DTYPE_NAMES.items():
         family = "fp32" if dtype == torch.float32 else "16bit"
         for block_n in _BLOCK_N_CHOICES:
             config = _configs()[(family, block_n)]
             for has_pos in (True, False):
                 configs.append(KernelConfig(
-                    _in_projection_fwd_kernel, _signature(_in_projection_fwd_kernel, dtype_name),
+                    _in_projection_fwd_kernel, aot_signature(_in_projection_fwd_kernel, dtype_name),
                     dict(HAS_POS=has_pos, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
                          DOT_PRECISION=config["DOT_PRECISION"], UPCAST_DOT=False),
                     dict(num_warps=config["num_warps"], num_stages=config["num_stages"])))
@@ -314,7 +291,7 @@ def in_projection(x, pos, weight, bias):
     (plain PyTorch).
     """
     _check_inputs(x, pos, weight, bias)
-    if x.dtype not in _TRITON_DTYPE_NAMES or not use_triton(x, pos, weight, bias):
+    if x.dtype not in TRITON_DTYPE_NAMES or not use_triton(x, pos, weight, bias):
         return in_projection_ref(x, pos, weight, bias)
     return InProjectionFunction.apply(x, pos, weight, bias)
 

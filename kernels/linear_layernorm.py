@@ -44,7 +44,6 @@ register spills on sm_80 / sm_90 (`aot_configs()`), not tuned on a GPU.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +51,7 @@ import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import _dot, _upcast_dot
+from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, _dot, _upcast_dot, aot_signature
 
 MAX_FUSED_WIDTH = 256
 _BLOCK_N_CHOICES = (64, 128, 256)
@@ -323,33 +322,9 @@ def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight, dropo
     return dx, dweight, dbias, dz, dln_weight, dln_bias
 
 
-class KernelConfig(NamedTuple):
-    """One kernel variant, as `triton.compile(ASTSource(kernel, signature, constexprs), options=...)` takes it."""
-    kernel: object          # the @triton.jit function
-    signature: dict         # argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
-    constexprs: dict        # constexpr name -> value
-    options: dict           # num_warps, num_stages
-
-
-_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FP32_POINTERS = {"Mean_ptr", "Rstd_ptr", "dLnW_partial_ptr", "dLnB_partial_ptr", "dBias_partial_ptr"}
-
-
-def _signature(kernel, dtype_name: str) -> dict:
-    """Triton types of every argument of `kernel`, as the launchers above pass them."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            signature[name] = "constexpr"
-        elif name in _FP32_POINTERS:
-            signature[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + dtype_name
-        elif name in ("eps", "dropout_p"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
+_POINTER_TYPES = dict.fromkeys(("Mean_ptr", "Rstd_ptr", "dLnW_partial_ptr", "dLnB_partial_ptr", "dBias_partial_ptr"),
+                               "*fp32")
+_FLOAT_ARGS = ("eps", "dropout_p")
 
 
 def aot_configs() -> list[KernelConfig]:
@@ -359,17 +334,18 @@ def aot_configs() -> list[KernelConfig]:
     2**31 elements; UPCAST_DOT is an interpreter-only variant and left out.
     """
     configs = []
-    for dtype, dtype_name in _TRITON_DTYPE_NAMES.items():
+    for dtype, dtype_name in TRITON_DTYPE_NAMES.items():
         for block_n in _BLOCK_N_CHOICES:
             fwd = block_config("fwd", dtype, block_n)
+            fwd_signature = aot_signature(_linear_layernorm_fwd_kernel, dtype_name, _POINTER_TYPES, _FLOAT_ARGS)
             configs.append(KernelConfig(
-                _linear_layernorm_fwd_kernel, _signature(_linear_layernorm_fwd_kernel, dtype_name),
+                _linear_layernorm_fwd_kernel, fwd_signature,
                 dict(BLOCK_M=fwd["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=fwd["BLOCK_K"],
                      DOT_PRECISION=fwd["DOT_PRECISION"], UPCAST_DOT=False),
                 dict(num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])))
             bwd = block_config("bwd", dtype, block_n)
             configs.append(KernelConfig(
-                _layernorm_bwd_kernel, _signature(_layernorm_bwd_kernel, dtype_name),
+                _layernorm_bwd_kernel, aot_signature(_layernorm_bwd_kernel, dtype_name, _POINTER_TYPES, _FLOAT_ARGS),
                 dict(BLOCK_M=bwd["BLOCK_M"], BLOCK_N=block_n),
                 dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"])))
     return configs

@@ -39,7 +39,6 @@ register spills on sm_80 / sm_90 (`aot_configs()`), not tuned on a GPU.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +46,7 @@ import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import _dot, _upcast_dot
+from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, _dot, _upcast_dot, aot_signature
 
 
 def _check_inputs(x, weight, bias, dropout_p) -> None:
@@ -255,33 +254,7 @@ def linear_relu_backward(grad_h, x, weight, h, dropout_p=0.0):
     return dx, dweight, dbias
 
 
-class KernelConfig(NamedTuple):
-    """One kernel variant, as `triton.compile(ASTSource(kernel, signature, constexprs), options=...)` takes it."""
-    kernel: object          # the @triton.jit function
-    signature: dict         # argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
-    constexprs: dict        # constexpr name -> value
-    options: dict           # num_warps, num_stages
-
-
-_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FP32_POINTERS = {"dBias_partial_ptr"}
-
-
-def _signature(kernel, dtype_name: str) -> dict:
-    """Triton types of every argument of `kernel`, as the launchers above pass them."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            signature[name] = "constexpr"
-        elif name in _FP32_POINTERS:
-            signature[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + dtype_name
-        elif name == "dropout_p":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
+_POINTER_TYPES = {"dBias_partial_ptr": "*fp32"}
 
 
 def aot_configs() -> list[KernelConfig]:
@@ -291,16 +264,16 @@ def aot_configs() -> list[KernelConfig]:
     2**31 elements; UPCAST_DOT is an interpreter-only variant and left out.
     """
     configs = []
-    for dtype, dtype_name in _TRITON_DTYPE_NAMES.items():
+    for dtype, dtype_name in TRITON_DTYPE_NAMES.items():
         fwd = block_config("fwd", dtype)
         configs.append(KernelConfig(
-            _linear_relu_fwd_kernel, _signature(_linear_relu_fwd_kernel, dtype_name),
+            _linear_relu_fwd_kernel, aot_signature(_linear_relu_fwd_kernel, dtype_name, _POINTER_TYPES, ("dropout_p",)),
             dict(BLOCK_M=fwd["BLOCK_M"], BLOCK_N=fwd["BLOCK_N"], BLOCK_K=fwd["BLOCK_K"],
                  DOT_PRECISION=fwd["DOT_PRECISION"], UPCAST_DOT=False),
             dict(num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])))
         bwd = block_config("bwd", dtype)
         configs.append(KernelConfig(
-            _linear_relu_bwd_kernel, _signature(_linear_relu_bwd_kernel, dtype_name),
+            _linear_relu_bwd_kernel, aot_signature(_linear_relu_bwd_kernel, dtype_name, _POINTER_TYPES, ("dropout_p",)),
             dict(BLOCK_M=bwd["BLOCK_M"], BLOCK_N=bwd["BLOCK_N"]),
             dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"])))
     return configs
@@ -344,7 +317,7 @@ def linear_relu_dropout(x, weight, bias, dropout_p=0.0):
     eval mode); the Triton path draws its seed from torch's CPU generator.
     """
     _check_inputs(x, weight, bias, dropout_p)
-    if x.dtype not in _TRITON_DTYPE_NAMES or not use_triton(x, weight, bias):   # fp64: the reference
+    if x.dtype not in TRITON_DTYPE_NAMES or not use_triton(x, weight, bias):   # fp64: the reference
         return linear_relu_dropout_ref(x, weight, bias, dropout_p)
     seed, rng_offset = _draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
     return LinearReluDropoutFunction.apply(x, weight, bias, float(dropout_p), seed, rng_offset)
