@@ -18,8 +18,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import kernel_checks
 import pytest
 import torch
+from kernel_checks import TOLERANCES, dtype_id
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdetr.kernels.attention import (
@@ -33,24 +35,10 @@ from fastdetr.kernels.attention import (
     kv_block_table,
 )
 
-# shared/DESIGN.md: relative error ||out - ref|| / ||ref||, (forward, gradients)
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (1e-2, 2e-2),
-    torch.bfloat16: (1e-2, 2e-2),
-}
-
-
-def dtype_id(value) -> str:
-    """pytest ids: "bfloat16", not "dtype1"."""
-    return str(value).removeprefix("torch.")
-
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, the norm floored at 1: with one valid key the exact dq, dk are 0."""
-    assert not torch.isnan(actual).any(), "NaN in the kernel's result"
-    diff = (actual.double() - expected.double()).norm().item()
-    return diff / max(expected.double().norm().item(), 1.0)
+    return kernel_checks.relative_error(actual, expected, norm_floor=1.0)
 
 
 def oracle(q, k, v, key_padding_mask=None, scale=None, keep=None, dropout_p=0.0):

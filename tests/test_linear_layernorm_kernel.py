@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import TOLERANCES, dtype_id, relative_error
 
 from fastdetr.kernels.linear_layernorm import (
     LinearResidualLayerNormFunction,
@@ -25,23 +26,7 @@ from fastdetr.kernels.linear_layernorm import (
     linear_residual_layernorm_ref,
 )
 
-# shared/DESIGN.md: relative error ||out - ref|| / ||ref||, (forward, gradients)
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (1e-2, 2e-2),
-    torch.bfloat16: (1e-2, 2e-2),
-}
 NAMES = ("x", "weight", "bias", "residual", "ln_weight", "ln_bias")
-
-
-def dtype_id(value) -> str:
-    return str(value).removeprefix("torch.")
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert not torch.isnan(actual).any(), "NaN in the kernel's result"
-    diff = (actual.double() - expected.double()).norm().item()
-    return diff / expected.double().norm().item()
 
 
 def oracle(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5):
