@@ -33,6 +33,19 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p):
+    """Bool block, True = keep: Philox4x32-10, counter (column, row, 0, rng_offset), key seed.
+
+    Each element has its own counter, so forward and backward tiles draw the
+    same number for the same (row, column) whatever their block shapes. The
+    dropout of every GEMM-epilogue kernel (linear_layernorm, linear_relu).
+    """
+    zeros = tl.zeros_like(row_ids)
+    bits, _, _, _ = tl.philox(seed, col_ids, row_ids, zeros, zeros + rng_offset)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
 # ---- ahead-of-time compile descriptions (read by fastdetr.kernels.report) ----------------------
 
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -46,7 +46,14 @@ import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, _dot, _upcast_dot, aot_signature
+from fastdetr.kernels.common import (
+    TRITON_DTYPE_NAMES,
+    KernelConfig,
+    _dot,
+    _dropout_keep,
+    _upcast_dot,
+    aot_signature,
+)
 
 
 def _check_inputs(x, weight, bias, dropout_p) -> None:
@@ -95,18 +102,6 @@ def _configs() -> dict:
 def block_config(kernel: str, dtype: torch.dtype) -> dict:
     """Launch config of `kernel` ("fwd" or "bwd") for inputs of `dtype`."""
     return dict(_configs()[(kernel, "fp32" if dtype == torch.float32 else "16bit")])
-
-
-@triton.jit
-def _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p):
-    """Bool block, True = keep: Philox4x32-10, counter (column, row, 0, rng_offset), key seed.
-
-    Each element has its own counter, so the draw for a (row, column) does not
-    depend on the tile shape; the scheme of `fastdetr.kernels.linear_layernorm`.
-    """
-    zeros = tl.zeros_like(row_ids)
-    bits, _, _, _ = tl.philox(seed, col_ids, row_ids, zeros, zeros + rng_offset)
-    return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
 # dropout_p is a runtime argument (not a constexpr): one variant serves training

@@ -83,8 +83,9 @@ def _forward_backward(layer, args, kwargs):
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
 @pytest.mark.parametrize("source", [7, 37])
-def test_fused_layer_matches_reference(kind, source):
-    fused, ref = _pair(kind)
+@pytest.mark.parametrize("normalize_before", [False, True], ids=["post-norm", "pre-norm"])
+def test_fused_layer_matches_reference(kind, source, normalize_before):
+    fused, ref = _pair(kind, normalize_before=normalize_before)
     assert list(fused.state_dict()) == list(ref.state_dict())
     args, kwargs = _inputs(kind, source)
     out, grad_inputs, grad_params = _forward_backward(fused, args, kwargs)
@@ -98,9 +99,10 @@ def test_fused_layer_matches_reference(kind, source):
 
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
-def test_fused_path_runs_the_kernels(kind, monkeypatch):
+@pytest.mark.parametrize("normalize_before", [False, True], ids=["post-norm", "pre-norm"])
+def test_fused_path_runs_the_kernels(kind, normalize_before, monkeypatch):
     """Guard against a silent fallback: the fused layers never call their attention modules' forward."""
-    fused, _ = _pair(kind)
+    fused, _ = _pair(kind, normalize_before=normalize_before)
     for attn in (fused.self_attn, getattr(fused, "multihead_attn", None)):
         if attn is not None:
             monkeypatch.setattr(attn, "forward", lambda *a, **k: pytest.fail("fell back to the reference"))
@@ -109,8 +111,9 @@ def test_fused_path_runs_the_kernels(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
-def test_train_mode_with_dropout_is_finite(kind):
-    fused, _ = _pair(kind, dropout=0.3)
+@pytest.mark.parametrize("normalize_before", [False, True], ids=["post-norm", "pre-norm"])
+def test_train_mode_with_dropout_is_finite(kind, normalize_before):
+    fused, _ = _pair(kind, dropout=0.3, normalize_before=normalize_before)
     fused.train()
     args, kwargs = _inputs(kind, 37)
     out = fused(*args, **kwargs)
@@ -120,11 +123,9 @@ def test_train_mode_with_dropout_is_finite(kind):
 
 
 @pytest.mark.parametrize("kind,layer_kwargs,call_kwargs", [
-    ("encoder", dict(normalize_before=True), {}),
     ("encoder", dict(activation="gelu"), {}),
     ("encoder", dict(d_model=48, nhead=2), {}),  # head dim 24
     ("encoder", {}, "src_mask"),
-    ("decoder", dict(normalize_before=True), {}),
     ("decoder", {}, "memory_mask"),
 ])
 def test_unsupported_cases_fall_back_to_reference(kind, layer_kwargs, call_kwargs):
@@ -146,6 +147,25 @@ def test_unsupported_cases_fall_back_to_reference(kind, layer_kwargs, call_kwarg
             kwargs["memory_mask"] = torch.zeros(queries, source, dtype=torch.bool)
     with torch.no_grad():
         assert torch.equal(fused(*args, **kwargs), ref(*args, **kwargs))
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("normalize_before", [False, True], ids=["post-norm", "pre-norm"])
+def test_inference_runs_the_whole_ffn_kernel(kind, normalize_before, monkeypatch):
+    """eval + no_grad: the FFN is one kernel (hidden on chip), and the layer still matches the reference."""
+    import fastdetr.kernels.ffn as ffn
+    import fastdetr.kernels.linear_relu as linear_relu
+
+    calls = []
+    original = ffn.ffn_inference
+    monkeypatch.setattr(ffn, "ffn_inference", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(linear_relu, "linear_relu_dropout", lambda *a, **k: pytest.fail("training FFN in inference"))
+    fused, ref = _pair(kind, normalize_before=normalize_before)
+    args, kwargs = _inputs(kind, 37)
+    with torch.no_grad():
+        out, out_ref = fused(*args, **kwargs), ref(*args, **kwargs)
+    assert calls == [1]
+    assert _rel(out, out_ref) < 1e-5
 
 
 def test_plain_cpu_falls_back(monkeypatch):

@@ -21,10 +21,14 @@ def _report(*args: str, tmp_path: Path) -> tuple[int, str, list[dict]]:
     return proc.returncode, proc.stdout + proc.stderr, rows
 
 
+GEMM_KERNELS = ("_linear_layernorm_fwd_kernel", "_linear_relu_fwd_kernel", "_in_projection_fwd_kernel",
+                "_ffn_fwd_kernel")
+
+
 def test_every_kernel_config_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     code, output, rows = _report(tmp_path=tmp_path)
     assert code == 0, output
-    modules = {"attention", "assignment", "linear_layernorm", "linear_relu", "in_projection"}
+    modules = {"attention", "assignment", "linear_layernorm", "linear_relu", "in_projection", "ffn"}
     assert {row["module"] for row in rows} == modules
     assert {row["target"] for row in rows} == {"sm_80", "sm_90"}
     for row in rows:
@@ -32,6 +36,15 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90_without_spills(tmp_path)
     # half-precision attention uses tensor cores: wgmma on sm_90, mma on sm_80
     attention = [r for r in rows if r["module"] == "attention" and r["config"].startswith(("fp16", "bf16"))]
     assert attention and all(r["tensor_cores"] in ("mma", "wgmma") for r in attention)
+    # the 16-bit GEMM kernels run on tensor cores; on sm_90 as wgmma, except linear_layernorm's
+    # dropout and residual-only forward variants, which spill at wgmma's BLOCK_M = 64 and run mma.sync
+    gemms = [r for r in rows if r["kernel"] in GEMM_KERNELS and r["config"].startswith(("fp16", "bf16"))]
+    assert {r["kernel"] for r in gemms} == set(GEMM_KERNELS)
+    for row in gemms:
+        mma_variant = row["kernel"] == "_linear_layernorm_fwd_kernel" and (
+            "DROPOUT=True" in row["config"] or "APPLY_NORM=False" in row["config"])
+        expected = "wgmma" if row["target"] == "sm_90" and not mma_variant else "mma"
+        assert row["tensor_cores"] == expected, row
 
 
 def test_a_spilling_kernel_fails_the_report(tmp_path):

@@ -1,17 +1,14 @@
-"""fastdetr.kernels.linear_layernorm: the fused linear + residual + LayerNorm against float64 math.
+"""fastdetr.kernels.linear_layernorm: the fused linear + residual (+ LayerNorm) ops against float64 math.
 
 The kernels run on the CPU through Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), so K stays small (<= 512). Rows cover DETR's odd and tiny
 counts (1, 7, 100, 129), widths d_model 256 and odd ones (96, 40); dropout's
-mask is checked by its keep rate and by matching forward and backward; the last test
-compiles every kernel variant ahead of time for sm_80 and sm_90 (no GPU needed)
-and checks for register spills.
+mask is checked by its keep rate and by matching forward and backward. The
+post-norm op (linear_residual_layernorm) and the pre-norm ones (linear_residual,
+linear_residual_and_layernorm) share the kernels. tests/test_kernel_report.py
+compiles every variant ahead of time for sm_80 and sm_90.
 """
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,9 +16,12 @@ import torch.nn.functional as F
 from kernel_checks import TOLERANCES, dtype_id, relative_error
 
 from fastdetr.kernels.linear_layernorm import (
+    LinearResidualFunction,
     LinearResidualLayerNormFunction,
     aot_configs,
     linear_layernorm_forward,
+    linear_residual,
+    linear_residual_and_layernorm,
     linear_residual_layernorm,
     linear_residual_layernorm_ref,
 )
@@ -213,22 +213,90 @@ def test_dropout_follows_torch_manual_seed():
     assert not torch.isnan(first).any()
 
 
-def test_every_config_compiles_for_sm80_and_sm90_without_spills():
-    """`aot_configs()` is the launchers' whole choice; the report compiles each one and fails on a spill.
-
-    A subprocess: with TRITON_INTERPRET=1 the kernels in this process are
-    interpreter objects, which triton.compile does not take.
-    """
+def test_aot_configs_cover_every_launch_variant():
+    """`aot_configs()` is the launchers' whole choice (tests/test_kernel_report.py compiles each one):
+    3 dtypes x 3 BLOCK_N x (4 forward variants + the backward)."""
     configs = aot_configs()
-    assert len(configs) == 18
+    assert len(configs) == 45
     assert {c.constexprs["BLOCK_N"] for c in configs} == {64, 128, 256}
     assert {c.signature["X_ptr"] for c in configs if "X_ptr" in c.signature} == {"*fp32", "*fp16", "*bf16"}
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-m", "fastdetr.kernels.report", "--modules",
-                          "fastdetr.kernels.linear_layernorm"], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "36 compiles, 36 clean" in run.stdout
+    forward = [c.constexprs for c in configs if "APPLY_NORM" in c.constexprs]
+    assert {(c["APPLY_NORM"], c["DROPOUT"]) for c in forward} == {(a, d) for a in (True, False) for d in (True, False)}
+
+
+# ---- pre-norm: z = residual + dropout(x W^T + b), optionally with LayerNorm(z) -------------------
+
+PRENORM_CASES = [
+    (torch.float32, (1,), 256, 256, True),
+    (torch.float32, (43, 3), 64, 40, True),
+    (torch.float32, (129,), 512, 96, False),
+    (torch.float32, (7,), 64, 256, False),
+    (torch.bfloat16, (100,), 256, 256, True),
+    (torch.float16, (7,), 64, 96, False),
+]
+
+
+@pytest.mark.parametrize("dtype,lead,inner,width,norm", PRENORM_CASES, ids=dtype_id)
+def test_prenorm_ops_match_float64(dtype, lead, inner, width, norm):
+    """Both outputs and every gradient (random upstream gradients for z and for LayerNorm(z))."""
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    generator = torch.Generator().manual_seed(inner + width)
+    inputs = tuple(t.requires_grad_() for t in make_inputs(lead, inner, width, dtype, generator))
+    x, weight, bias, residual, ln_weight, ln_bias = inputs
+    used = inputs if norm else inputs[:4]
+    outs = linear_residual_and_layernorm(*inputs) if norm else (linear_residual(x, weight, bias, residual),)
+    grad_outs = [torch.randn(out.shape, generator=generator, dtype=torch.float64) for out in outs]
+    grads = torch.autograd.grad(outs, used, [g.to(dtype) for g in grad_outs])
+
+    inputs64 = tuple(t.detach().double().requires_grad_() for t in used)
+    z = inputs64[3] + inputs64[0] @ inputs64[1].t() + inputs64[2]
+    refs = (z, F.layer_norm(z, (width,), inputs64[4], inputs64[5], 1e-5)) if norm else (z,)
+    ref_grads = torch.autograd.grad(refs, inputs64, grad_outs)
+    for out, ref in zip(outs, refs):
+        assert out.shape == (*lead, width) and out.dtype == dtype
+        assert relative_error(out, ref) <= fwd_tol
+    for name, actual, expected, tensor in zip(NAMES, grads, ref_grads, used):
+        assert actual.dtype == dtype and actual.shape == tensor.shape, name
+        assert relative_error(actual, expected) <= grad_tol, name
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["with-norm", "residual-only"])
+def test_prenorm_dropout_backward_uses_the_forward_mask(norm):
+    dropout_p, seed, rng_offset = 0.25, 321, 3
+    generator = torch.Generator().manual_seed(12)
+    inputs = tuple(t.requires_grad_() for t in make_inputs((100,), 64, 96, torch.float32, generator))
+    keep = recover_keep_mask(*(t.detach() for t in inputs), dropout_p, seed, rng_offset)
+    assert 0.6 < keep.double().mean().item() < 0.9
+    x, weight, bias, residual, ln_weight, ln_bias = inputs
+    norm_args = (ln_weight, ln_bias) if norm else (None, None)
+    outs = LinearResidualFunction.apply(x, weight, bias, residual, *norm_args, 1e-5, dropout_p, seed, rng_offset)
+    outs = outs if norm else (outs,)
+    used = inputs if norm else inputs[:4]
+    grad_outs = [torch.randn(out.shape, generator=generator, dtype=torch.float64) for out in outs]
+    grads = torch.autograd.grad(outs, used, [g.float() for g in grad_outs])
+
+    inputs64 = tuple(t.detach().double().requires_grad_() for t in used)
+    z = inputs64[3] + (inputs64[0] @ inputs64[1].t() + inputs64[2]) * keep / (1.0 - dropout_p)
+    refs = (z, F.layer_norm(z, (96,), inputs64[4], inputs64[5], 1e-5)) if norm else (z,)
+    for out, ref in zip(outs, refs):
+        assert relative_error(out, ref) <= 1e-5
+    for name, actual, expected in zip(NAMES, grads, torch.autograd.grad(refs, inputs64, grad_outs)):
+        assert relative_error(actual, expected) <= 1e-4, name
+
+
+def test_prenorm_ops_fall_back_for_wide_rows_and_check_inputs(monkeypatch):
+    monkeypatch.setattr(LinearResidualFunction, "apply", lambda *a: pytest.fail("the Triton path ran for N > 256"))
+    generator = torch.Generator().manual_seed(13)
+    x, weight, bias, residual, ln_weight, ln_bias = make_inputs((7,), 64, 320, torch.float32, generator)
+    z, y = linear_residual_and_layernorm(x, weight, bias, residual, ln_weight, ln_bias)
+    z64 = residual.double() + x.double() @ weight.double().t() + bias.double()
+    assert relative_error(z, z64) <= 1e-5
+    assert relative_error(y, F.layer_norm(z64, (320,), ln_weight.double(), ln_bias.double())) <= 1e-5
+    assert relative_error(linear_residual(x, weight, bias, residual), z64) <= 1e-5
+    with pytest.raises(ValueError, match="linear_residual: residual"):
+        linear_residual(x, weight, bias, residual[:, :5])
+    with pytest.raises(ValueError, match="linear_residual_and_layernorm: ln_weight must be a tensor"):
+        linear_residual_and_layernorm(x, weight, bias, residual, None, ln_bias)
 
 
 def test_triton_path_runs_under_the_interpreter(monkeypatch):

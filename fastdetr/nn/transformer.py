@@ -14,13 +14,24 @@ nn.MultiheadAttention + Linear + Dropout + LayerNorm:
     FFN              linear_relu_dropout           dropout(relu(linear1(.)))
                      linear_residual_layernorm     normN(x + dropoutN(linear2(.)))
 
+A pre-norm layer (normalize_before=True) runs the same ops with the norms
+moved: norm1 is a plain F.layer_norm on the layer input; each attention's
+out_proj adds its output to the residual stream with
+`linear_residual_and_layernorm`, which also returns the next sublayer's norm
+of the stream (norm2 / norm3) from the same pass; linear2 adds with
+`linear_residual` (no norm: the stream leaves the layer un-normalised).
+
+Inference (no gradient needed, eval mode, d_model <= 256): the FFN is one
+kernel, `fastdetr.kernels.ffn.ffn_inference`, that keeps the 2048-wide hidden
+on chip.
+
 The forward reads nothing but the attributes the original DETR layers also
 have (`self_attn`, `multihead_attn`, `linear1`, `linear2`, `norm1..3`,
 `dropout`, `dropout1..3`, `activation`, `normalize_before`), so
 `fastdetr.optimize` may swap the class of the original repository's layers too.
 
-Everything else runs the parent's (reference) forward, unchanged: pre-norm
-layers, activations other than ReLU, an attention mask (src_mask, tgt_mask,
+Everything else runs the parent's (reference) forward, unchanged:
+activations other than ReLU, an attention mask (src_mask, tgt_mask,
 memory_mask), head dims other than 32 and 64, non-bool key padding masks,
 MultiheadAttention variants (kdim/vdim, add_bias_kv, add_zero_attn,
 batch_first, no bias), LayerNorms without affine, Linears without bias, mixed
@@ -59,7 +70,7 @@ def _attention_supported(attn: nn.MultiheadAttention) -> bool:
 def _fusable(layer: nn.Module, norms: tuple[nn.LayerNorm, ...], attns: tuple[nn.MultiheadAttention, ...],
              tensors: tuple[Tensor | None, ...], masks: tuple[Tensor | None, ...]) -> bool:
     """Whether `layer` and these inputs are what the fused chain supports (see the module docstring)."""
-    if layer.normalize_before or layer.activation is not F.relu:
+    if layer.activation is not F.relu:
         return False
     if not all(_attention_supported(attn) for attn in attns):
         return False
@@ -119,25 +130,54 @@ def _cross_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, va
 
 def _residual_norm(x: Tensor, linear: nn.Linear, residual: Tensor, norm: nn.LayerNorm, dropout: nn.Dropout,
                    training: bool) -> Tensor:
-    """norm(residual + dropout(linear(x))) in one fused op."""
+    """norm(residual + dropout(linear(x))) in one fused op (post-norm)."""
     from fastdetr.kernels.linear_layernorm import linear_residual_layernorm
 
     return linear_residual_layernorm(x, linear.weight, linear.bias, residual, norm.weight, norm.bias,
                                      eps=norm.eps, dropout_p=dropout.p if training else 0.0)
 
 
-def _ffn(layer: nn.Module, x: Tensor, norm: nn.LayerNorm, dropout: nn.Dropout) -> Tensor:
-    """norm(x + dropout(linear2(dropout(relu(linear1(x))))))."""
+def _residual_then_norm(x: Tensor, linear: nn.Linear, residual: Tensor, norm: nn.LayerNorm, dropout: nn.Dropout,
+                        training: bool) -> tuple[Tensor, Tensor]:
+    """(stream, norm(stream)) with stream = residual + dropout(linear(x)), in one fused op (pre-norm)."""
+    from fastdetr.kernels.linear_layernorm import linear_residual_and_layernorm
+
+    return linear_residual_and_layernorm(x, linear.weight, linear.bias, residual, norm.weight, norm.bias,
+                                         eps=norm.eps, dropout_p=dropout.p if training else 0.0)
+
+
+def _layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _needs_grad(layer: nn.Module, *tensors: Tensor | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors) or any(p.requires_grad for p in layer.parameters())
+
+
+def _ffn(layer: nn.Module, x: Tensor, residual: Tensor, norm: nn.LayerNorm | None, dropout: nn.Dropout) -> Tensor:
+    """residual + dropout(linear2(dropout(relu(linear1(x))))), then `norm` when given (post-norm)."""
+    training = layer.training
+    if not training and not _needs_grad(layer, x, residual) and x.shape[-1] <= 256:
+        from fastdetr.kernels.ffn import ffn_inference  # the hidden stays on chip
+
+        return ffn_inference(x, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
+                             residual, None if norm is None else norm.weight, None if norm is None else norm.bias,
+                             eps=1e-5 if norm is None else norm.eps)
+    from fastdetr.kernels.linear_layernorm import linear_residual
     from fastdetr.kernels.linear_relu import linear_relu_dropout
 
-    training = layer.training
     hidden = linear_relu_dropout(x, layer.linear1.weight, layer.linear1.bias,
                                  dropout_p=layer.dropout.p if training else 0.0)
-    return _residual_norm(hidden, layer.linear2, x, norm, dropout, training)
+    if norm is not None:
+        return _residual_norm(hidden, layer.linear2, residual, norm, dropout, training)
+    return linear_residual(hidden, layer.linear2.weight, layer.linear2.bias, residual,
+                           dropout_p=dropout.p if training else 0.0)
 
 
 class TransformerEncoderLayer(reference.TransformerEncoderLayer):
-    """DETR's encoder layer; post-norm ReLU layers run fused kernels (see the module docstring)."""
+    """DETR's encoder layer; ReLU layers run fused kernels, post-norm and pre-norm (see the module docstring)."""
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
@@ -145,15 +185,22 @@ class TransformerEncoderLayer(reference.TransformerEncoderLayer):
         if src_mask is not None or not _fusable(self, (self.norm1, self.norm2), (self.self_attn,),
                                                 (src, pos), (src_key_padding_mask,)):
             return super().forward(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask, pos=pos)
+        training = self.training
         if pos is not None and pos.shape != src.shape:
             pos = pos.expand_as(src)
-        attended = _self_attention(self.self_attn, src, pos, src_key_padding_mask, self.training)
-        src = _residual_norm(attended, self.self_attn.out_proj, src, self.norm1, self.dropout1, self.training)
-        return _ffn(self, src, self.norm2, self.dropout2)
+        if self.normalize_before:
+            normed = _layer_norm(src, self.norm1)
+            attended = _self_attention(self.self_attn, normed, pos, src_key_padding_mask, training)
+            src, normed = _residual_then_norm(attended, self.self_attn.out_proj, src, self.norm2, self.dropout1,
+                                              training)
+            return _ffn(self, normed, src, None, self.dropout2)
+        attended = _self_attention(self.self_attn, src, pos, src_key_padding_mask, training)
+        src = _residual_norm(attended, self.self_attn.out_proj, src, self.norm1, self.dropout1, training)
+        return _ffn(self, src, src, self.norm2, self.dropout2)
 
 
 class TransformerDecoderLayer(reference.TransformerDecoderLayer):
-    """DETR's decoder layer; post-norm ReLU layers run fused kernels (see the module docstring)."""
+    """DETR's decoder layer; ReLU layers run fused kernels, post-norm and pre-norm (see the module docstring)."""
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
                 memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
@@ -171,10 +218,20 @@ class TransformerDecoderLayer(reference.TransformerDecoderLayer):
         training = self.training
         if query_pos is not None and query_pos.shape != tgt.shape:
             query_pos = query_pos.expand_as(tgt)
+        key = memory if pos is None else memory + pos
+        if self.normalize_before:
+            normed = _layer_norm(tgt, self.norm1)
+            attended = _self_attention(self.self_attn, normed, query_pos, tgt_key_padding_mask, training)
+            tgt, normed = _residual_then_norm(attended, self.self_attn.out_proj, tgt, self.norm2, self.dropout1,
+                                              training)
+            query = normed if query_pos is None else normed + query_pos
+            attended = _cross_attention(self.multihead_attn, query, key, memory, memory_key_padding_mask, training)
+            tgt, normed = _residual_then_norm(attended, self.multihead_attn.out_proj, tgt, self.norm3,
+                                              self.dropout2, training)
+            return _ffn(self, normed, tgt, None, self.dropout3)
         attended = _self_attention(self.self_attn, tgt, query_pos, tgt_key_padding_mask, training)
         tgt = _residual_norm(attended, self.self_attn.out_proj, tgt, self.norm1, self.dropout1, training)
         query = tgt if query_pos is None else tgt + query_pos
-        key = memory if pos is None else memory + pos
         attended = _cross_attention(self.multihead_attn, query, key, memory, memory_key_padding_mask, training)
         tgt = _residual_norm(attended, self.multihead_attn.out_proj, tgt, self.norm2, self.dropout2, training)
-        return _ffn(self, tgt, self.norm3, self.dropout3)
+        return _ffn(self, tgt, tgt, self.norm3, self.dropout3)
