@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that make the host wait for the device: a value read on the host, or an
@@ -78,3 +79,27 @@ def _is_device_to_host(func, args, kwargs) -> bool:
     target = kwargs.get("device")
     return bool(tensors) and tensors[0].device.type != "cpu" and target is not None and \
         torch.device(target).type == "cpu"
+
+
+class TorchFunctionCounter(TorchFunctionMode):
+    """Counts torch-level functions (torch.*, torch.nn.functional.*, Tensor methods) called inside the block.
+
+    A mode is switched off while it handles a call, so only calls made from
+    Python code outside another torch function are seen: a module's own code
+    path, which is what this is for (did `nn.MultiheadAttention`'s functional
+    forward run, or the fused kernels?). `calls` maps a qualified name, e.g.
+    "torch.nn.functional.multi_head_attention_forward", to its count.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = torch.overrides.resolve_name(func) or getattr(func, "__qualname__", repr(func))
+        self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def ran(self, fragment: str) -> bool:
+        """Whether a function whose name contains `fragment` was called."""
+        return any(fragment in name for name in self.calls)
