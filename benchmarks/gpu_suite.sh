@@ -25,10 +25,12 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
 
-# The tests that mean something on a GPU. The kernel tests (tests/test_*_kernel.py) build
-# CPU tensors for Triton's interpreter, so they are not here; a test file that learns to
+# The tests that mean something on a GPU: tests/test_gpu.py checks every fused op, layer and a
+# whole optimized DETR-R50 on CUDA at DETR's shapes. The kernel tests (tests/test_*_kernel.py)
+# build CPU tensors for Triton's interpreter, so they are not here; a test file that learns to
 # run on CUDA tensors is added to this list.
 GPU_TESTS=(
+    tests/test_gpu.py
     tests/test_memory.py
     tests/test_benchmarks_layers.py
     tests/test_kernel_report.py
