@@ -31,6 +31,8 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90_without_spills(tmp_path)
     modules = {"attention", "assignment", "linear_layernorm", "linear_relu", "in_projection", "ffn"}
     assert {row["module"] for row in rows} == modules
     assert {row["target"] for row in rows} == {"sm_80", "sm_90"}
+    # both what an odd shape compiles to and what DETR's aligned tensors get (the JIT's divisibility hints)
+    assert {row["alignment"] for row in rows} == {"generic", "aligned"}
     for row in rows:
         assert row["ok"] and row["spill_bytes"] == 0 and row["registers"] <= 255, row
     # half-precision attention uses tensor cores: wgmma on sm_90, mma on sm_80
