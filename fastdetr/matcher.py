@@ -26,8 +26,11 @@ How it differs from the original:
         syncs: exactly one device-to-host copy of the padded cost per solver
         call -- one per `forward` and one per `match_layers` (the original
         makes one per decoder layer); none for CPU tensors.
-    "triton": `fastdetr.kernels.assignment.batched_linear_sum_assignment`,
-        imported when the matcher is built (a clear error if it cannot be).
+    "triton": `fastdetr.kernels.assignment`'s kernel, every problem of every
+        layer in one launch on the padded cost, results left on the device: no
+        host sync at all (imported when the matcher is built; a clear error if
+        it cannot be). A NaN block cannot raise without a sync: it is recorded
+        in `matcher.solver.last_status` and shows up as a NaN loss (see `_triton_solver`).
     "auto": scipy for now. The batched Triton solver is meant to take over on
         CUDA tensors once it is verified (issue 7).
     a callable with the solver signature above (tests inject one).
@@ -144,9 +147,9 @@ def scipy_solver(cost: Tensor, num_targets: Sequence[int]) -> Indices:
     return indices
 
 
-def _triton_solver() -> Solver:
+def _triton_solver(check_invalid: bool | None = None) -> Solver:
     try:
-        from fastdetr.kernels.assignment import batched_linear_sum_assignment
+        from fastdetr.kernels.assignment import MAX_BLOCK, STATUS_OK, assignment_forward
     except ImportError as error:
         raise RuntimeError(
             "HungarianMatcher(backend='triton') needs fastdetr.kernels.assignment (and Triton): "
@@ -154,19 +157,51 @@ def _triton_solver() -> Solver:
         ) from error
 
     def solve(cost: Tensor, num_targets: Sequence[int]) -> Indices:
-        return batched_linear_sum_assignment([cost[p, :, :n] for p, n in enumerate(num_targets)])
+        """Every problem in one launch of the assignment kernel, on the padded cost itself; no host sync.
 
+        The kernel reports a NaN block in its status tensor instead of raising
+        (reading it would sync): a failed problem gets the placeholder pairs
+        (k, k), always in range, and its NaN reaches the loss, which the
+        trainer checks (NonFiniteLossError). `solve.last_status` keeps the
+        [P] status of the last call. `check_invalid` (HungarianMatcher's
+        argument): True reads the status at once and raises ValueError naming
+        the problem (a host sync on a GPU: a debug option); None (default)
+        does so only for CPU tensors, where it costs no sync; False never.
+        """
+        num_problems, num_queries, t_max = cost.shape
+        if max(num_queries, t_max) > MAX_BLOCK:   # beyond the kernel's column block: one problem at a time
+            return scipy_solver(cost, num_targets)
+        device = cost.device
+        num_rows = torch.full((num_problems,), num_queries, dtype=torch.int32, device=device)
+        num_cols = torch.tensor(num_targets, dtype=torch.int32)
+        # a pinned host buffer makes the copy asynchronous (a pageable one would wait for the device)
+        num_cols = num_cols.pin_memory().to(device, non_blocking=True) if cost.is_cuda else num_cols.to(device)
+        result = assignment_forward(cost, num_rows, num_cols)
+        solve.last_status = result.status
+        if check_invalid or (check_invalid is None and not cost.is_cuda):
+            failed = (result.status != STATUS_OK).nonzero().flatten().tolist()
+            if failed:
+                raise ValueError(f"HungarianMatcher: the cost block of problem {failed[0]} is invalid "
+                                 "(NaN or -inf: non-finite predictions or targets?)")
+        ok = (result.status == STATUS_OK)[:, None]
+        placeholder = torch.arange(result.row_ind.shape[1], device=device)
+        row_ind = torch.where(ok, result.row_ind, placeholder)
+        col_ind = torch.where(ok, result.col_ind, placeholder)
+        return [(row_ind[p, :min(num_queries, n)], col_ind[p, :min(num_queries, n)])
+                for p, n in enumerate(num_targets)]
+
+    solve.last_status = None
     return solve
 
 
-def resolve_solver(backend: str | Solver) -> Solver:
+def resolve_solver(backend: str | Solver, check_invalid: bool | None = None) -> Solver:
     """The solver for `backend` ("auto", "scipy", "triton" or a solver callable)."""
     if callable(backend):
         return backend
     if backend in ("auto", "scipy"):
         return scipy_solver
     if backend == "triton":
-        return _triton_solver()
+        return _triton_solver(check_invalid)
     raise ValueError(f"HungarianMatcher: unknown backend {backend!r}; expected one of {BACKENDS} or a callable")
 
 
@@ -177,10 +212,13 @@ class HungarianMatcher(nn.Module):
         target class, L1 distance of cxcywh boxes and -GIoU in the matching cost.
     backend: "auto" | "scipy" | "triton" | a solver callable (module docstring).
     validate_targets: also check target values (a host sync; see module docstring).
+    check_invalid: the "triton" backend's NaN check: None checks where it costs no
+        sync (CPU tensors), True always (a host sync on a GPU), False never (`_triton_solver`).
     """
 
     def __init__(self, cost_class: float = 1, cost_bbox: float = 5, cost_giou: float = 2,
-                 backend: str | Solver = "auto", validate_targets: bool = False) -> None:
+                 backend: str | Solver = "auto", validate_targets: bool = False,
+                 check_invalid: bool | None = None) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: cost_class, cost_bbox and cost_giou cannot all be 0")
@@ -188,7 +226,7 @@ class HungarianMatcher(nn.Module):
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
         self.backend = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
-        self.solver = resolve_solver(backend)
+        self.solver = resolve_solver(backend, check_invalid)
         self.validate_targets = validate_targets
 
     def extra_repr(self) -> str:

@@ -11,7 +11,7 @@ from test_matcher import random_batch, reference_cost
 from fastdetr import box_ops
 from fastdetr.config import DETRConfig, preset
 from fastdetr.criterion import LOSSES, SetCriterion, build_criterion, num_boxes_tensor, total_loss
-from fastdetr.matcher import HungarianMatcher
+from fastdetr.matcher import HungarianMatcher, resolve_solver
 from fastdetr.profiling import OpCounter
 
 LAST_KEYS = ["loss_ce", "class_error", "loss_bbox", "loss_giou", "cardinality_error"]
@@ -204,3 +204,23 @@ def test_nan_predictions_are_rejected_by_the_matcher():
     outputs["pred_boxes"][1, 2, 0] = float("nan")
     with pytest.raises(ValueError, match="problem 1"):
         criterion(3)(outputs, targets)
+
+
+def test_forward_with_the_triton_backend_is_sync_free_and_equals_scipy():
+    """The whole criterion forward with the batched assignment kernel (as a GPU runs it: no status check)
+    dispatches no host-syncing op, and its losses equal the scipy backend's."""
+    pytest.importorskip("triton", reason="the triton backend needs Triton")
+    if not (torch.cuda.is_available() or __import__("fastdetr.backend").backend.interpreter_enabled()):
+        pytest.skip("no GPU and TRITON_INTERPRET is off: the kernel cannot run")
+    outputs, _, targets = with_layers(510, num_layers=6, batch_size=3, num_queries=100, num_classes=91,
+                                      sizes=[7, 0, 25])
+    crit = build_criterion(DETRConfig(), backend="scipy")
+    crit_triton = build_criterion(DETRConfig(), backend="triton")
+    crit_triton.matcher.solver = resolve_solver("triton", check_invalid=False)
+    with OpCounter() as counter:
+        losses = crit_triton(outputs, targets)
+    assert counter.sync_ops == []
+    expected = crit(outputs, targets)
+    assert losses.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.allclose(losses[name], value, rtol=1e-6, atol=1e-7), name

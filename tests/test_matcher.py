@@ -251,3 +251,40 @@ def test_triton_backend_agrees_with_scipy_through_the_seam():
     for kernel_layer, scipy_layer in zip(by_kernel, by_scipy):
         for (p1, t1), (p2, t2) in zip(kernel_layer, scipy_layer):
             assert torch.equal(p1, p2) and torch.equal(t1, t2)  # continuous random costs: a unique optimum
+
+
+def _needs_the_kernel():
+    pytest.importorskip("triton", reason="the triton backend needs Triton")
+    if not (torch.cuda.is_available() or __import__("fastdetr.backend").backend.interpreter_enabled()):
+        pytest.skip("no GPU and TRITON_INTERPRET is off: the kernel cannot run")
+
+
+def test_triton_backend_matches_scipy_on_a_detr_batch():
+    """DETR's sizes: 6 layers x 4 images x 100 queries, 91 classes, 0..30 targets; one launch for all 24 problems."""
+    _needs_the_kernel()
+    layers = [random_batch(80 + k, batch_size=4, num_queries=100, num_classes=91, sizes=[1, 30, 0, 13])[0]
+              for k in range(6)]
+    _, targets = random_batch(90, batch_size=4, num_queries=100, num_classes=91, sizes=[1, 30, 0, 13])
+    outputs = {**layers[-1], "aux_outputs": layers[:-1]}
+    matcher = HungarianMatcher(backend="triton")
+    by_kernel = matcher.match_layers(outputs, targets)
+    by_scipy = HungarianMatcher(backend="scipy").match_layers(outputs, targets)
+    assert matcher.solver.last_status.shape == (24,) and (matcher.solver.last_status == 0).all()
+    for kernel_layer, scipy_layer in zip(by_kernel, by_scipy):
+        for (p1, t1), (p2, t2) in zip(kernel_layer, scipy_layer):
+            assert p1.dtype == t1.dtype == torch.int64
+            assert torch.equal(p1, p2) and torch.equal(t1, t2)  # continuous random costs: a unique optimum
+
+
+def test_triton_backend_nan_is_an_error_on_cpu_and_a_status_when_unchecked():
+    _needs_the_kernel()
+    outputs, targets = random_batch(91, batch_size=3, num_queries=10, num_classes=4, sizes=[2, 3, 1])
+    outputs["pred_boxes"][1, 4] = float("nan")
+    with pytest.raises(ValueError, match="problem 1 is invalid"):
+        HungarianMatcher(backend="triton")(outputs, targets)
+    matcher = HungarianMatcher(backend="triton", check_invalid=False)   # what a GPU runs: no sync
+    indices = matcher(outputs, targets)
+    assert matcher.solver.last_status.tolist()[0] == 0 and matcher.solver.last_status.tolist()[1] != 0
+    for (pred_idx, tgt_idx), n in zip(indices, [2, 3, 1]):   # placeholders for the failed image: in range
+        assert len(pred_idx) == len(tgt_idx) == n
+        assert pred_idx.min() >= 0 and pred_idx.max() < 10 and tgt_idx.min() >= 0 and tgt_idx.max() < n
