@@ -26,8 +26,10 @@ How it differs from the original:
         syncs: exactly one device-to-host copy of the padded cost per solver
         call -- one per `forward` and one per `match_layers` (the original
         makes one per decoder layer); none for CPU tensors.
-    "triton": `fastdetr.kernels.assignment`'s kernel, every problem of every
-        layer in one launch on the padded cost, results left on the device: no
+    "triton": the cost blocks by one fused kernel (`fastdetr.kernels.matching_cost`:
+        float32 rounding, not bit for bit), then `fastdetr.kernels.assignment`'s
+        kernel, every problem of every layer in one launch on the padded cost,
+        results left on the device: no
         host sync at all (imported when the matcher is built; a clear error if
         it cannot be). A NaN block cannot raise without a sync: it is recorded
         in `matcher.solver.last_status` and shows up as a NaN loss (see `_triton_solver`).
@@ -227,6 +229,8 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
         self.backend = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
         self.solver = resolve_solver(backend, check_invalid)
+        # the device backend computes its cost blocks with the fused kernel too (fastdetr.kernels.matching_cost)
+        self.fused_cost = backend == "triton"
         self.validate_targets = validate_targets
 
     def extra_repr(self) -> str:
@@ -291,6 +295,11 @@ class HungarianMatcher(nn.Module):
         tgt_labels = pad_sequence([t["labels"].long() for t in targets], batch_first=True)  # [B, T_max]
         tgt_boxes = pad_sequence([t["boxes"].float() for t in targets], batch_first=True,
                                  padding_value=_PAD_BOX)  # [B, T_max, 4]
+        if self.fused_cost:
+            from fastdetr.kernels.matching_cost import matching_cost
+
+            return matching_cost(logits, boxes, tgt_labels, tgt_boxes, self.cost_class, self.cost_bbox,
+                                 self.cost_giou)
         if num_layers > 1:
             tgt_labels = tgt_labels.repeat(num_layers, 1)
             tgt_boxes = tgt_boxes.repeat(num_layers, 1, 1)

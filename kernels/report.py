@@ -5,8 +5,9 @@
 Each kernel module exposes `aot_configs()`: every (kernel, signature,
 constexprs, options) its launchers can choose. This compiles each one twice
 per target -- "generic" (nothing known of pointers and strides) and "aligned"
-(all divisible by 16, the specialisation Triton's JIT gives DETR's tensors;
-whole-vector loads, often far fewer registers) -- with
+(all divisible by 16, the specialisation Triton's JIT gives the transformer
+kernels' tensors at d_model 256; whole-vector loads, often far fewer
+registers) -- with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))` -- no GPU
 needed, the Triton wheel carries ptxas and cuobjdump -- then reads the cubin's
 resource usage (registers, spill stores/loads, local memory, shared memory)
@@ -35,7 +36,8 @@ from dataclasses import asdict, dataclass
 
 # Kernel modules with an `aot_configs()`; a new kernel module is added here.
 KERNEL_MODULES = ("fastdetr.kernels.attention", "fastdetr.kernels.assignment", "fastdetr.kernels.linear_layernorm",
-                  "fastdetr.kernels.linear_relu", "fastdetr.kernels.in_projection", "fastdetr.kernels.ffn")
+                  "fastdetr.kernels.linear_relu", "fastdetr.kernels.in_projection", "fastdetr.kernels.ffn",
+                  "fastdetr.kernels.matching_cost")
 
 
 @dataclass

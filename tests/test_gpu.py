@@ -261,3 +261,34 @@ def test_optimized_detr_r50_matches_the_reference():
     assert grads.keys() == grads_opt.keys()
     for name, grad in grads.items():
         assert relative_error(grads_opt[name], grad, norm_floor=1e-12) <= 1e-4, name
+
+
+def test_criterion_with_the_device_matcher_makes_no_host_sync():
+    """DETR's training criterion with backend='triton' (fused cost + batched solver) under CUDA's sync
+    debug mode "error": any synchronising call raises. Its losses equal the scipy backend's."""
+    from fastdetr.config import DETRConfig
+    from fastdetr.criterion import build_criterion
+    from fastdetr.matcher import resolve_solver
+
+    generator = torch.Generator().manual_seed(7)
+    layers = [{"pred_logits": torch.randn(8, 100, 92, generator=generator).to(DEVICE),
+               "pred_boxes": torch.rand(8, 100, 4, generator=generator).mul(0.5).add(0.25).to(DEVICE)}
+              for _ in range(6)]
+    outputs = {**layers[-1], "aux_outputs": layers[:-1]}
+    sizes = torch.randint(1, 31, (8,), generator=generator).tolist()
+    targets = [{"labels": torch.randint(0, 91, (n,), generator=generator).to(DEVICE),
+                "boxes": torch.rand(n, 4, generator=generator).mul(0.5).add(0.25).to(DEVICE)} for n in sizes]
+    criterion = build_criterion(DETRConfig(), backend="triton")
+    criterion.matcher.solver = resolve_solver("triton", check_invalid=False)
+    criterion(outputs, targets)   # compile the kernels outside the checked region
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = criterion(outputs, targets)
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    expected = build_criterion(DETRConfig(), backend="scipy")(outputs, targets)
+    for name, value in expected.items():
+        assert torch.allclose(losses[name], value, rtol=1e-5, atol=1e-6), name

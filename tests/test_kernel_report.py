@@ -28,7 +28,7 @@ GEMM_KERNELS = ("_linear_layernorm_fwd_kernel", "_linear_relu_fwd_kernel", "_in_
 def test_every_kernel_config_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     code, output, rows = _report(tmp_path=tmp_path)
     assert code == 0, output
-    modules = {"attention", "assignment", "linear_layernorm", "linear_relu", "in_projection", "ffn"}
+    modules = {"attention", "assignment", "linear_layernorm", "linear_relu", "in_projection", "ffn", "matching_cost"}
     assert {row["module"] for row in rows} == modules
     assert {row["target"] for row in rows} == {"sm_80", "sm_90"}
     # both what an odd shape compiles to and what DETR's aligned tensors get (the JIT's divisibility hints)
