@@ -13,6 +13,7 @@
 #   memory       python -m fastdetr.memory (saved-for-backward bytes at DETR-R50 shapes)
 #   attention    benchmarks/attention.py  -> RESULTS_DIR/attention/results.{csv,md}
 #   layers       benchmarks/layers.py     -> RESULTS_DIR/layers/results.{csv,md}
+#   matcher      benchmarks/matcher.py    -> RESULTS_DIR/matcher/results.{csv,md}
 # The two benchmarks get folders of their own because each writes its own results.md;
 # their results.csv files share one column set and concatenate.
 # Exits 1 when any step failed (RESULTS_DIR/summary.txt says which), else 0.
@@ -86,6 +87,7 @@ run_step report "$PYTHON" -m fastdetr.kernels.report --json "$results/kernel_rep
 run_step memory "$PYTHON" -m fastdetr.memory --device cuda
 run_step attention "$PYTHON" benchmarks/attention.py --out "$results/attention"
 run_step layers "$PYTHON" benchmarks/layers.py --out "$results/layers"
+run_step matcher "$PYTHON" benchmarks/matcher.py --device cuda --out "$results/matcher"
 
 if [[ ${#failed[@]} -gt 0 ]]; then
     echo "failed: ${failed[*]} (see $summary)"
