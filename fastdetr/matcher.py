@@ -33,8 +33,8 @@ How it differs from the original:
         host sync at all (imported when the matcher is built; a clear error if
         it cannot be). A NaN block cannot raise without a sync: it is recorded
         in `matcher.solver.last_status` and shows up as a NaN loss (see `_triton_solver`).
-    "auto": scipy for now. The batched Triton solver is meant to take over on
-        CUDA tensors once it is verified (issue 7).
+    "auto": "triton" for CUDA tensors (when Triton imports), "scipy" otherwise,
+        decided per call from the logits' device.
     a callable with the solver signature above (tests inject one).
 - The returned indices live on the logits' device (the original returns CPU
   tensors), so the criterion gathers with them without a copy.
@@ -56,6 +56,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
+from .backend import triton_importable
 from .box_ops import box_area, box_cxcywh_to_xyxy, validate_boxes
 
 # (cost [P, Q, T_max] float32, num_targets: P ints) -> P (pred_idx, tgt_idx) int64 pairs on cost's device
@@ -196,11 +197,27 @@ def _triton_solver(check_invalid: bool | None = None) -> Solver:
     return solve
 
 
+def _auto_solver(check_invalid: bool | None = None) -> Solver:
+    """The "triton" solver for CUDA costs (built on first use), scipy for any other device."""
+    device_solver: list[Solver] = []
+
+    def solve(cost: Tensor, num_targets: Sequence[int]) -> Indices:
+        if not (cost.is_cuda and triton_importable()):
+            return scipy_solver(cost, num_targets)
+        if not device_solver:
+            device_solver.append(_triton_solver(check_invalid))
+        return device_solver[0](cost, num_targets)
+
+    return solve
+
+
 def resolve_solver(backend: str | Solver, check_invalid: bool | None = None) -> Solver:
     """The solver for `backend` ("auto", "scipy", "triton" or a solver callable)."""
     if callable(backend):
         return backend
-    if backend in ("auto", "scipy"):
+    if backend == "auto":
+        return _auto_solver(check_invalid)
+    if backend == "scipy":
         return scipy_solver
     if backend == "triton":
         return _triton_solver(check_invalid)
@@ -231,6 +248,7 @@ class HungarianMatcher(nn.Module):
         self.solver = resolve_solver(backend, check_invalid)
         # the device backend computes its cost blocks with the fused kernel too (fastdetr.kernels.matching_cost)
         self.fused_cost = backend == "triton"
+        self.auto = backend == "auto"
         self.validate_targets = validate_targets
 
     def extra_repr(self) -> str:
@@ -295,7 +313,7 @@ class HungarianMatcher(nn.Module):
         tgt_labels = pad_sequence([t["labels"].long() for t in targets], batch_first=True)  # [B, T_max]
         tgt_boxes = pad_sequence([t["boxes"].float() for t in targets], batch_first=True,
                                  padding_value=_PAD_BOX)  # [B, T_max, 4]
-        if self.fused_cost:
+        if self.fused_cost or (self.auto and logits.is_cuda and triton_importable()):
             from fastdetr.kernels.matching_cost import matching_cost
 
             return matching_cost(logits, boxes, tgt_labels, tgt_boxes, self.cost_class, self.cost_bbox,

@@ -58,6 +58,7 @@ from scipy.optimize import linear_sum_assignment as _scipy_linear_sum_assignment
 from torch import Tensor
 
 from fastdetr.backend import use_triton
+from fastdetr.kernels.common import KernelConfig
 
 STATUS_OK = 0
 STATUS_INVALID = 1  # a NaN or -inf entry
@@ -243,15 +244,6 @@ class Assignment(NamedTuple):
     status: Tensor
 
 
-class AotConfig(NamedTuple):
-    """One kernel configuration, as `triton.compile(ASTSource(kernel, signature, constexprs), options=...)` takes it."""
-
-    kernel: object
-    signature: dict
-    constexprs: dict
-    options: dict
-
-
 def _launch_config(width: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for problems with at most `width` columns after transposition."""
     for block, num_warps in _configs():
@@ -260,7 +252,7 @@ def _launch_config(width: int) -> tuple[int, int]:
     raise ValueError(f"assignment kernel: max(N, M) = {width} exceeds the kernel's limit of {MAX_BLOCK}")
 
 
-def aot_configs() -> list[AotConfig]:
+def aot_configs() -> list[KernelConfig]:
     """Every (kernel, signature, constexprs, options) the launcher can run, for ahead-of-time compiles.
 
     Compile them in a process where TRITON_INTERPRET is off (Triton's
@@ -283,7 +275,7 @@ def aot_configs() -> list[AotConfig]:
         "BLOCK": "constexpr",
     }
     return [
-        AotConfig(_assignment_fwd_kernel, dict(signature), {"BLOCK": block}, {"num_warps": num_warps})
+        KernelConfig(_assignment_fwd_kernel, dict(signature), {"BLOCK": block}, {"num_warps": num_warps})
         for block, num_warps in _configs()
     ]
 

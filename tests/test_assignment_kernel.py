@@ -3,17 +3,10 @@
 The kernel runs on the CPU through Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1). Totals must equal scipy's up to float32 rounding (the
 kernel solves in float32); indices must equal scipy's where the optimum is
-unique. The ahead-of-time compile for sm_80 / sm_90 runs in a subprocess with
-the interpreter off, and reads register and local-memory (spill) use from the
-cubins with the Triton wheel's cuobjdump.
+unique. tests/test_kernel_report.py compiles every kernel configuration for
+sm_80 / sm_90 and fails on a spill.
 """
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -261,74 +254,7 @@ def test_problems_wider_than_the_block_go_to_scipy():
 
 
 # ---------------------------------------------------------------------------
-# ahead-of-time compile, no GPU needed
-
-CAPABILITIES = (80, 90)
-
-_AOT_SCRIPT = textwrap.dedent(
-    """
-    import json, os, subprocess, sys, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from fastdetr.kernels.assignment import aot_configs
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    results = []
-    for index, config in enumerate(aot_configs()):
-        for cap in (80, 90):
-            row = {"index": index, "cap": cap, "error": None, "usage": None}
-            try:
-                source = ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs)
-                compiled = triton.compile(source, target=GPUTarget("cuda", cap, 32), options=config.options)
-                if os.access(cuobjdump, os.X_OK):
-                    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-                        cubin.write(compiled.asm["cubin"])
-                        cubin.flush()
-                        row["usage"] = subprocess.run(
-                            [cuobjdump, "--dump-resource-usage", cubin.name],
-                            capture_output=True, text=True, check=True,
-                        ).stdout
-            except Exception as exc:  # reported per config by the tests
-                row["error"] = repr(exc)
-            results.append(row)
-    print(json.dumps(results))
-    """
-)
-
-
-@pytest.fixture(scope="module")
-def aot_results():
-    """Compile every config for sm_80 and sm_90 in one subprocess with the interpreter off."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {(row["index"], row["cap"]): row for row in json.loads(proc.stdout.splitlines()[-1])}
-
-
-def _usage_field(usage: str, name: str) -> int:
-    for token in usage.split():
-        if token.startswith(name + ":"):
-            return int(token.split(":")[1])
-    raise AssertionError(f"{name} not in cuobjdump output: {usage}")
-
-
-_CONFIG_IDS = [f"BLOCK{config.constexprs['BLOCK']}-warps{config.options['num_warps']}" for config in aot_configs()]
-
-
-@pytest.mark.parametrize("cap", CAPABILITIES)
-@pytest.mark.parametrize("index", range(len(_CONFIG_IDS)), ids=_CONFIG_IDS)
-def test_aot_compiles_without_spills(aot_results, index, cap):
-    row = aot_results[(index, cap)]
-    assert row["error"] is None, row["error"]
-    if row["usage"] is None:
-        pytest.skip("the Triton wheel has no cuobjdump: compiled, but spills not checked")
-    # Spilled registers live in local memory (and a stack frame).
-    assert _usage_field(row["usage"], "LOCAL") == 0, row["usage"]
-    assert _usage_field(row["usage"], "STACK") == 0, row["usage"]
-    assert _usage_field(row["usage"], "REG") <= 255, row["usage"]
+# ahead-of-time compile: tests/test_kernel_report.py compiles every config for sm_80 / sm_90 and fails on a spill
 
 
 def test_aot_configs_cover_the_launcher():

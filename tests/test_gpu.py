@@ -263,7 +263,7 @@ def test_optimized_detr_r50_matches_the_reference():
         assert relative_error(grads_opt[name], grad, norm_floor=1e-12) <= 1e-4, name
 
 
-def test_criterion_with_the_device_matcher_makes_no_host_sync():
+def test_criterion_with_the_device_matcher_makes_no_host_sync(monkeypatch):
     """DETR's training criterion with backend='triton' (fused cost + batched solver) under CUDA's sync
     debug mode "error": any synchronising call raises. Its losses equal the scipy backend's."""
     from fastdetr.config import DETRConfig
@@ -292,3 +292,13 @@ def test_criterion_with_the_device_matcher_makes_no_host_sync():
     expected = build_criterion(DETRConfig(), backend="scipy")(outputs, targets)
     for name, value in expected.items():
         assert torch.allclose(losses[name], value, rtol=1e-5, atol=1e-6), name
+    if DEVICE == "cuda":   # the default backend ("auto") takes the kernels for CUDA tensors
+        import fastdetr.kernels.assignment as assignment
+
+        launches = []
+        launcher = assignment.assignment_forward
+        monkeypatch.setattr(assignment, "assignment_forward", lambda *a: launches.append(1) or launcher(*a))
+        auto_losses = build_criterion(DETRConfig())(outputs, targets)
+        assert launches == [1]
+        for name, value in expected.items():
+            assert torch.allclose(auto_losses[name], value, rtol=1e-5, atol=1e-6), name

@@ -183,8 +183,13 @@ def test_solver_seam_gets_padded_blocks_once_for_all_layers():
 
 
 def test_backend_selection_and_a_clear_error_without_the_kernel(monkeypatch):
-    assert HungarianMatcher(backend="auto").solver is scipy_solver
     assert HungarianMatcher(backend="scipy").solver is scipy_solver
+    # auto: scipy for CPU tensors, bit for bit the scipy backend (the CUDA side: tests/test_gpu.py)
+    outputs, targets = random_batch(9, batch_size=2, num_queries=6, num_classes=4, sizes=[2, 3])
+    for (p1, t1), (p2, t2) in zip(HungarianMatcher(backend="auto")(outputs, targets),
+                                  HungarianMatcher(backend="scipy")(outputs, targets)):
+        assert torch.equal(p1, p2) and torch.equal(t1, t2)
+    assert not HungarianMatcher(backend="auto").fused_cost
     with pytest.raises(ValueError, match="unknown backend"):
         HungarianMatcher(backend="cuda")
     monkeypatch.setitem(sys.modules, "fastdetr.kernels.assignment", None)  # import fails
