@@ -261,3 +261,27 @@ def test_builders_take_fused_true():
     assert all(isinstance(layer, TransformerEncoderLayer) for layer in fused.transformer.encoder.layers)
     assert all(isinstance(layer, TransformerDecoderLayer) for layer in fused.transformer.decoder.layers)
     assert not any(isinstance(layer, TransformerEncoderLayer) for layer in plain.transformer.encoder.layers)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_autocast_runs_the_fused_chain_in_bfloat16(kind, monkeypatch):
+    """Under autocast (how the trainer runs AMP) the fused layer still takes the kernels, in autocast's dtype,
+    and lands as close to the float32 result as the reference under autocast; gradients reach the float32
+    parameters."""
+    fused, ref = _pair(kind)
+    args, kwargs = _inputs(kind, 37)
+    with torch.no_grad():
+        exact = ref(*args, **kwargs).double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_autocast = ref(*args, **kwargs)
+    for attn in (fused.self_attn, getattr(fused, "multihead_attn", None)):
+        if attn is not None:
+            monkeypatch.setattr(attn, "forward", lambda *a, **k: pytest.fail("fell back to the reference"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(*args, **kwargs)
+    assert out.dtype == torch.bfloat16
+    assert _rel(out.double(), exact) <= max(1e-2, 2 * _rel(ref_autocast.double(), exact))
+    out.float().sum().backward()
+    for name, param in fused.named_parameters():
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+        assert torch.isfinite(param.grad).all(), name
