@@ -1,0 +1,41 @@
+"""benchmarks/model.py on the CPU: a tiny detr_small through Triton's interpreter runs every mode of two providers."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import model as bench  # noqa: E402
+from benchmarks.common import environment  # noqa: E402
+from fastdetr.backend import interpreter_enabled  # noqa: E402
+
+
+def _wall(fn, warmup=0, rep=0):
+    start = time.perf_counter()
+    fn()
+    elapsed = (time.perf_counter() - start) * 1e3
+    return elapsed, elapsed, elapsed
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="the fused provider needs TRITON_INTERPRET=1 on the CPU")
+def test_smoke_rows_and_summary():
+    rows = bench.measure(2, "cpu", environment("cpu"), providers=("reference-fp32", "fastdetr-bf16"),
+                         timer=_wall, memory=None, scale=bench.SMOKE)
+    metrics = {(r["provider"], r["mode"], r["metric"]) for r in rows}
+    for provider in ("reference-fp32", "fastdetr-bf16"):
+        for mode in bench.MODES:
+            assert {(provider, mode, "time"), (provider, mode, "tflops")} <= metrics
+    assert all(r["p50"] > 0 for r in rows)
+    summary = bench.summary_markdown(rows)
+    assert "fastdetr-bf16 vs reference-fp32" in summary
+
+
+def test_without_a_gpu_it_skips(capsys, tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present: the real run would start")
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    assert "no CUDA device" in capsys.readouterr().out and not any(tmp_path.iterdir())
