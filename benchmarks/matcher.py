@@ -184,8 +184,7 @@ def measure(case: Case, device, env: dict, reps: int, with_triton: bool) -> list
         if name.startswith("_"):
             continue
         p50, p20, p80 = wall_ms(fn, device, reps)
-        mode = "host" if name == "scipy-only" else str(torch.device(device).type)
-        rows.append(dict(case=case.name, provider=name, mode=mode, metric="time", unit="ms", shape=case.shape,
+        rows.append(dict(case=case.name, provider=name, mode="step", metric="time", unit="ms", shape=case.shape,
                          p50=p50, p20=p20, p80=p80, **env))
     return rows
 

@@ -158,6 +158,18 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(bench_args: list[str]) -> int:
+    """benchmarks/run.py of the source checkout this package was installed from (benchmarks/ is not installed)."""
+    import runpy
+    from pathlib import Path
+
+    runner = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    if not runner.is_file():
+        raise FileNotFoundError(f"{runner}: `fastdetr bench` needs a source checkout (pip install -e .); "
+                                "benchmarks/ is not part of the installed package")
+    return runpy.run_path(str(runner), run_name="fastdetr_bench")["main"](bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdetr", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,10 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", default="out/predict", help="output folder (default out/predict)")
     predict.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     predict.set_defaults(func=_predict)
+
+    bench = sub.add_parser("bench", help="the benchmark runner (benchmarks/run.py; --help there)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/run.py")
+    bench.set_defaults(func=lambda args: _bench(args.bench_args))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:   # every later argument is the runner's own, options included
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,272 @@
+"""One runner for every fastdetr benchmark: kernels, layers, the whole model, the matcher, CPU proxies.
+
+    python benchmarks/run.py --out DIR [--quick] [--suites NAME ...] [--list]
+    fastdetr bench --out DIR [--quick] ...          (the same, from a source checkout)
+
+writes DIR/results.csv (benchmarks/common.py's long format: one row per
+measurement, the machine and versions on every row), DIR/results.md (every
+suite's tables, drawn from the CSV) and DIR/plots/*.png (one bar chart per
+case and mode, drawn from the CSV). On a machine without a GPU it runs what
+means something there (the matcher's CPU part; the CPU proxies) and lists the
+GPU suites it skipped.
+
+Suites (each is also a script of its own in benchmarks/):
+- ceiling (GPU): the ceilings measured in the same run -- a bf16 8192^3 matmul
+  (TFLOP/s) and a 1 GiB device copy (GB/s, read + write) -- against which
+  the model's achieved TFLOP/s is reported as a fraction;
+- attention (GPU): benchmarks/attention.py, the flash-attention kernel vs SDPA
+  vs nn.MultiheadAttention;
+- layers (GPU): benchmarks/layers.py, encoder/decoder/transformer, reference
+  eager vs torch.compile vs fastdetr;
+- model (GPU): benchmarks/model.py, DETR-R50 inference and training step;
+- matcher (GPU, and its CPU part anywhere): benchmarks/matcher.py;
+- proxies (CPU, through Triton's interpreter): ATen ops, Triton launches, host
+  syncs and bytes saved for backward of one training step, reference vs fused
+  (fastdetr.proxies).
+Timing: triton.testing.do_bench (CUDA events, warm-up, median with 20/80
+quantiles, L2 flushed between calls) for the GPU suites; the model rotates
+three input batches; the matcher times wall clock (its original loop syncs).
+--quick: fewer cases and shorter timing, for a first look.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):   # run as `python benchmarks/run.py`: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import environment, markdown_table, read_csv, time_ms, write_csv  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    needs_gpu: bool
+    describe: str
+
+
+SUITES = (
+    Suite("ceiling", True, "bf16 matmul TFLOP/s and device copy GB/s, measured in the same run"),
+    Suite("attention", True, "flash-attention kernel vs SDPA vs nn.MultiheadAttention (benchmarks/attention.py)"),
+    Suite("layers", True, "encoder/decoder/transformer: reference vs torch.compile vs fastdetr (benchmarks/layers.py)"),
+    Suite("model", True, "DETR-R50 inference and training step (benchmarks/model.py)"),
+    Suite("matcher", False, "a step's matching: original loop vs fastdetr backends (benchmarks/matcher.py)"),
+    Suite("proxies", False, "CPU proxies: ops, launches, syncs, saved bytes, reference vs fused (fastdetr.proxies)"),
+)
+
+
+# ---- suites: each returns rows of the results table ------------------------------------------
+
+def run_ceiling(env: dict, quick: bool) -> list[dict]:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    p50, p20, p80 = time_ms(lambda: a @ b, warmup=25, rep=50 if quick else 200)
+    flops = 2.0 * n ** 3
+    rows = [dict(case="ceiling", provider="torch.matmul", mode="bf16", metric="tflops", unit="TFLOP/s",
+                 shape=f"{n}x{n}x{n}", p50=flops / p50 / 1e9, p20=flops / p80 / 1e9, p80=flops / p20 / 1e9, **env)]
+    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    p50, p20, p80 = time_ms(lambda: target.copy_(source), warmup=25, rep=50 if quick else 200)
+    moved = 2.0 * source.numel()   # read + write
+    rows.append(dict(case="ceiling", provider="Tensor.copy_", mode="device", metric="bandwidth", unit="GB/s",
+                     shape="1 GiB", p50=moved / p50 / 1e6, p20=moved / p80 / 1e6, p80=moved / p20 / 1e6, **env))
+    return rows
+
+
+def run_attention(env: dict, quick: bool) -> list[dict]:
+    from benchmarks import attention
+
+    cases = [c for c in attention.CASES if not quick or c.name in ("encoder_pad25", "decoder_cross_pad25")]
+    warmup, rep = (10, 30) if quick else (25, 100)
+    rows = []
+    for case in cases:
+        rows += attention.measure(case, attention.DETR_R50, torch.device("cuda"), env,
+                                  timer=lambda fn, grad_to_none: time_ms(fn, grad_to_none, warmup, rep))
+    return rows
+
+
+def run_layers(env: dict, quick: bool) -> list[dict]:
+    from benchmarks import layers
+
+    cases = ("transformer",) if quick else layers.CASES
+    warmup, rep = (10, 30) if quick else (25, 100)
+    rows = []
+    for case in cases:
+        rows += layers.measure(case, layers.DETR_R50, torch.device("cuda"), env,
+                               timer=lambda fn, grad_to_none: time_ms(fn, grad_to_none, warmup, rep))
+    return rows
+
+
+def run_model(env: dict, quick: bool) -> list[dict]:
+    from benchmarks import model
+
+    warmup, rep = (10, 30) if quick else (25, 100)
+    return model.measure(2 if quick else 8, torch.device("cuda"), env, warmup, rep)
+
+
+def run_matcher(env: dict, quick: bool) -> list[dict]:
+    from benchmarks import matcher
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = [c for c in matcher.CASES if not quick or c.name == "detr"]
+    rows = []
+    for case in cases:
+        rows += matcher.measure(case, device, env, reps=5 if quick else 20, with_triton=device == "cuda")
+    return rows
+
+
+def run_proxies(env: dict, quick: bool) -> list[dict]:
+    """fastdetr.proxies through Triton's interpreter, in a process of its own (the interpreter is chosen when
+    a kernel module is imported, and this process may have imported them for a GPU)."""
+    script = ("import json, sys; from fastdetr.proxies import proxy_rows; "
+              "json.dump(proxy_rows(json.loads(sys.argv[1])), sys.stdout)")
+    cpu_env = {**env, "device": "cpu (Triton interpreter)"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cpu_env)], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPO, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fastdetr.proxies failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+RUNNERS: dict[str, Callable[[dict, bool], list[dict]]] = {
+    "ceiling": run_ceiling, "attention": run_attention, "layers": run_layers, "model": run_model,
+    "matcher": run_matcher, "proxies": run_proxies,
+}
+
+
+# ---- the report: results.md and plots, from the CSV alone --------------------------------------
+
+def _suite_of(row: dict) -> str:
+    case = row["case"]
+    if case == "ceiling":
+        return "ceiling"
+    if case == "detr_r50":
+        return "model"
+    if case in ("detr", "dino", "smoke"):
+        return "matcher"
+    if case.startswith("proxies"):
+        return "proxies"
+    if case in ("transformer", "encoder", "decoder"):
+        return "layers"
+    return "attention"
+
+
+def summary_markdown(rows: Sequence[dict], skipped: Sequence[str] = ()) -> str:
+    from benchmarks import attention, layers, matcher, model
+
+    if not rows:
+        return "# fastdetr benchmarks\n\nNo results.\n"
+    last = rows[-1]
+    out = [f"# fastdetr benchmarks\n\n{last['device']}, torch {last['torch']}, triton {last['triton']}, "
+           f"commit {last['git_sha']}, {last['timestamp']}. Every table below is drawn from results.csv.\n"]
+    if skipped:
+        out.append("\nSkipped (no GPU): " + ", ".join(skipped) + ".\n")
+    by_suite: dict[str, list[dict]] = {}
+    for row in rows:
+        by_suite.setdefault(_suite_of(row), []).append(row)
+    ceiling = {r["metric"]: r for r in by_suite.get("ceiling", [])}
+    if ceiling:
+        out.append("\n# Ceilings\n\n" + markdown_table(
+            ["measure", "p50", "unit"], [[r["provider"], f"{r['p50']:.1f}", r["unit"]] for r in ceiling.values()]))
+    summaries = {"attention": attention.summary_markdown, "layers": layers.summary_markdown,
+                 "model": model.summary_markdown, "matcher": matcher.summary_markdown}
+    for suite, summarise in summaries.items():
+        if suite in by_suite:
+            out.append("\n" + summarise(by_suite[suite]))
+    if "model" in by_suite and "tflops" in ceiling:
+        peak = ceiling["tflops"]["p50"]
+        fractions = [[r["provider"], r["mode"], f"{r['p50']:.1f}", f"{r['p50'] / peak:.1%}"]
+                     for r in by_suite["model"] if r["metric"] == "tflops"]
+        out.append("\n## DETR-R50: fraction of the bf16 matmul ceiling\n\n"
+                   + markdown_table(["provider", "mode", "TFLOP/s", "of ceiling"], fractions))
+    if "proxies" in by_suite:
+        out.append("\n# CPU proxies of one training step (through Triton's interpreter)\n\n" + markdown_table(
+            ["case", "provider", "metric", "value", "unit"],
+            [[r["case"], r["provider"], r["metric"], f"{r['p50']:.0f}", r["unit"]] for r in by_suite["proxies"]]))
+    return "".join(out)
+
+
+def plot(rows: Sequence[dict], folder: Path) -> list[Path]:
+    """One horizontal bar chart of p50 time per (case, mode), providers as bars with p20-p80 whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row["metric"] == "time":
+            groups.setdefault((row["case"], row["mode"]), []).append(row)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (case, mode), group in groups.items():
+        latest = {r["provider"]: r for r in group}   # the latest run of each provider
+        names = list(latest)
+        p50 = [latest[n]["p50"] for n in names]
+        low = [max(0.0, latest[n]["p50"] - latest[n]["p20"]) for n in names]
+        high = [max(0.0, latest[n]["p80"] - latest[n]["p50"]) for n in names]
+        figure, axis = plt.subplots(figsize=(7, 0.5 * len(names) + 1.2))
+        axis.barh(names, p50, xerr=[low, high], color="#4c72b0")
+        axis.set_xlabel("ms (p50, p20-p80)")
+        axis.set_title(f"{case} - {mode} ({group[-1]['device']})", fontsize=10)
+        axis.invert_yaxis()
+        figure.tight_layout()
+        path = folder / f"{case}_{mode}.png".replace("/", "_").replace("+", "_")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="folder for results.csv, results.md and plots/")
+    parser.add_argument("--quick", action="store_true", help="fewer cases, shorter timing")
+    parser.add_argument("--suites", nargs="+", choices=[s.name for s in SUITES], help="default: all")
+    parser.add_argument("--append", action="store_true", help="add to an existing results.csv")
+    parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for suite in SUITES:
+            print(f"{suite.name:<10} {'GPU' if suite.needs_gpu else 'any':<4} {suite.describe}")
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    has_gpu = torch.cuda.is_available()
+    chosen = [s for s in SUITES if args.suites is None or s.name in args.suites]
+    skipped = [s.name for s in chosen if s.needs_gpu and not has_gpu]
+    for name in skipped:
+        print(f"skipped {name}: needs a CUDA GPU")
+    env = environment("cuda" if has_gpu else "cpu")
+    rows = []
+    for suite in chosen:
+        if suite.name in skipped:
+            continue
+        print(f"== {suite.name}: {suite.describe}", flush=True)
+        suite_rows = RUNNERS[suite.name](env, args.quick)
+        for row in suite_rows:
+            print(f"  {row['case']:<22} {row['provider']:<38} {row['mode']:<11} {row['metric']:<12} "
+                  f"{row['p50']:12.3f} {row['unit']}", flush=True)
+        rows += suite_rows
+    csv_path = write_csv(rows, args.out / "results.csv", append=args.append)
+    table = read_csv(csv_path)
+    (args.out / "results.md").write_text(summary_markdown(table, skipped))
+    plots = plot(table, args.out / "plots")
+    print(f"wrote {csv_path}, {args.out / 'results.md'} and {len(plots)} plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
