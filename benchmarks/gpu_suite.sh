@@ -11,11 +11,10 @@
 #                TRITON_INTERPRET=0; tests/conftest.py keeps that explicit 0
 #   report       python -m fastdetr.kernels.report (ahead-of-time compile, registers, spills)
 #   memory       python -m fastdetr.memory (saved-for-backward bytes at DETR-R50 shapes)
-#   attention    benchmarks/attention.py  -> RESULTS_DIR/attention/results.{csv,md}
-#   layers       benchmarks/layers.py     -> RESULTS_DIR/layers/results.{csv,md}
-#   matcher      benchmarks/matcher.py    -> RESULTS_DIR/matcher/results.{csv,md}
-# The two benchmarks get folders of their own because each writes its own results.md;
-# their results.csv files share one column set and concatenate.
+#   benchmarks   benchmarks/run.py: ceilings, attention, layers, model, matcher
+#                -> RESULTS_DIR/results.{csv,md} and RESULTS_DIR/plots/ (GPU_SUITE_QUICK=1: --quick)
+#   convergence  benchmarks/convergence.py (reference vs fused training, bf16) -> RESULTS_DIR/convergence/
+# The CPU proxies are not run here: they mean the same on any machine and run in `make test`.
 # Exits 1 when any step failed (RESULTS_DIR/summary.txt says which), else 0.
 # PYTHON overrides the interpreter (default: .venv/bin/python when present, else python).
 set -uo pipefail
@@ -85,9 +84,11 @@ run_step environment environment
 run_step pytest "$PYTHON" -m pytest -q -ra "${GPU_TESTS[@]}"
 run_step report "$PYTHON" -m fastdetr.kernels.report --json "$results/kernel_report.json"
 run_step memory "$PYTHON" -m fastdetr.memory --device cuda
-run_step attention "$PYTHON" benchmarks/attention.py --out "$results/attention"
-run_step layers "$PYTHON" benchmarks/layers.py --out "$results/layers"
-run_step matcher "$PYTHON" benchmarks/matcher.py --device cuda --out "$results/matcher"
+quick=()
+if [[ "${GPU_SUITE_QUICK:-0}" == "1" ]]; then quick=(--quick); fi
+run_step benchmarks "$PYTHON" benchmarks/run.py "${quick[@]}" --suites ceiling attention layers model matcher \
+    --out "$results"
+run_step convergence "$PYTHON" benchmarks/convergence.py --out "$results/convergence"
 
 if [[ ${#failed[@]} -gt 0 ]]; then
     echo "failed: ${failed[*]} (see $summary)"
