@@ -302,3 +302,25 @@ def test_criterion_with_the_device_matcher_makes_no_host_sync(monkeypatch):
         assert launches == [1]
         for name, value in expected.items():
             assert torch.allclose(auto_losses[name], value, rtol=1e-5, atol=1e-6), name
+
+
+def test_optimized_model_under_bf16_autocast_stays_on_the_fused_path(monkeypatch):
+    """The trainer's AMP: under bf16 autocast the fused layers run (no nn.MultiheadAttention forward) and the
+    outputs stay as close to float32 as the reference's under autocast."""
+    torch.manual_seed(0)
+    model = fastdetr.detr_small(num_classes=5, hidden_dim=D_MODEL, nheads=HEADS, dim_feedforward=FFN,
+                                enc_layers=2, dec_layers=2, num_queries=QUERIES).to(DEVICE).eval()
+    images = [torch.randn(3, 96, 128, device=DEVICE), torch.randn(3, 128, 96, device=DEVICE)]
+    with torch.no_grad():
+        exact = model(images)["pred_boxes"].double()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            ref = model(images)["pred_boxes"].double()
+    optimized = fastdetr.optimize(copy.deepcopy(model))
+    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward",
+                        lambda *a, **k: pytest.fail("a fused layer fell back under autocast"))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        outputs = optimized(images)
+    boxes = outputs["pred_boxes"].double()
+    assert relative_error(boxes, exact) <= max(1e-2, BASELINE_FACTOR * relative_error(ref, exact))
+    outputs["pred_logits"].float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in optimized.parameters() if p.grad is not None)
