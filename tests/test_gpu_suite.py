@@ -25,8 +25,8 @@ exit 0
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = (results / "summary.txt").read_text().splitlines()
     steps = [line.split()[0] for line in summary]
-    assert steps == ["environment", "pytest", "report", "memory", "benchmarks", "convergence"]
-    assert [line.split()[1] for line in summary] == ["ok", "ok", "FAILED", "ok", "ok", "ok"]
+    assert steps == ["environment", "pytest", "report", "memory", "benchmarks"]
+    assert [line.split()[1] for line in summary] == ["ok", "ok", "FAILED", "ok", "ok"]
     assert "report broke" in (results / "logs" / "report.log").read_text()
     logged = calls.read_text()
     assert "-m pytest" in logged and "tests/test_gpu.py" in logged
