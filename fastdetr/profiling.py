@@ -1,4 +1,4 @@
-"""Counting what a step costs without a GPU: ATen ops and host syncs.
+"""Counting what a step costs without a GPU: ATen ops, Triton kernel launches and host syncs.
 
 At DETR's sizes a GPU step is bound by kernel launches and host syncs as much
 as by arithmetic, and both can be counted on a CPU: every ATen op that is not
@@ -10,14 +10,18 @@ depends on values).
         loss = criterion(model(images), targets)
         loss.backward()
     counter.ops, counter.syncs, counter.sync_ops
+
+A fused kernel is one launch but no ATen op: `TritonLaunchCounter` counts the
+launches of Triton kernels, compiled or run by Triton's interpreter.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 # Ops that make the host wait for the device: a value read on the host, or an
 # output whose shape depends on tensor values.
@@ -33,6 +37,17 @@ HOST_SYNC_OPS = frozenset({
     "aten.repeat_interleave",  # with a tensor of repeats and no output_size
     "aten.histc",
     "aten.bincount",
+})
+
+# Ops that only allocate: on a GPU they launch no kernel (the caching allocator
+# hands out memory), so a launch estimate leaves them out. A fused launcher
+# allocates its outputs with these where a plain ATen op allocates inside itself.
+ALLOCATION_OPS = frozenset({
+    "aten.empty",
+    "aten.empty_like",
+    "aten.empty_strided",
+    "aten.new_empty",
+    "aten.new_empty_strided",
 })
 
 
@@ -103,3 +118,109 @@ class TorchFunctionCounter(TorchFunctionMode):
     def ran(self, fragment: str) -> bool:
         """Whether a function whose name contains `fragment` was called."""
         return any(fragment in name for name in self.calls)
+
+
+class TritonLaunchCounter:
+    """Counts Triton kernel launches inside the block, per kernel name (a context manager).
+
+    Compiled kernels (a real GPU) are seen through Triton's launch-enter hook,
+    which the launcher calls once per launch, autotuner benchmark launches
+    included; kernels run by Triton's interpreter (TRITON_INTERPRET=1) by a
+    scoped wrapper around `InterpretedFunction.run`. Both are installed on
+    entry and removed on exit; the wrapper swaps a class attribute, so nested
+    counters must exit in reverse order of entry (a `with` statement does), and
+    the counter is not thread-safe. `launch_counts` maps a kernel's function
+    name to its launches; `launches` is their sum.
+
+    hide_interpreter_ops: the interpreter copies every tensor argument to a host
+    tensor and back around each launch (`new_empty`, `set_`, `copy_`): ATen ops
+    that a compiled launch does not make. With True (default) they run with the
+    TorchDispatchModes switched off, so an `OpCounter` around the block counts
+    the program's ATen ops only.
+    """
+
+    def __init__(self, hide_interpreter_ops: bool = True) -> None:
+        self.launch_counts: Counter[str] = Counter()
+        self.hide_interpreter_ops = hide_interpreter_ops
+        self._exit_stack: contextlib.ExitStack | None = None
+
+    @property
+    def launches(self) -> int:
+        return sum(self.launch_counts.values())
+
+    def _on_launch(self, metadata) -> None:
+        # the launcher passes a LazyDict; its plain `data` has the name without evaluating the lazy extras
+        data = getattr(metadata, "data", None) or {}
+        self.launch_counts[data.get("name", "<compiled kernel>")] += 1
+
+    def __enter__(self) -> "TritonLaunchCounter":
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(self._compiled_hook())
+            stack.enter_context(self._interpreter_hook())
+        except BaseException:
+            stack.close()
+            raise
+        self._exit_stack = stack
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        stack, self._exit_stack = self._exit_stack, None
+        if stack is not None:
+            stack.close()
+
+    @contextlib.contextmanager
+    def _compiled_hook(self):
+        try:
+            import triton
+        except ImportError:   # no Triton, no Triton launches
+            yield
+            return
+        knobs = getattr(triton, "knobs", None)
+        chain = getattr(getattr(knobs, "runtime", None), "launch_enter_hook", None)
+        if hasattr(chain, "add"):  # Triton >= 3.5: a HookChain that every launcher calls
+            chain.add(self._on_launch)
+            try:
+                yield
+            finally:
+                chain.remove(self._on_launch)
+            return
+        # older Triton: a single optional hook, on triton.knobs.runtime (3.4) or CompiledKernel (3.2, 3.3)
+        owner = knobs.runtime if knobs is not None else triton.compiler.CompiledKernel
+        previous = getattr(owner, "launch_enter_hook", None)
+
+        def hook(metadata) -> None:
+            self._on_launch(metadata)
+            if previous is not None:
+                previous(metadata)
+
+        owner.launch_enter_hook = hook
+        try:
+            yield
+        finally:
+            owner.launch_enter_hook = previous
+
+    @contextlib.contextmanager
+    def _interpreter_hook(self):
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+        except ImportError:
+            yield
+            return
+
+        original = InterpretedFunction.run
+        counter = self
+
+        def run(function, *args, grid, warmup, **kwargs):
+            if warmup:  # compiles nothing and launches nothing under the interpreter
+                return original(function, *args, grid=grid, warmup=warmup, **kwargs)
+            counter.launch_counts[function.__name__] += 1
+            hide = _disable_current_modes() if counter.hide_interpreter_ops else contextlib.nullcontext()
+            with hide:
+                return original(function, *args, grid=grid, warmup=warmup, **kwargs)
+
+        InterpretedFunction.run = run
+        try:
+            yield
+        finally:
+            InterpretedFunction.run = original

@@ -46,3 +46,12 @@ def test_summary_of_gpu_rows_reports_the_ceiling_fraction():
                  shape="B=8", p50=70.0, p20=69.0, p80=71.0, **env)]
     summary = run.summary_markdown(rows)
     assert "# Ceilings" in summary and "10.0%" in summary and "DETR-R50" in summary
+
+
+def test_summary_routes_proxy_rows_to_their_table():
+    env = dict(device="cpu (Triton interpreter)", git_sha="abc", torch="2.13", triton="3.6", timestamp="t")
+    rows = [dict(case="detr_r50_step_proxies", provider=provider, mode="train_step", metric="launches",
+                 unit="count", shape="s", p50=value, p20=value, p80=value, **env)
+            for provider, value in (("reference-scipy", 1502.0), ("fastdetr-triton", 1318.0))]
+    summary = run.summary_markdown(rows)
+    assert "CPU proxies" in summary and "| 1318 | count |" in summary

@@ -1,0 +1,345 @@
+"""What one DETR training step costs a GPU, counted on a CPU: kernel launches, host syncs, saved bytes.
+
+    python -m fastdetr.proxies [--quick] [--enc-layers N] [--dec-layers N] [--queries Q] [--verbose]
+
+At DETR's sizes a GPU step is bound by kernel launches and host syncs as much
+as by arithmetic (shared/DESIGN.md), and both are counts: they can be taken
+on a machine without a GPU, with the fused kernels run by Triton's
+interpreter. `step_proxies(fused, matcher)` runs one training step -- model
+forward, SetCriterion with aux losses (`fastdetr.build_criterion`), the
+weighted total, backward -- of a DETR-R50-shaped model (d_model 256, 8 heads,
+FFN 2048, ResNet-50, 91 classes, random weights) and counts:
+
+- ATen ops, views excluded (`fastdetr.profiling.OpCounter`), and among them
+  allocations (`ALLOCATION_OPS`: `empty` and kin, no kernel on a GPU);
+- Triton kernel launches (`fastdetr.profiling.TritonLaunchCounter`); the
+  interpreter's own argument copies are not counted as ATen ops;
+- launches = ATen ops - allocations + Triton launches: the kernels a GPU
+  would launch, roughly (an ATen op is one kernel, a few are more or none);
+- host syncs: ops that make the host wait for the device (OpCounter's
+  `sync_ops`), plus the scipy matcher's device-to-host copy of its cost
+  blocks, which a CPU tensor does not make (`.cpu()` of a CPU tensor is the
+  tensor itself) and a GPU makes once per step: counted by the solver calls;
+- saved activation bytes: what the forward and the criterion leave for the
+  backward, parameters and inputs excluded (`fastdetr.memory.saved_tensor_bytes`),
+  dropout counted as a GPU keeps it (`fastdetr.memory.gpu_dropout`, also for
+  the op count: one `native_dropout` as on CUDA).
+
+Three configurations (`CONFIGURATIONS`): the reference model with the scipy
+matcher (the original's setting), the fused model (`fastdetr.optimize`) with
+the same matcher, and the fused model with the "triton" matcher (fused cost
+kernel and batched assignment kernel) without its CPU-only status check, the
+path a GPU takes: `resolve_solver("triton", check_invalid=False)`.
+
+Shapes. Op, launch and sync counts do not depend on the image sizes or the
+number of queries (checked for all three configurations: the same counts at
+64x96 / 96x64 and 160x224 / 224x160 images, and at 20 and 100 queries).
+From two decoder layers on they grow linearly with the layers (the first aux
+layer also adds the matcher's stacking of layers): per encoder + decoder
+layer pair, 361 launches in the reference, 294 fused (25 of them Triton).
+Saved bytes grow with everything, the reference's faster: it keeps the
+(B * heads, L, S) attention weights. `DETR_R50_STEP`: batch 2 of 64x96 and
+96x64 images (a 3 x 3 feature map, 9 tokens per image, one padded row or
+column each), 100 queries, 6 + 6 layers. Through the interpreter a fused
+decoder layer at 100 queries costs about 19 s on a 2-core CPU and an encoder
+layer at 9 tokens about 3 s, so a fused step takes about 2.5 minutes; the
+tests use `QUICK_STEP` (2 + 2 layers, 20 queries: about 12 s a fused step),
+which keeps the widths and the aux losses, and whose counts give DETR_R50_STEP's
+by adding 4 layer pairs.
+
+Measured at DETR_R50_STEP (torch 2.13 CPU, Triton 3.6 interpreter):
+
+| configuration | ATen ops | allocations | Triton launches | launches | host syncs | saved activations |
+|---|---|---|---|---|---|---|
+| reference, scipy matcher | 2946 | 0 | 0 | 2946 | 1 | 63.38 MiB |
+| fastdetr, scipy matcher | 2779 | 390 | 150 | 2539 (0.86x) | 1 | 39.62 MiB (0.63x) |
+| fastdetr, triton matcher | 2737 | 395 | 152 | 2494 (0.85x) | 0 | 39.62 MiB (0.63x) |
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .criterion import build_criterion, total_loss
+from .memory import SavedBytes, gpu_dropout, saved_tensor_bytes
+from .profiling import ALLOCATION_OPS, OpCounter, TritonLaunchCounter
+
+MATCHERS = ("scipy", "triton")
+# (provider, fused, matcher): the reference with the original's matcher, then fastdetr with it and with its own
+CONFIGURATIONS = (("reference", False, "scipy"), ("fastdetr", True, "scipy"), ("fastdetr", True, "triton"))
+PHASES = ("forward", "criterion", "backward")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The measured step's problem size; the widths are always DETR-R50's (d 256, 8 heads, FFN 2048).
+
+    image_sizes: (H, W) per image, padded to the largest of each (DETR's batching);
+    num_targets: boxes per image, len(image_sizes) entries.
+    """
+    enc_layers: int = 6
+    dec_layers: int = 6
+    num_queries: int = 100
+    image_sizes: tuple[tuple[int, int], ...] = ((64, 96), (96, 64))
+    num_targets: tuple[int, ...] = (4, 7)
+
+    def __post_init__(self) -> None:
+        if len(self.num_targets) != len(self.image_sizes):
+            raise ValueError(f"StepShape: {len(self.image_sizes)} images but {len(self.num_targets)} target counts")
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{h}x{w}" for h, w in self.image_sizes)
+        return (f"DETR-R50 widths, {self.enc_layers}+{self.dec_layers} layers, {self.num_queries} queries, "
+                f"batch {len(self.image_sizes)} ({sizes}), {'/'.join(map(str, self.num_targets))} targets")
+
+
+DETR_R50_STEP = StepShape()
+QUICK_STEP = StepShape(enc_layers=2, dec_layers=2, num_queries=20)
+
+
+@dataclass(frozen=True)
+class StepProxies:
+    """The counts of one training step (module docstring); `launches` and `name` are derived.
+
+    phase_launches: launches per phase, "forward" (model), "criterion" (matcher,
+    losses, weighted total) and "backward". op_counts: non-view ATen ops by name;
+    launch_counts: Triton launches by kernel name. seconds: the step's wall time,
+    through the interpreter for the fused kernels on a CPU (not a GPU's time).
+    """
+    provider: str                       # "reference" or "fastdetr"
+    matcher: str                        # "scipy" or "triton"
+    shape: StepShape
+    device: str
+    aten_ops: int
+    allocations: int
+    triton_launches: int
+    host_syncs: int
+    sync_ops: tuple[str, ...]           # what host_syncs counted, in order
+    saved_activation_bytes: int
+    saved: SavedBytes = field(repr=False)
+    phase_launches: dict[str, int] = field(repr=False)
+    op_counts: dict[str, int] = field(repr=False)
+    launch_counts: dict[str, int] = field(repr=False)
+    seconds: float = field(repr=False)
+
+    @property
+    def launches(self) -> int:
+        return self.aten_ops - self.allocations + self.triton_launches
+
+    @property
+    def name(self) -> str:
+        return f"{self.provider}-{self.matcher}"
+
+
+def _batch(shape: StepShape, device: torch.device, seed: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Random images (3, H, W) and targets: "labels" (n,) in [0, 91), "boxes" (n, 4) cxcywh inside the image."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    images = [torch.randn(3, h, w, generator=generator).to(device) for h, w in shape.image_sizes]
+    targets = []
+    for n in shape.num_targets:
+        centers = torch.rand(n, 2, generator=generator) * 0.5 + 0.25
+        sizes = torch.rand(n, 2, generator=generator) * 0.4 + 0.05
+        targets.append({"labels": torch.randint(0, 91, (n,), generator=generator).to(device),
+                        "boxes": torch.cat([centers, sizes], dim=1).to(device)})
+    return images, targets
+
+
+class _HostSolverCopies:
+    """Wraps a host solver (scipy) and counts its calls on CPU costs: each is the one device-to-host
+    copy of the padded cost blocks that the same call makes on a GPU (`fastdetr.matcher.scipy_solver`)."""
+
+    def __init__(self, solver) -> None:
+        self.solver = solver
+        self.calls = 0
+
+    def __call__(self, cost: Tensor, num_targets: Sequence[int]):
+        if cost.device.type == "cpu":   # a GPU cost's copy is an aten._to_copy the OpCounter sees itself
+            self.calls += 1
+        return self.solver(cost, num_targets)
+
+
+def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R50_STEP,
+                 device: torch.device | str = "cpu", seed: int = 0, gpu_dropout_on_cpu: bool = True) -> StepProxies:
+    """Count one training step of a DETR-R50-shaped model (module docstring), reference or fused.
+
+    fused: apply `fastdetr.optimize` (same weights). matcher: "scipy" or "triton";
+    "triton" runs without the status check that reads the tensor on a CPU, as on
+    a GPU. On a CPU the fused kernels need Triton's interpreter (TRITON_INTERPRET=1
+    before the first kernel module import); without it the fused layers would
+    fall back to the reference math, so this raises instead. Train mode, dropout
+    0.1; the weights come from `seed`, the batch from `seed + 1`.
+    """
+    import fastdetr
+    from fastdetr.backend import interpreter_enabled
+    from fastdetr.matcher import resolve_solver
+
+    if matcher not in MATCHERS:
+        raise ValueError(f"step_proxies: matcher must be one of {MATCHERS}, got {matcher!r}")
+    device = torch.device(device)
+    if device.type == "cpu" and (fused or matcher == "triton") and not interpreter_enabled():
+        raise RuntimeError("step_proxies: the fused kernels run on a CPU only through Triton's interpreter; "
+                           "set TRITON_INTERPRET=1 before fastdetr's kernels are imported")
+
+    torch.manual_seed(seed)
+    model = fastdetr.detr_resnet50(num_classes=91, enc_layers=shape.enc_layers, dec_layers=shape.dec_layers,
+                                   num_queries=shape.num_queries).to(device).train()
+    if fused:
+        fastdetr.optimize(model)
+    criterion = build_criterion(model.config, backend=matcher).to(device).train()
+    host_copies = None
+    if matcher == "scipy":
+        host_copies = criterion.matcher.solver = _HostSolverCopies(criterion.matcher.solver)
+    else:
+        criterion.matcher.solver = resolve_solver("triton", check_invalid=False)
+    images, targets = _batch(shape, device, seed)
+
+    snapshots: dict[str, tuple[int, int, int]] = {}
+    kept: list[Tensor] = []   # the loss, so that its graph outlives saved_tensor_bytes for the backward
+
+    def snapshot(phase: str) -> None:
+        allocations = sum(ops.op_counts[name] for name in ALLOCATION_OPS)
+        snapshots[phase] = (ops.ops, allocations, launches.launches)
+
+    def forward_and_loss(model, criterion, images, targets) -> Tensor:
+        outputs = model(images)
+        snapshot("forward")
+        loss = total_loss(criterion(outputs, targets), criterion.weight_dict)
+        snapshot("criterion")
+        kept.append(loss)
+        return loss
+
+    dropout = gpu_dropout() if gpu_dropout_on_cpu and device.type == "cpu" else contextlib.nullcontext()
+    start = time.perf_counter()
+    with dropout, OpCounter() as ops, TritonLaunchCounter() as launches:
+        # model and criterion as arguments: their parameters and buffers count as parameters, not activations
+        saved = saved_tensor_bytes(forward_and_loss, model, criterion, images, targets)
+        kept.pop().backward()
+        snapshot("backward")
+    seconds = time.perf_counter() - start
+
+    phase_launches, previous = {}, 0
+    for phase in PHASES:
+        aten_ops, allocations, triton_launches = snapshots[phase]
+        phase_launches[phase] = aten_ops - allocations + triton_launches - previous
+        previous += phase_launches[phase]
+    copies = host_copies.calls if host_copies is not None else 0
+    sync_ops = (*ops.sync_ops, *["host solver: cost blocks to the host"] * copies)
+    return StepProxies(
+        provider="fastdetr" if fused else "reference", matcher=matcher, shape=shape, device=str(device),
+        aten_ops=ops.ops, allocations=snapshots["backward"][1], triton_launches=launches.launches,
+        host_syncs=len(sync_ops), sync_ops=sync_ops, saved_activation_bytes=saved.activation_bytes, saved=saved,
+        phase_launches=phase_launches, op_counts=dict(ops.op_counts), launch_counts=dict(launches.launch_counts),
+        seconds=seconds)
+
+
+def measure(shape: StepShape = DETR_R50_STEP, device: torch.device | str = "cpu",
+            configurations: Sequence[tuple[str, bool, str]] = CONFIGURATIONS) -> list[StepProxies]:
+    """`step_proxies` of each (provider, fused, matcher) configuration, in order."""
+    return [step_proxies(fused, matcher, shape, device) for _, fused, matcher in configurations]
+
+
+# long-format metrics: (metric, unit, value)
+def _metrics(result: StepProxies) -> list[tuple[str, str, int]]:
+    return [("aten_ops", "count", result.aten_ops), ("allocations", "count", result.allocations),
+            ("triton_launches", "count", result.triton_launches), ("launches", "count", result.launches),
+            ("host_syncs", "count", result.host_syncs),
+            ("saved_activation_bytes", "bytes", result.saved_activation_bytes)]
+
+
+def proxy_rows(env: dict, results: Sequence[StepProxies] | None = None, shape: StepShape = DETR_R50_STEP,
+               device: torch.device | str = "cpu") -> list[dict]:
+    """Rows of the benchmarks' long-format table (benchmarks/common.py COLUMNS), one per configuration and metric.
+
+    env: the environment columns (device, git_sha, torch, triton, timestamp), as
+    `benchmarks.common.environment("cpu")` returns them. results: measured
+    already (`measure`), or None to measure `shape` on `device` now (on a CPU
+    the process must have started with TRITON_INTERPRET=1; DETR_R50_STEP takes
+    minutes there). case "detr_r50_step_proxies", provider
+    "<reference|fastdetr>-<matcher>", mode "train_step", p50 = p20 = p80 = the count.
+    """
+    results = measure(shape, device) if results is None else results
+    rows = []
+    for result in results:
+        for metric, unit, value in _metrics(result):
+            rows.append(dict(case="detr_r50_step_proxies", provider=result.name, mode="train_step", metric=metric,
+                             unit=unit, shape=result.shape.describe(), p50=value, p20=value, p80=value, **env))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def format_table(results: Sequence[StepProxies]) -> str:
+    """A markdown table, one row per configuration; ratios against the first (the reference)."""
+    base = results[0]
+    header = ("| provider | matcher | ATen ops | of which allocations | Triton launches | launches "
+              "(forward / criterion / backward) | vs first | host syncs | saved activations MiB | vs first |\n"
+              "|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for result in results:
+        phases = " / ".join(str(result.phase_launches[phase]) for phase in PHASES)
+        lines.append(f"| {result.provider} | {result.matcher} | {result.aten_ops} | {result.allocations} "
+                     f"| {result.triton_launches} | {result.launches} ({phases}) "
+                     f"| {result.launches / base.launches:.2f} | {result.host_syncs} "
+                     f"| {result.saved_activation_bytes / 2**20:.2f} "
+                     f"| {result.saved_activation_bytes / max(base.saved_activation_bytes, 1):.2f} |")
+    return header + "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import dataclasses
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m fastdetr.proxies", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the tests' shape ({QUICK_STEP.describe()}) instead of {DETR_R50_STEP.describe()}")
+    parser.add_argument("--enc-layers", type=int, help="override the shape's encoder layers")
+    parser.add_argument("--dec-layers", type=int, help="override the shape's decoder layers")
+    parser.add_argument("--queries", type=int, help="override the shape's number of queries")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default; the fused kernels through Triton's interpreter) or cuda")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also list the launches per kernel, the sync ops, and the ATen ops that differ")
+    args = parser.parse_args(argv)
+
+    if args.device == "cpu" and "TRITON_INTERPRET" not in os.environ:
+        # must precede the first import of a kernel module: triton.jit reads it at decoration time
+        os.environ["TRITON_INTERPRET"] = "1"
+    shape = QUICK_STEP if args.quick else DETR_R50_STEP
+    overrides = {name: value for name, value in (("enc_layers", args.enc_layers), ("dec_layers", args.dec_layers),
+                                                 ("num_queries", args.queries)) if value is not None}
+    shape = dataclasses.replace(shape, **overrides)
+
+    print(f"one training step (forward, SetCriterion with aux losses, backward), train mode, dropout 0.1: "
+          f"{shape.describe()}, {args.device}", flush=True)
+    results = []
+    for _, fused, matcher in CONFIGURATIONS:
+        result = step_proxies(fused, matcher, shape, args.device)
+        results.append(result)
+        print(f"  {result.name}: measured in {result.seconds:.1f} s", flush=True)
+    print()
+    print(format_table(results))
+    print("launches = ATen ops (views excluded) - allocations + Triton launches. Host syncs include the scipy "
+          "matcher's one copy of the cost blocks to the host, which a GPU makes and a CPU tensor does not.")
+    if args.verbose:
+        for result in results:
+            print(f"\n{result.name}: Triton launches {dict(sorted(result.launch_counts.items()))}")
+            print(f"{result.name}: host syncs {list(result.sync_ops)}")
+        names = sorted(set(results[0].op_counts) | set(results[1].op_counts))
+        changed = [(name, results[0].op_counts.get(name, 0), results[1].op_counts.get(name, 0)) for name in names]
+        changed = sorted((c for c in changed if c[1] != c[2]), key=lambda c: c[2] - c[1])
+        print(f"\nATen ops that differ, {results[0].name} -> {results[1].name}:")
+        for name, before, after in changed:
+            print(f"  {name:<40} {before:>5} -> {after:>5}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
