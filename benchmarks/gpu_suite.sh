@@ -11,7 +11,7 @@
 #                TRITON_INTERPRET=0; tests/conftest.py keeps that explicit 0
 #   report       python -m fastdetr.kernels.report (ahead-of-time compile, registers, spills)
 #   memory       python -m fastdetr.memory (saved-for-backward bytes at DETR-R50 shapes)
-#   benchmarks   benchmarks/run.py: ceilings, attention, layers, model, matcher
+#   benchmarks   benchmarks/run.py: ceilings, ops, attention, layers, model, matcher
 #                -> RESULTS_DIR/results.{csv,md} and RESULTS_DIR/plots/ (GPU_SUITE_QUICK=1: --quick)
 # The convergence benchmark (benchmarks/convergence.py --out DIR: two ~5-minute bf16 trainings) is not
 # here: it alone would break this suite's 8-minute budget; a GPU session with time to spare runs it after.
@@ -87,7 +87,7 @@ run_step report "$PYTHON" -m fastdetr.kernels.report --json "$results/kernel_rep
 run_step memory "$PYTHON" -m fastdetr.memory --device cuda
 quick=()
 if [[ "${GPU_SUITE_QUICK:-0}" == "1" ]]; then quick=(--quick); fi
-run_step benchmarks "$PYTHON" benchmarks/run.py "${quick[@]}" --suites ceiling attention layers model matcher \
+run_step benchmarks "$PYTHON" benchmarks/run.py "${quick[@]}" --suites ceiling ops attention layers model matcher \
     --out "$results"
 
 if [[ ${#failed[@]} -gt 0 ]]; then

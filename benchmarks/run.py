@@ -14,6 +14,9 @@ Suites (each is also a script of its own in benchmarks/):
 - ceiling (GPU): the ceilings measured in the same run -- a bf16 8192^3 matmul
   (TFLOP/s) and a 1 GiB device copy (GB/s, read + write) -- against which
   the model's achieved TFLOP/s is reported as a fraction;
+- ops (GPU): benchmarks/ops.py, each GEMM-epilogue kernel (in-projection,
+  linear+ReLU, linear+residual+LayerNorm, inference FFN, matcher cost) vs its
+  eager reference and torch.compile of it;
 - attention (GPU): benchmarks/attention.py, the flash-attention kernel vs SDPA
   vs nn.MultiheadAttention;
 - layers (GPU): benchmarks/layers.py, encoder/decoder/transformer, reference
@@ -58,6 +61,7 @@ class Suite:
 
 SUITES = (
     Suite("ceiling", True, "bf16 matmul TFLOP/s and device copy GB/s, measured in the same run"),
+    Suite("ops", True, "each GEMM-epilogue kernel vs its eager and torch.compile reference (benchmarks/ops.py)"),
     Suite("attention", True, "flash-attention kernel vs SDPA vs nn.MultiheadAttention (benchmarks/attention.py)"),
     Suite("layers", True, "encoder/decoder/transformer: reference vs torch.compile vs fastdetr (benchmarks/layers.py)"),
     Suite("model", True, "DETR-R50 inference and training step (benchmarks/model.py)"),
@@ -83,6 +87,13 @@ def run_ceiling(env: dict, quick: bool) -> list[dict]:
     rows.append(dict(case="ceiling", provider="Tensor.copy_", mode="device", metric="bandwidth", unit="GB/s",
                      shape="1 GiB", p50=moved / p50 / 1e6, p20=moved / p80 / 1e6, p80=moved / p20 / 1e6, **env))
     return rows
+
+
+def run_ops(env: dict, quick: bool) -> list[dict]:
+    from benchmarks import ops
+
+    warmup, rep = (10, 30) if quick else (25, 100)
+    return ops.measure(ops.DETR_R50, torch.device("cuda"), env, timer=lambda fn: time_ms(fn, warmup=warmup, rep=rep))
 
 
 def run_attention(env: dict, quick: bool) -> list[dict]:
@@ -142,7 +153,7 @@ def run_proxies(env: dict, quick: bool) -> list[dict]:
 
 
 RUNNERS: dict[str, Callable[[dict, bool], list[dict]]] = {
-    "ceiling": run_ceiling, "attention": run_attention, "layers": run_layers, "model": run_model,
+    "ceiling": run_ceiling, "ops": run_ops, "attention": run_attention, "layers": run_layers, "model": run_model,
     "matcher": run_matcher, "proxies": run_proxies,
 }
 
@@ -161,11 +172,13 @@ def _suite_of(row: dict) -> str:
         return "proxies"
     if case in ("transformer", "encoder", "decoder"):
         return "layers"
+    if case in ("in_projection", "linear_relu", "linear_residual_layernorm", "ffn_inference", "matching_cost"):
+        return "ops"
     return "attention"
 
 
 def summary_markdown(rows: Sequence[dict], skipped: Sequence[str] = ()) -> str:
-    from benchmarks import attention, layers, matcher, model
+    from benchmarks import attention, layers, matcher, model, ops
 
     if not rows:
         return "# fastdetr benchmarks\n\nNo results.\n"
@@ -181,8 +194,9 @@ def summary_markdown(rows: Sequence[dict], skipped: Sequence[str] = ()) -> str:
     if ceiling:
         out.append("\n# Ceilings\n\n" + markdown_table(
             ["measure", "p50", "unit"], [[r["provider"], f"{r['p50']:.1f}", r["unit"]] for r in ceiling.values()]))
-    summaries = {"attention": attention.summary_markdown, "layers": layers.summary_markdown,
-                 "model": model.summary_markdown, "matcher": matcher.summary_markdown}
+    summaries = {"ops": ops.summary_markdown, "attention": attention.summary_markdown,
+                 "layers": layers.summary_markdown, "model": model.summary_markdown,
+                 "matcher": matcher.summary_markdown}
     for suite, summarise in summaries.items():
         if suite in by_suite:
             out.append("\n" + summarise(by_suite[suite]))

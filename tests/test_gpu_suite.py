@@ -30,4 +30,4 @@ exit 0
     assert "report broke" in (results / "logs" / "report.log").read_text()
     logged = calls.read_text()
     assert "-m pytest" in logged and "tests/test_gpu.py" in logged
-    assert "benchmarks/run.py --suites ceiling attention layers model matcher" in logged
+    assert "benchmarks/run.py --suites ceiling ops attention layers model matcher" in logged
