@@ -19,6 +19,7 @@ from .checkpoint import (
 )
 from .config import PRESETS, DETRConfig
 from .criterion import SetCriterion, build_criterion
+from .export import export_onnx
 from .matcher import HungarianMatcher
 from .models import (
     build_model,
@@ -38,5 +39,5 @@ __all__ = [
     "DETR", "DETRConfig", "PRESETS", "MLP", "PostProcess", "ImageBatch", "batch_images", "box_ops",
     "build_model", "detr_resnet50", "detr_resnet101", "detr_resnet50_dc5", "detr_resnet101_dc5", "detr_small",
     "load_checkpoint", "save_checkpoint", "load_backbone_checkpoint", "infer_config", "CheckpointError",
-    "HungarianMatcher", "SetCriterion", "build_criterion", "optimize",
+    "HungarianMatcher", "SetCriterion", "build_criterion", "optimize", "export_onnx",
 ]

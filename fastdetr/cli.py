@@ -6,6 +6,7 @@
     fastdetr train [--flags]           train (every TrainConfig field is a flag; see `fastdetr train -h`)
     fastdetr eval --checkpoint C --images DIR --annotations FILE
     fastdetr predict IMAGE... --checkpoint C [--threshold T] [--out DIR]
+    fastdetr export --checkpoint C --onnx OUT.onnx [--mask] [--postprocess] [--verify]
 
 Multi-process training: `torchrun --nproc_per_node N -m fastdetr train ...`.
 """
@@ -158,6 +159,38 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .export import export_onnx, verify_onnx
+
+    model = load_checkpoint(args.checkpoint).eval()
+    size = tuple(args.size)
+    path = export_onnx(model, args.onnx, opset=args.opset, dynamic=not args.static,
+                       with_postprocess=args.postprocess, with_mask=args.mask, image_size=size,
+                       batch_size=args.batch)
+    inputs, outputs = ["images (batch, 3, height, width) float32"], ["pred_logits", "pred_boxes"]
+    if args.mask:
+        inputs.append("mask (batch, height, width) bool")
+    if args.postprocess:
+        inputs.append("orig_sizes (batch, 2) int64")
+        outputs += ["scores", "labels", "boxes"]
+    shape = f"fixed at batch {args.batch}, {size[0]}x{size[1]}" if args.static else "batch, height and width dynamic"
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {args.opset}, {shape})")
+    print(f"  inputs: {', '.join(inputs)}\n  outputs: {', '.join(outputs)}")
+    if not args.verify:
+        return 0
+    # A dynamic graph is checked at a batch and size it was not traced at.
+    batch, check_size = (args.batch, size) if args.static else (args.batch + 1, (size[0] * 3 // 4 + 5, size[1] + 37))
+    errors = verify_onnx(model, path, image_size=check_size, batch_size=batch)
+    worst = max(errors.values())
+    report = ", ".join(f"{name} {error:.1e}" for name, error in errors.items())
+    print(f"onnxruntime vs PyTorch, padded batch of {batch} up to {check_size[0]}x{check_size[1]}: {report}")
+    if worst > 1e-4:
+        print(f"fastdetr export: onnxruntime differs from PyTorch by {worst:.1e} (limit 1e-4)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _bench(bench_args: list[str]) -> int:
     """benchmarks/run.py of the source checkout this package was installed from (benchmarks/ is not installed)."""
     import runpy
@@ -220,6 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", default="out/predict", help="output folder (default out/predict)")
     predict.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     predict.set_defaults(func=_predict)
+
+    export = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch and image size)")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--onnx", required=True, help="output .onnx file")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    export.add_argument("--mask", action="store_true", help="add a `mask` input (B, H, W) bool for padded batches")
+    export.add_argument("--postprocess", action="store_true",
+                        help="add an `orig_sizes` input and scores/labels/boxes (pixels) outputs")
+    export.add_argument("--static", action="store_true", help="fix batch and size at --batch and --size")
+    export.add_argument("--size", type=int, nargs=2, default=[320, 480], metavar=("H", "W"),
+                        help="example image size traced (default 320 480)")
+    export.add_argument("--batch", type=int, default=2, help="example batch traced (default 2)")
+    export.add_argument("--verify", action="store_true",
+                        help="run the file in onnxruntime and compare with PyTorch (exit 1 above 1e-4)")
+    export.set_defaults(func=_export)
 
     bench = sub.add_parser("bench", help="the benchmark runner (benchmarks/run.py; --help there)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/run.py")
