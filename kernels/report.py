@@ -107,39 +107,51 @@ def aligned_attrs(kernel, signature: dict) -> dict:
     return attrs
 
 
-def compile_all(targets: tuple[int, ...] = (80, 90), modules: tuple[str, ...] = KERNEL_MODULES,
-                alignments: tuple[str, ...] = ("generic", "aligned")) -> list[CompileRow]:
-    """Compile every configuration of `modules` for every target and alignment; never raises on a compile error.
-
-    "generic" assumes nothing of pointers and strides (what an odd d_model or a
-    strided view gets); "aligned" is what DETR's own shapes get (`aligned_attrs`).
-    """
+def _compile_one(module_name: str, index: int, alignment: str, cap: int) -> CompileRow:
+    """Compile configuration `index` of `module_name`'s `aot_configs()` for one alignment and target."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    rows = []
-    for module_name in modules:
-        module = importlib.import_module(module_name)
-        for (kernel, signature, constexprs, options), alignment, cap in (
-                (config, alignment, cap) for config in module.aot_configs()
-                for alignment in alignments for cap in targets):
-            name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-            row = CompileRow(module_name.rsplit(".", 1)[-1], name, _describe(signature, constexprs, options),
-                             f"sm_{cap}", ok=False, alignment=alignment)
-            start = time.perf_counter()
-            try:
-                attrs = aligned_attrs(kernel, signature) if alignment == "aligned" else None
-                source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-                compiled = triton.compile(source, target=GPUTarget("cuda", cap, 32), options=options)
-                row.registers, row.spill_bytes, row.tensor_cores = _resource_usage(compiled.asm["cubin"])
-                row.shared_bytes = compiled.metadata.shared  # Triton's shared memory is dynamic
-                row.ok = True
-            except Exception as error:  # report every failure, keep compiling the rest
-                row.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
-            row.seconds = time.perf_counter() - start
-            rows.append(row)
-    return rows
+    kernel, signature, constexprs, options = importlib.import_module(module_name).aot_configs()[index]
+    name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+    row = CompileRow(module_name.rsplit(".", 1)[-1], name, _describe(signature, constexprs, options),
+                     f"sm_{cap}", ok=False, alignment=alignment)
+    start = time.perf_counter()
+    try:
+        attrs = aligned_attrs(kernel, signature) if alignment == "aligned" else None
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", cap, 32), options=options)
+        row.registers, row.spill_bytes, row.tensor_cores = _resource_usage(compiled.asm["cubin"])
+        row.shared_bytes = compiled.metadata.shared  # Triton's shared memory is dynamic
+        row.ok = True
+    except Exception as error:  # report every failure, keep compiling the rest
+        row.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+def compile_all(targets: tuple[int, ...] = (80, 90), modules: tuple[str, ...] = KERNEL_MODULES,
+                alignments: tuple[str, ...] = ("generic", "aligned"), jobs: int = 1) -> list[CompileRow]:
+    """Compile every configuration of `modules` for every target and alignment; never raises on a compile error.
+
+    "generic" assumes nothing of pointers and strides (what an odd d_model or a
+    strided view gets); "aligned" is what DETR's own shapes get (`aligned_attrs`).
+    jobs > 1 compiles in that many worker processes (ptxas is single-threaded);
+    the rows come back in the same order.
+    """
+    tasks = [(module_name, index, alignment, cap)
+             for module_name in modules
+             for index in range(len(importlib.import_module(module_name).aot_configs()))
+             for alignment in alignments for cap in targets]
+    if jobs <= 1:
+        return [_compile_one(*task) for task in tasks]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: the workers inherit TRITON_INTERPRET=0 and the imported modules (no CUDA here to fork badly)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_compile_one, *zip(*tasks)))
 
 
 def format_table(rows: list[CompileRow]) -> str:
@@ -161,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alignments", nargs="+", default=["generic", "aligned"], choices=["generic", "aligned"],
                         help="generic: nothing assumed of pointers and strides; aligned: all divisible by 16")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
     args = parser.parse_args(argv)
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("kernels.report: Triton was imported with the interpreter on; run this as its own process",
               file=sys.stderr)
         return 2
     os.environ["TRITON_INTERPRET"] = "0"  # compile real kernels, whatever the caller's environment says
-    rows = compile_all(tuple(args.targets), tuple(args.modules), tuple(args.alignments))
+    rows = compile_all(tuple(args.targets), tuple(args.modules), tuple(args.alignments), args.jobs)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as file:
