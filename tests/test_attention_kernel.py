@@ -485,3 +485,28 @@ def test_aot_configs_cover_every_launch_variant():
     assert len(configs) == 18
     assert {c.constexprs["HEAD_DIM"] for c in configs} == {32, 64}
     assert {c.signature["Q_ptr"] for c in configs} == {"*fp32", "*fp16", "*bf16"}
+
+
+def test_the_block_table_is_built_once_per_mask_object(monkeypatch):
+    """Twelve attentions over one mask object build its block table once; a new or modified mask gets its own."""
+    import fastdetr.kernels.attention as module
+
+    builds = []
+    original = module.kv_block_table
+    monkeypatch.setattr(module, "kv_block_table", lambda *a: builds.append(1) or original(*a))
+    monkeypatch.setattr(module, "_last_kv_table", [None])
+    generator = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 2, 9, 32, generator=generator) for _ in range(3))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 5:] = True
+    first = attention(q, k, v, key_padding_mask=mask)
+    for _ in range(11):
+        assert torch.equal(attention(q, k, v, key_padding_mask=mask), first)
+    assert len(builds) == 1
+    mask[0, 7:] = True   # in place: the version counter moves, the table is rebuilt
+    changed = attention(q, k, v, key_padding_mask=mask)
+    assert len(builds) == 2
+    assert relative_error(changed, attention_ref(q.double(), k.double(), v.double(), mask)) <= 1e-5
+    other = mask.clone()   # same values, another object: its own table
+    attention(q, k, v, key_padding_mask=other)
+    assert len(builds) == 3
