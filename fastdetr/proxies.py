@@ -52,8 +52,8 @@ Measured at DETR_R50_STEP (torch 2.13 CPU, Triton 3.6 interpreter):
 | configuration | ATen ops | allocations | Triton launches | launches | host syncs | saved activations |
 |---|---|---|---|---|---|---|
 | reference, scipy matcher | 2946 | 0 | 0 | 2946 | 1 | 63.38 MiB |
-| fastdetr, scipy matcher | 2779 | 390 | 150 | 2539 (0.86x) | 1 | 39.62 MiB (0.63x) |
-| fastdetr, triton matcher | 2737 | 395 | 152 | 2494 (0.85x) | 0 | 39.62 MiB (0.63x) |
+| fastdetr, scipy matcher | 2691 | 390 | 150 | 2451 (0.83x) | 1 | 39.62 MiB (0.63x) |
+| fastdetr, triton matcher | 2649 | 395 | 152 | 2406 (0.82x) | 0 | 39.62 MiB (0.63x) |
 """
 from __future__ import annotations
 
