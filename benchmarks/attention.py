@@ -46,9 +46,8 @@ from benchmarks.common import (  # noqa: E402
     environment,
     markdown_table,
     peak_memory_mib,
-    read_csv,
     time_ms,
-    write_csv,
+    write_results,
 )
 
 HEAD_DIM = 32
@@ -360,9 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if row["metric"] == "time":
                 print(f"  {row['provider']:<42} {row['mode']:<8} {row['p50']:8.3f} ms", flush=True)
         rows += case_rows
-    csv_path = write_csv(rows, args.out / "results.csv", append=args.append)
-    md_path = args.out / "results.md"
-    md_path.write_text(summary_markdown(read_csv(csv_path)))
+    csv_path, md_path = write_results(rows, args.out, summary_markdown, append=args.append)
     print(f"wrote {csv_path} and {md_path}")
     return 0
 

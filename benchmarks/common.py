@@ -92,6 +92,15 @@ def write_csv(rows: Iterable[dict], path: Path, append: bool = False) -> Path:
     return path
 
 
+def write_results(rows: Iterable[dict], out: Path, summary_markdown: Callable[[list[dict]], str],
+                  append: bool = False) -> tuple[Path, Path]:
+    """out/results.csv (`write_csv`) and out/results.md, drawn from the whole CSV by `summary_markdown`; both paths."""
+    csv_path = write_csv(rows, Path(out) / "results.csv", append=append)
+    md_path = Path(out) / "results.md"
+    md_path.write_text(summary_markdown(read_csv(csv_path)))
+    return csv_path, md_path
+
+
 def read_csv(path: Path) -> list[dict]:
     """The rows of a results table, p50/p20/p80 as floats."""
     with Path(path).open(newline="") as handle:

@@ -65,9 +65,8 @@ from benchmarks.common import (  # noqa: E402
     environment,
     markdown_table,
     peak_memory_mib,
-    read_csv,
     time_ms,
-    write_csv,
+    write_results,
 )
 
 
@@ -474,9 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif row["metric"] == "error":
                 print(f"  {row['provider']:<24} {row['mode']:<8} error: {row['unit']}", flush=True)
         rows += case_rows
-    csv_path = write_csv(rows, args.out / "results.csv", append=args.append)
-    md_path = args.out / "results.md"
-    md_path.write_text(summary_markdown(read_csv(csv_path)))
+    csv_path, md_path = write_results(rows, args.out, summary_markdown, append=args.append)
     print(f"wrote {csv_path} and {md_path}")
     return 0
 

@@ -43,7 +43,7 @@ from scipy.optimize import linear_sum_assignment
 if __package__ in (None, ""):   # run as `python benchmarks/matcher.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, markdown_table, read_csv, write_csv  # noqa: E402
+from benchmarks.common import environment, markdown_table, write_results  # noqa: E402
 from fastdetr import box_ops  # noqa: E402
 from fastdetr.matcher import HungarianMatcher  # noqa: E402
 
@@ -245,9 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in case_rows:
             print(f"  {row['provider']:<16} {row['p50']:10.2f} ms", flush=True)
         rows += case_rows
-    csv_path = write_csv(rows, args.out / "results.csv", append=args.append)
-    md_path = args.out / "results.md"
-    md_path.write_text(summary_markdown(read_csv(csv_path)))
+    csv_path, md_path = write_results(rows, args.out, summary_markdown, append=args.append)
     print(f"wrote {csv_path} and {md_path}")
     return 0
 

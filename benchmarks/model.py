@@ -37,7 +37,7 @@ import torch
 if __package__ in (None, ""):   # run as `python benchmarks/model.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, markdown_table, peak_memory_mib, read_csv, time_ms, write_csv  # noqa: E402
+from benchmarks.common import environment, markdown_table, peak_memory_mib, time_ms, write_results  # noqa: E402
 
 PROVIDERS = ("reference-fp32", "reference-bf16", "reference-bf16+compile", "fastdetr-bf16")
 MODES = ("inference", "train_step")
@@ -236,9 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = measure(args.batch, device, environment(device), args.warmup, args.rep)
     for row in rows:
         print(f"  {row['provider']:<24} {row['mode']:<11} {row['metric']:<12} {row['p50']:10.2f} {row['unit']}")
-    csv_path = write_csv(rows, args.out / "results.csv", append=args.append)
-    (args.out / "results.md").write_text(summary_markdown(read_csv(csv_path)))
-    print(f"wrote {csv_path}")
+    csv_path, md_path = write_results(rows, args.out, summary_markdown, append=args.append)
+    print(f"wrote {csv_path} and {md_path}")
     return 0
 
 

@@ -33,7 +33,7 @@ import torch
 if __package__ in (None, ""):   # run as `python benchmarks/ops.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, markdown_table, read_csv, time_ms, write_csv  # noqa: E402
+from benchmarks.common import environment, markdown_table, time_ms, write_results  # noqa: E402
 
 PROVIDERS = ("fastdetr", "eager", "torch.compile")
 MODES = ("fwd", "fwd+bwd")
@@ -205,9 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         rows = measure(DETR_R50, torch.device("cuda"), environment("cuda"), torch.bfloat16, args.ops,
                        timer=lambda fn: time_ms(fn, warmup=args.warmup, rep=args.rep))
-    csv_path = write_csv(rows, args.out / "results.csv", append=args.append)
-    (args.out / "results.md").write_text(summary_markdown(read_csv(csv_path)))
-    print(f"wrote {csv_path}")
+    csv_path, md_path = write_results(rows, args.out, summary_markdown, append=args.append)
+    print(f"wrote {csv_path} and {md_path}")
     return 0
 
 

@@ -163,8 +163,8 @@ def _triton_solver(check_invalid: bool | None = None) -> Solver:
         """Every problem in one launch of the assignment kernel, on the padded cost itself; no host sync.
 
         The kernel reports a NaN block in its status tensor instead of raising
-        (reading it would sync): a failed problem gets the placeholder pairs
-        (k, k), always in range, and its NaN reaches the loss, which the
+        (reading it would sync): a failed problem gets the diagonal pairs
+        (k, k), always valid indices, and its NaN reaches the loss, which the
         trainer checks (NonFiniteLossError). `solve.last_status` keeps the
         [P] status of the last call. `check_invalid` (HungarianMatcher's
         argument): True reads the status at once and raises ValueError naming
@@ -187,9 +187,9 @@ def _triton_solver(check_invalid: bool | None = None) -> Solver:
                 raise ValueError(f"HungarianMatcher: the cost block of problem {failed[0]} is invalid "
                                  "(NaN or -inf: non-finite predictions or targets?)")
         ok = (result.status == STATUS_OK)[:, None]
-        placeholder = torch.arange(result.row_ind.shape[1], device=device)
-        row_ind = torch.where(ok, result.row_ind, placeholder)
-        col_ind = torch.where(ok, result.col_ind, placeholder)
+        diagonal = torch.arange(result.row_ind.shape[1], device=device)
+        row_ind = torch.where(ok, result.row_ind, diagonal)
+        col_ind = torch.where(ok, result.col_ind, diagonal)
         return [(row_ind[p, :min(num_queries, n)], col_ind[p, :min(num_queries, n)])
                 for p, n in enumerate(num_targets)]
 

@@ -290,6 +290,6 @@ def test_triton_backend_nan_is_an_error_on_cpu_and_a_status_when_unchecked():
     matcher = HungarianMatcher(backend="triton", check_invalid=False)   # what a GPU runs: no sync
     indices = matcher(outputs, targets)
     assert matcher.solver.last_status.tolist()[0] == 0 and matcher.solver.last_status.tolist()[1] != 0
-    for (pred_idx, tgt_idx), n in zip(indices, [2, 3, 1]):   # placeholders for the failed image: in range
+    for (pred_idx, tgt_idx), n in zip(indices, [2, 3, 1]):   # the failed image gets diagonal pairs: in range
         assert len(pred_idx) == len(tgt_idx) == n
         assert pred_idx.min() >= 0 and pred_idx.max() < 10 and tgt_idx.min() >= 0 and tgt_idx.max() < n
