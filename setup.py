@@ -29,6 +29,7 @@ setup(
         "dev": [
             "pytest",
             "pytest-benchmark",
+            "pytest-xdist",
             "onnx",
             "onnxruntime",
             "matplotlib",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -21,7 +22,11 @@ QUANTILES = (0.5, 0.2, 0.8)   # the order do_bench returns them in: p50, p20, p8
 
 
 def git_sha(repo: Path | None = None) -> str:
-    """Short commit of the repository holding this file, "+dirty" when tracked files differ; "unknown" outside git."""
+    """Short commit of the repository holding this file, "+dirty" when tracked files differ.
+
+    Outside git (a copy of the tree without .git, as a lent GPU machine gets) it is
+    $FASTDETR_GIT_SHA when set (the commit the copy was made from), else "unknown".
+    """
     repo = repo or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True,
@@ -29,7 +34,7 @@ def git_sha(repo: Path | None = None) -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("FASTDETR_GIT_SHA") or "unknown"
     return sha + ("+dirty" if dirty else "")
 
 

@@ -1,12 +1,14 @@
 """One runner for every fastdetr benchmark: kernels, layers, the whole model, the matcher, CPU proxies.
 
-    python benchmarks/run.py --out DIR [--quick] [--suites NAME ...] [--list]
+    python benchmarks/run.py --out DIR [--quick | --smoke] [--suites NAME ...] [--append] [--list]
+    python benchmarks/run.py --out DIR --headline   (a few lines drawn from DIR/results.csv)
     fastdetr bench --out DIR [--quick] ...          (the same, from a source checkout)
 
 writes DIR/results.csv (benchmarks/common.py's long format: one row per
 measurement, the machine and versions on every row), DIR/results.md (every
-suite's tables, drawn from the CSV) and DIR/plots/*.png (one bar chart per
-case and mode, drawn from the CSV). On a machine without a GPU it runs what
+suite's tables, drawn from the CSV), DIR/headline.txt (`headline`: a few
+lines for a terminal) and DIR/plots/*.png (one bar chart per case and mode
+measured in this run, drawn from the CSV). On a machine without a GPU it runs what
 means something there (the matcher's CPU part; the CPU proxies) and lists the
 GPU suites it skipped.
 
@@ -29,15 +31,23 @@ Suites (each is also a script of its own in benchmarks/):
 Timing: triton.testing.do_bench (CUDA events, warm-up, median with 20/80
 quantiles, L2 flushed between calls) for the GPU suites; the model rotates
 three input batches; the matcher times wall clock (its original loop syncs).
---quick: fewer cases and shorter timing, for a first look.
+--quick: fewer cases and shorter timing, and no torch.compile providers (their
+compiles alone take minutes), for a first look; benchmarks/gpu_suite.sh runs it.
+--smoke: every chosen suite, GPU ones included, at tiny shapes on the CPU
+through Triton's interpreter, one timed call each: the suite's dry run, which
+checks that the code runs; its times mean nothing.
+Each suite's rows are added to results.csv as soon as it ends; a suite that
+raises is reported and the next one runs (exit status 1).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,77 +81,119 @@ SUITES = (
 
 
 # ---- suites: each returns rows of the results table ------------------------------------------
+# `level` is "full", "quick" (--quick: fewer cases, shorter timing, no torch.compile providers, whose
+# compiles alone take minutes) or "smoke" (--smoke: tiny shapes on the CPU through Triton's interpreter,
+# one timed call each; the times mean nothing, the run checks that every suite's code runs).
 
-def run_ceiling(env: dict, quick: bool) -> list[dict]:
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    p50, p20, p80 = time_ms(lambda: a @ b, warmup=25, rep=50 if quick else 200)
+QUICK_WARMUP_REP = (10, 30)   # do_bench milliseconds: warm-up, repetition
+FULL_WARMUP_REP = (25, 100)
+
+
+def _cuda_timer(level: str, rep_ms: tuple[int, int] | None = None) -> Callable:
+    warmup, rep = rep_ms or (QUICK_WARMUP_REP if level == "quick" else FULL_WARMUP_REP)
+    return lambda fn, grad_to_none=None: time_ms(fn, grad_to_none, warmup, rep)
+
+
+def _smoke_timer(fn, grad_to_none=None, warmup=0, rep=1):
+    from benchmarks.layers import wall_time_ms
+
+    return wall_time_ms(fn, grad_to_none, warmup=0, rep=1)
+
+
+def run_ceiling(env: dict, level: str) -> list[dict]:
+    smoke = level == "smoke"
+    n, copy_bytes = (128, 2**20) if smoke else (8192, 2**30)
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    timer = _smoke_timer if smoke else _cuda_timer(level, (25, 50 if level == "quick" else 200))
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    p50, p20, p80 = timer(lambda: a @ b)
     flops = 2.0 * n ** 3
-    rows = [dict(case="ceiling", provider="torch.matmul", mode="bf16", metric="tflops", unit="TFLOP/s",
-                 shape=f"{n}x{n}x{n}", p50=flops / p50 / 1e9, p20=flops / p80 / 1e9, p80=flops / p20 / 1e9, **env)]
-    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    rows = [dict(case="ceiling", provider="torch.matmul", mode="fp32" if smoke else "bf16", metric="tflops",
+                 unit="TFLOP/s", shape=f"{n}x{n}x{n}", p50=flops / p50 / 1e9, p20=flops / p80 / 1e9,
+                 p80=flops / p20 / 1e9, **env)]
+    source = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    p50, p20, p80 = time_ms(lambda: target.copy_(source), warmup=25, rep=50 if quick else 200)
+    p50, p20, p80 = timer(lambda: target.copy_(source))
     moved = 2.0 * source.numel()   # read + write
     rows.append(dict(case="ceiling", provider="Tensor.copy_", mode="device", metric="bandwidth", unit="GB/s",
-                     shape="1 GiB", p50=moved / p50 / 1e6, p20=moved / p80 / 1e6, p80=moved / p20 / 1e6, **env))
+                     shape="1 MiB" if smoke else "1 GiB", p50=moved / p50 / 1e6, p20=moved / p80 / 1e6,
+                     p80=moved / p20 / 1e6, **env))
     return rows
 
 
-def run_ops(env: dict, quick: bool) -> list[dict]:
+def run_ops(env: dict, level: str) -> list[dict]:
     from benchmarks import ops
 
-    warmup, rep = (10, 30) if quick else (25, 100)
-    return ops.measure(ops.DETR_R50, torch.device("cuda"), env, timer=lambda fn: time_ms(fn, warmup=warmup, rep=rep))
+    if level == "smoke":
+        return ops.measure(ops.SMOKE, "cpu", env, torch.float32, timer=_smoke_timer, providers=("fastdetr", "eager"))
+    providers = ("fastdetr", "eager") if level == "quick" else ops.PROVIDERS
+    return ops.measure(ops.DETR_R50, torch.device("cuda"), env, timer=_cuda_timer(level), providers=providers)
 
 
-def run_attention(env: dict, quick: bool) -> list[dict]:
+def run_attention(env: dict, level: str) -> list[dict]:
     from benchmarks import attention
 
-    cases = [c for c in attention.CASES if not quick or c.name in ("encoder_pad25", "decoder_cross_pad25")]
-    warmup, rep = (10, 30) if quick else (25, 100)
+    quick_cases = ("encoder_pad25",) if level == "smoke" else ("encoder_pad25", "decoder_cross_pad25")
+    cases = [c for c in attention.CASES if level == "full" or c.name in quick_cases]
     rows = []
     for case in cases:
-        rows += attention.measure(case, attention.DETR_R50, torch.device("cuda"), env,
-                                  timer=lambda fn, grad_to_none: time_ms(fn, grad_to_none, warmup, rep))
+        if level == "smoke":
+            rows += attention.measure(case, attention.TINY, "cpu", env, torch.float32, timer=_smoke_timer,
+                                      memory=None)
+        else:
+            rows += attention.measure(case, attention.DETR_R50, torch.device("cuda"), env, timer=_cuda_timer(level))
     return rows
 
 
-def run_layers(env: dict, quick: bool) -> list[dict]:
+def run_layers(env: dict, level: str) -> list[dict]:
     from benchmarks import layers
 
-    cases = ("transformer",) if quick else layers.CASES
-    warmup, rep = (10, 30) if quick else (25, 100)
+    if level == "smoke":
+        one_layer = dataclasses.replace(layers.SMOKE, layers=1)   # the interpreter's time grows with the depth
+        return layers.measure("transformer", one_layer, torch.device("cpu"), env, torch.float32,
+                              ("reference", "fastdetr"), timer=_smoke_timer, memory=None)
+    cases = ("transformer",) if level == "quick" else layers.CASES
+    providers = ("reference", "fastdetr") if level == "quick" else layers.PROVIDERS
     rows = []
     for case in cases:
-        rows += layers.measure(case, layers.DETR_R50, torch.device("cuda"), env,
-                               timer=lambda fn, grad_to_none: time_ms(fn, grad_to_none, warmup, rep))
+        rows += layers.measure(case, layers.DETR_R50, torch.device("cuda"), env, providers=providers,
+                               timer=_cuda_timer(level))
     return rows
 
 
-def run_model(env: dict, quick: bool) -> list[dict]:
+def run_model(env: dict, level: str) -> list[dict]:
     from benchmarks import model
 
-    warmup, rep = (10, 30) if quick else (25, 100)
-    return model.measure(2 if quick else 8, torch.device("cuda"), env, warmup, rep)
+    if level == "smoke":
+        one_layer = dataclasses.replace(model.SMOKE, overrides=(*model.SMOKE.overrides, ("dec_layers", 1)))
+        return model.measure(2, "cpu", env, providers=("reference-fp32", "fastdetr-bf16"), timer=_smoke_timer,
+                             memory=None, scale=one_layer)
+    # a training step takes milliseconds, not microseconds: a longer repetition gives do_bench a few samples
+    warmup, rep = (25, 250) if level == "quick" else (25, 1000)
+    providers = ("reference-fp32", "reference-bf16", "fastdetr-bf16") if level == "quick" else model.PROVIDERS
+    return model.measure(2 if level == "quick" else 8, torch.device("cuda"), env, warmup, rep, providers=providers)
 
 
-def run_matcher(env: dict, quick: bool) -> list[dict]:
+def run_matcher(env: dict, level: str) -> list[dict]:
     from benchmarks import matcher
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cases = [c for c in matcher.CASES if not quick or c.name == "detr"]
+    if level == "smoke":
+        cases, device, reps, with_triton = matcher.SMOKE, "cpu", 1, True
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        cases = [c for c in matcher.CASES if level == "full" or c.name == "detr"]
+        reps, with_triton = (20 if level == "full" else 5), device == "cuda"
     rows = []
     for case in cases:
-        rows += matcher.measure(case, device, env, reps=5 if quick else 20, with_triton=device == "cuda")
+        rows += matcher.measure(case, device, env, reps=reps, with_triton=with_triton)
     return rows
 
 
-def run_proxies(env: dict, quick: bool) -> list[dict]:
+def run_proxies(env: dict, level: str) -> list[dict]:
     """fastdetr.proxies through Triton's interpreter, in a process of its own (the interpreter is chosen when
     a kernel module is imported, and this process may have imported them for a GPU)."""
-    shape = "QUICK_STEP" if quick else "DETR_R50_STEP"   # the full 6 + 6 layers take minutes in the interpreter
+    shape = "DETR_R50_STEP" if level == "full" else "QUICK_STEP"   # the full 6 + 6 layers take minutes
     script = (f"import json, sys; from fastdetr.proxies import proxy_rows, {shape}; "
               f"json.dump(proxy_rows(json.loads(sys.argv[1]), shape={shape}), sys.stdout)")
     cpu_env = {**env, "device": "cpu (Triton interpreter)"}
@@ -152,7 +204,7 @@ def run_proxies(env: dict, quick: bool) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-RUNNERS: dict[str, Callable[[dict, bool], list[dict]]] = {
+RUNNERS: dict[str, Callable[[dict, str], list[dict]]] = {
     "ceiling": run_ceiling, "ops": run_ops, "attention": run_attention, "layers": run_layers, "model": run_model,
     "matcher": run_matcher, "proxies": run_proxies,
 }
@@ -245,13 +297,48 @@ def plot(rows: Sequence[dict], folder: Path) -> list[Path]:
     return paths
 
 
+def headline(rows: Sequence[dict]) -> str:
+    """A few lines for a terminal: per (case, mode) every provider's p50 time and the fastest fastdetr
+    provider's speedup over the fastest other one; the ceilings; any error rows. Later rows win."""
+    if not rows:
+        return "no benchmark rows\n"
+    times: dict[tuple[str, str], dict[str, float]] = {}
+    other = {}
+    for row in rows:
+        if row["metric"] == "time":
+            times.setdefault((row["case"], row["mode"]), {})[row["provider"]] = row["p50"]
+        elif row["case"] == "ceiling" or row["metric"] == "error":
+            other[(row["case"], row["provider"], row["mode"], row["metric"])] = row
+    lines = [f"{rows[-1]['device']}, torch {rows[-1]['torch']}, triton {rows[-1]['triton']}, "
+             f"commit {rows[-1]['git_sha']}"]
+    for (case, provider, mode, metric), row in other.items():
+        value = row["unit"] if metric == "error" else f"{row['p50']:.1f} {row['unit']}"
+        lines.append(f"{case:<24} {mode:<10} {provider}: {'error ' if metric == 'error' else ''}{value}")
+    for (case, mode), providers in times.items():
+        cells = ", ".join(f"{name} {p50:.4g}" for name, p50 in providers.items())
+        fused = {name: p50 for name, p50 in providers.items() if name.startswith("fastdetr")}
+        others = {name: p50 for name, p50 in providers.items() if not name.startswith("fastdetr")}
+        speedup = ""
+        if fused and others:
+            best_other = min(others, key=others.get)
+            speedup = f"  => x{others[best_other] / min(fused.values()):.2f} vs {best_other}"
+        lines.append(f"{case:<24} {mode:<10} ms: {cells}{speedup}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="folder for results.csv, results.md and plots/")
-    parser.add_argument("--quick", action="store_true", help="fewer cases, shorter timing")
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("--quick", action="store_true",
+                       help="fewer cases, shorter timing, no torch.compile providers")
+    level.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter, "
+                       "every suite, one timed call each: checks that the code runs; the times mean nothing")
     parser.add_argument("--suites", nargs="+", choices=[s.name for s in SUITES], help="default: all")
     parser.add_argument("--append", action="store_true", help="add to an existing results.csv")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    parser.add_argument("--headline", action="store_true",
+                        help="print a few lines drawn from --out's results.csv (no measuring) and exit")
     args = parser.parse_args(argv)
     if args.list:
         for suite in SUITES:
@@ -259,28 +346,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required")
-    has_gpu = torch.cuda.is_available()
+    if args.headline:
+        csv_path = args.out / "results.csv"
+        print(headline(read_csv(csv_path)) if csv_path.exists() else f"no {csv_path}", end="")
+        return 0
+    level = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.smoke and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        os.environ["TRITON_INTERPRET"] = "1"   # read when a kernel module is first imported, which is later
+    has_gpu = torch.cuda.is_available() and not args.smoke
     chosen = [s for s in SUITES if args.suites is None or s.name in args.suites]
-    skipped = [s.name for s in chosen if s.needs_gpu and not has_gpu]
+    skipped = [s.name for s in chosen if s.needs_gpu and not has_gpu and not args.smoke]
     for name in skipped:
         print(f"skipped {name}: needs a CUDA GPU")
     env = environment("cuda" if has_gpu else "cpu")
-    rows = []
+    if args.smoke:
+        env = {**env, "device": "cpu (Triton interpreter)"}
+    csv_path, append, failed, measured = args.out / "results.csv", args.append, [], set()
     for suite in chosen:
         if suite.name in skipped:
             continue
         print(f"== {suite.name}: {suite.describe}", flush=True)
-        suite_rows = RUNNERS[suite.name](env, args.quick)
+        try:
+            suite_rows = RUNNERS[suite.name](env, level)
+        except Exception:   # the next suite still runs; the exit status says one failed
+            traceback.print_exc()
+            print(f"suite {suite.name} FAILED", flush=True)
+            failed.append(suite.name)
+            continue
         for row in suite_rows:
             print(f"  {row['case']:<22} {row['provider']:<38} {row['mode']:<11} {row['metric']:<12} "
                   f"{row['p50']:12.3f} {row['unit']}", flush=True)
-        rows += suite_rows
-    csv_path = write_csv(rows, args.out / "results.csv", append=args.append)
+        write_csv(suite_rows, csv_path, append=append)   # each suite's rows land as soon as it ends
+        append = True
+        measured |= {(row["case"], row["mode"]) for row in suite_rows}
+    if not append or not csv_path.exists():   # no rows at all: still a table, header only
+        write_csv([], csv_path, append=append)
     table = read_csv(csv_path)
     (args.out / "results.md").write_text(summary_markdown(table, skipped))
-    plots = plot(table, args.out / "plots")
-    print(f"wrote {csv_path}, {args.out / 'results.md'} and {len(plots)} plots")
-    return 0
+    (args.out / "headline.txt").write_text(headline(table))
+    # this run's charts only: an --append run leaves the others' as they were drawn
+    plots = plot([row for row in table if (row["case"], row["mode"]) in measured], args.out / "plots")
+    print(f"wrote {csv_path}, {args.out / 'results.md'}, headline.txt and {len(plots)} plots")
+    if failed:
+        print(f"failed suites: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

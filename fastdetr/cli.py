@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .backend import interpreter_enabled, triton_importable
-from .demo import DEMO_BUDGET_S
+from .demo import DEMO_STEPS
 from .models import build_model
 from .profiling import OpCounter
 from .reference.detr import PostProcess
@@ -85,7 +85,7 @@ def _smoke(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    demo = DemoConfig(out_dir=args.out, data_dir=args.data_dir, budget_s=args.budget, device=args.device,
+    demo = DemoConfig(out_dir=args.out, data_dir=args.data_dir, steps=args.steps, device=args.device,
                       num_train=args.num_train, num_val=args.num_val, progress=not args.no_progress)
     run_demo(demo)
     return 0
@@ -148,13 +148,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import predict_files
+    from .predict import output_names, predict_files
 
     reports = predict_files(args.images, args.checkpoint, threshold=args.threshold, out_dir=args.out,
                             device=args.device)
-    for report in reports:
+    for report, name in zip(reports, output_names(args.images)):
         found = ", ".join(f"{d['category']} {d['score']:.2f}" for d in report["detections"]) or "nothing"
-        print(f"{report['image']}: {found}")
+        print(f"{report['image']} -> {name}.json, {name}.png: {found}")
     print(f"wrote a JSON and a PNG per image to {args.out}")
     return 0
 
@@ -210,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a small DETR on generated shapes, evaluate and draw (make demo)")
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     demo.add_argument("--data-dir", default="out/data/easy", help="where the synthetic set is generated")
-    demo.add_argument("--budget", type=float, default=DEMO_BUDGET_S,
-                      help=f"training time in seconds (default {DEMO_BUDGET_S:.0f})")
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS,
+                      help=f"training steps of batch 8 (default {DEMO_STEPS})")
     demo.add_argument("--num-train", type=int, default=4000, help="training images to generate")
     demo.add_argument("--num-val", type=int, default=200, help="validation images to generate")
     demo.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")

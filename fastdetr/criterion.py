@@ -24,9 +24,21 @@ How it differs from the original:
   K x K matrix.
 - Only "labels", "boxes" and "cardinality" (no masks); an unknown loss name
   raises ValueError when the criterion is built.
+- Target values are checked where they enter (the original fails deep inside
+  the loss on a label >= num_classes, and takes a box of negative size or a NaN
+  box as given): a label outside [0, num_classes), or a box that is not finite
+  or has w < 0 or h < 0, is a `BadTargetError` naming the image (batch index
+  and image_id), the value and the allowed range. For CPU tensors it is raised
+  at once (reading a CPU tensor is no sync). For device tensors reading would
+  sync, so the check is recorded on the device instead: `target_status` (0-d,
+  -1 while all is well) marks the first forward since the last check with a
+  bad target, whose bad labels and boxes were replaced by valid ones (no-object,
+  a centred box) so that nothing asserts and the losses stay finite; the
+  trainer reads it where it reads its losses anyway (`raise_if_bad_targets`).
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Sequence
 
 import torch
@@ -36,8 +48,55 @@ from torch import Tensor, nn
 from .box_ops import box_cxcywh_to_xyxy
 from .config import DETRConfig
 from .matcher import HungarianMatcher, Indices, Solver, generalized_box_iou_broadcast
+from .matcher import check_targets as check_target_shapes
 
 LOSSES = ("labels", "boxes", "cardinality")
+
+# Recorded checks keep the targets of this many recent forwards, to name the bad one when the check is read.
+KEPT_TARGET_BATCHES = 256
+
+
+class BadTargetError(ValueError):
+    """A target label outside [0, num_classes), or a box not finite or of negative width/height.
+
+    The message names the image (batch index, image_id), the values and the allowed range. `call`:
+    for a recorded check, the index of the bad forward among those since the previous check, else None.
+    """
+
+    def __init__(self, message: str, call: int | None = None):
+        super().__init__(message)
+        self.call = call
+
+
+def describe_bad_targets(targets: Sequence[dict[str, Tensor]], num_classes: int) -> str | None:
+    """What is wrong with the target values, image by image, or None when nothing is (reads them on the host).
+
+    Labels must lie in [0, num_classes) (num_classes is the no-object class, never a target);
+    boxes are normalised cxcywh, finite, with w >= 0 and h >= 0. Names at most 3 images and 3
+    values per image, then counts.
+    """
+    problems = []
+    for index, target in enumerate(targets):
+        labels = target["labels"].detach().cpu().long()
+        boxes = target["boxes"].detach().cpu().double()
+        bad_labels = ((labels < 0) | (labels >= num_classes)).nonzero().flatten().tolist()
+        bad_boxes = (~torch.isfinite(boxes).all(1) | (boxes[:, 2:] < 0).any(1)).nonzero().flatten().tolist()
+        if not bad_labels and not bad_boxes:
+            continue
+        named = [f"label {labels[i].item()} (target {i}) is outside [0, {num_classes})" for i in bad_labels]
+        named += [f"box [{', '.join(f'{v:.4g}' for v in boxes[i].tolist())}] (target {i}) is not finite with "
+                  "w, h >= 0" for i in bad_boxes]
+        more = f" and {len(named) - 3} more" if len(named) > 3 else ""
+        image_id = target.get("image_id")
+        which = f"targets[{index}]" + (f" (image_id {image_id.reshape(-1)[0].item()})"
+                                       if isinstance(image_id, Tensor) and image_id.numel() else "")
+        problems.append(f"{which}: {'; '.join(named[:3])}{more}")
+    if not problems:
+        return None
+    more = f"; and {len(problems) - 3} more image(s)" if len(problems) > 3 else ""
+    return (f"bad target values in {len(problems)} of {len(targets)} image(s): {'; '.join(problems[:3])}{more} "
+            f"(labels must lie in [0, {num_classes}), {num_classes} classes; boxes are normalised cxcywh, "
+            "finite, with w >= 0 and h >= 0)")
 
 
 def num_boxes_tensor(num_targets: int, device: torch.device) -> Tensor:
@@ -99,10 +158,14 @@ class SetCriterion(nn.Module):
     weight_dict: loss name -> weight, used by `total_loss` (kept for the training loop).
     eos_coef: weight of the no-object class in the cross entropy.
     losses: a subset of ("labels", "boxes", "cardinality").
+    check_targets: when a bad target value raises `BadTargetError` (module docstring). None: at
+        once for CPU tensors, recorded for any other device (`raise_if_bad_targets` reads it);
+        True: always at once (a host sync per forward on a GPU: a debug option); False: always
+        recorded (the device path, on any device).
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: dict[str, float], eos_coef: float,
-                 losses: Sequence[str]) -> None:
+                 losses: Sequence[str], check_targets: bool | None = None) -> None:
         super().__init__()
         unknown = [loss for loss in losses if loss not in LOSSES]
         if unknown:
@@ -112,19 +175,35 @@ class SetCriterion(nn.Module):
         self.weight_dict = dict(weight_dict)
         self.eos_coef = eos_coef
         self.losses = list(losses)
+        self.check_targets = check_targets
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
+        # The recorded check: 0-d int64 on the device, -1 or the index (since the last check) of the first
+        # forward with a bad target; None until a forward records one. The recent targets name it.
+        self.target_status: Tensor | None = None
+        self._forwards_since_check = 0
+        self._recent_targets: deque[tuple[int, list[dict[str, Tensor]]]] = deque(maxlen=KEPT_TARGET_BATCHES)
 
     def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Losses of the last layer and (with "aux_outputs") of every aux layer.
 
         outputs: "pred_logits" [B, Q, C+1], "pred_boxes" [B, Q, 4] normalised cxcywh,
             optionally "aux_outputs", a list of L-1 such dicts.
-        targets: B dicts, "labels" [n_b] int64 in [0, C), "boxes" [n_b, 4] normalised cxcywh.
+        targets: B dicts, "labels" [n_b] int64 in [0, C), "boxes" [n_b, 4] normalised cxcywh
+            (other values: `BadTargetError`, at once or recorded, see `check_targets`).
         Returns a dict of 0-d tensors (module docstring); "class_error" and
         "cardinality_error*" carry no gradient.
         """
+        logits = outputs["pred_logits"]
+        device = logits.device
+        check_target_shapes(targets, logits.shape[0], self.num_classes, None)  # metadata only: no sync
+        num_targets = [int(t["labels"].shape[0]) for t in targets]
+        target_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        targets, target_labels, target_boxes = self._screen_targets(targets, target_labels, target_boxes,
+                                                                    num_targets)
+
         aux_outputs = list(outputs.get("aux_outputs", []))
         layers = [*aux_outputs, {k: v for k, v in outputs.items() if k != "aux_outputs"}]
         if hasattr(self.matcher, "match_layers"):
@@ -132,12 +211,7 @@ class SetCriterion(nn.Module):
         else:
             per_layer = [self.matcher(layer, targets) for layer in layers]
 
-        logits = outputs["pred_logits"]
-        device = logits.device
-        num_targets = [int(t["labels"].shape[0]) for t in targets]
         num_boxes = num_boxes_tensor(sum(num_targets), device)
-        target_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
         target_counts = torch.tensor(num_targets, dtype=torch.float32).to(device)
 
         # the original's key order: the last layer's losses, then aux layer 0, 1, ...
@@ -158,6 +232,57 @@ class SetCriterion(nn.Module):
             suffix = "" if is_last else f"_{layer_index}"
             losses.update({name + suffix: value for name, value in layer_losses.items()})
         return losses
+
+    def _screen_targets(self, targets: Sequence[dict[str, Tensor]], labels: Tensor, boxes: Tensor,
+                        num_targets: Sequence[int]) -> tuple[Sequence[dict[str, Tensor]], Tensor, Tensor]:
+        """Check the target values: raise at once, or record the check and replace bad values (module docstring).
+
+        labels [N] int64 and boxes [N, 4]: every target of the batch, on the logits' device.
+        Returns (targets, labels, boxes): as given when checked at once, else with a bad label
+        replaced by no-object and a bad box by (0.5, 0.5, 0.5, 0.5), all on the device.
+        """
+        bad_label = (labels < 0) | (labels >= self.num_classes)
+        bad_box = ~torch.isfinite(boxes).all(1) | (boxes[:, 2:] < 0).any(1)
+        bad = (bad_label | bad_box).any()
+        at_once = self.check_targets if self.check_targets is not None else labels.device.type == "cpu"
+        if at_once:
+            # A CPU tensor is read through numpy (its memory, no op and no sync); elsewhere this is the sync.
+            if bool(bad.numpy() if bad.device.type == "cpu" else bad.item()):
+                raise BadTargetError(f"SetCriterion: {describe_bad_targets(targets, self.num_classes)}")
+            return targets, labels, boxes
+        call = self._forwards_since_check
+        self._forwards_since_check += 1
+        self._recent_targets.append((call, [{key: target[key] for key in ("labels", "boxes", "image_id")
+                                             if key in target} for target in targets]))
+        if self.target_status is None or self.target_status.device != labels.device:
+            self.target_status = torch.full((), -1, dtype=torch.int64, device=labels.device)
+        self.target_status = torch.where(bad & (self.target_status < 0), call, self.target_status)
+        labels = torch.where(bad_label, self.num_classes, labels)
+        boxes = torch.where(bad_box[:, None], 0.5, boxes)
+        targets = [{**target, "labels": image_labels, "boxes": image_boxes} for target, image_labels, image_boxes
+                   in zip(targets, labels.split(list(num_targets)), boxes.split(list(num_targets)))]
+        return targets, labels, boxes
+
+    def raise_if_bad_targets(self) -> None:
+        """Read the recorded target check on the host (one sync on a GPU); raise BadTargetError if it failed.
+
+        The error names the first forward since the previous call that had a bad target
+        (`error.call`: its index among them) and, from its kept targets, the images and values.
+        Each call starts a new period. Nothing recorded (checks at once, no forward): no read.
+        """
+        status, forwards, recent = self.target_status, self._forwards_since_check, dict(self._recent_targets)
+        self.target_status, self._forwards_since_check = None, 0
+        self._recent_targets.clear()
+        if status is None:
+            return
+        first_bad = int(status)
+        if first_bad < 0:
+            return
+        kept = recent.get(first_bad)
+        detail = (describe_bad_targets(kept, self.num_classes) if kept is not None else
+                  f"its targets are no longer kept (those of the last {KEPT_TARGET_BATCHES} forwards are)")
+        raise BadTargetError(f"SetCriterion: forward {first_bad + 1} of the {forwards} since the last check: "
+                             f"{detail}", call=first_bad)
 
     def loss_labels(self, logits: Tensor, target_labels: Tensor, matched: _MatchedBatch,
                     log: bool = True) -> dict[str, Tensor]:
@@ -209,16 +334,17 @@ class SetCriterion(nn.Module):
 
 def build_criterion(config: DETRConfig, *, cost_class: float = 1, cost_bbox: float = 5, cost_giou: float = 2,
                     bbox_loss_coef: float = 5, giou_loss_coef: float = 2, eos_coef: float = 0.1,
-                    backend: str | Solver = "auto") -> SetCriterion:
+                    backend: str | Solver = "auto", check_targets: bool | None = None) -> SetCriterion:
     """DETR's criterion for `config` (its num_classes, dec_layers, aux_loss), with DETR's default weights.
 
     weight_dict: {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}, and with
     config.aux_loss the same for "_0" ... "_{dec_layers-2}"; no-object
     weight 0.1; losses labels, boxes, cardinality; matcher costs 1 / 5 / 2.
+    check_targets: SetCriterion's (None: at once for CPU tensors, recorded on a device).
     """
     matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou, backend=backend)
     base = {"loss_ce": 1.0, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
     weight_dict = dict(base)
     if config.aux_loss:
         weight_dict.update({f"{k}_{i}": v for i in range(config.dec_layers - 1) for k, v in base.items()})
-    return SetCriterion(config.num_classes, matcher, weight_dict, eos_coef, list(LOSSES))
+    return SetCriterion(config.num_classes, matcher, weight_dict, eos_coef, list(LOSSES), check_targets)

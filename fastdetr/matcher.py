@@ -52,7 +52,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
@@ -93,13 +92,13 @@ def generalized_box_iou_broadcast(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return iou - (enclosing - union) / enclosing
 
 
-def check_targets(targets: Sequence[dict[str, Tensor]], batch_size: int, num_classes: int, device: torch.device,
-                  validate_values: bool = False) -> None:
+def check_targets(targets: Sequence[dict[str, Tensor]], batch_size: int, num_classes: int,
+                  device: torch.device | None, validate_values: bool = False) -> None:
     """Check a batch of targets against predictions with `num_classes` + 1 logits on `device`.
 
     Always (tensor metadata only, no host sync): one dict per image with
     "labels" (n,) of an integer dtype and "boxes" (n, 4) floating point, on
-    `device`. With `validate_values` (reads the values: a host sync on a GPU):
+    `device` (any device when it is None). With `validate_values` (reads the values: a host sync on a GPU):
     labels in [0, num_classes) and no non-finite or negative-size cxcywh box.
     Raises ValueError naming the image.
     """
@@ -117,7 +116,7 @@ def check_targets(targets: Sequence[dict[str, Tensor]], batch_size: int, num_cla
                              f"{boxes.dtype} of shape {tuple(boxes.shape)}")
         if boxes.shape[0] != labels.shape[0]:
             raise ValueError(f"targets[{b}]: {labels.shape[0]} labels but {boxes.shape[0]} boxes")
-        if labels.device != device or boxes.device != device:
+        if device is not None and (labels.device != device or boxes.device != device):
             raise ValueError(f"targets[{b}]: labels on {labels.device} and boxes on {boxes.device}, "
                              f"but the predictions are on {device}")
         if validate_values and labels.numel():
@@ -137,6 +136,8 @@ def scipy_solver(cost: Tensor, num_targets: Sequence[int]) -> Indices:
     pairs on cost's device, pred_idx ascending. Raises ValueError naming the
     block when one holds NaN or -inf.
     """
+    from scipy.optimize import linear_sum_assignment  # here: importing scipy.optimize takes ~1 s
+
     host = cost.detach().cpu().numpy()
     indices = []
     for p, n in enumerate(num_targets):

@@ -111,20 +111,63 @@ def draw_detections(image: Image.Image, detections: Sequence[dict[str, Any]],
     return canvas
 
 
+def output_names(image_paths: Sequence[str | os.PathLike]) -> list[str]:
+    """A distinct output name (no extension) for each image path, the same for the same list.
+
+    The stem ("a/img.jpg" -> "img") where no other input has it; among inputs that share one,
+    the file name ("img.jpg", "img.png"), then as many parent folders as tell them apart, joined
+    by "__" ("a__img", "b__img"; folders of the absolute path). Names are compared ignoring
+    case (case-insensitive file systems). A path given twice gets "-2", "-3", ... on its repeats.
+    """
+    paths = [Path(os.path.normpath(Path(path).absolute())) for path in image_paths]
+    folders = [[part for part in path.parent.parts if part != path.anchor] for path in paths]
+
+    def candidate(index: int, level: int) -> str:
+        # level 0: stem, 1: file name, 2: parent__stem, 3: parent__file name, 4: grandparent__parent__stem, ...
+        depth, full = divmod(level, 2)
+        path = paths[index]
+        return "__".join([*folders[index][len(folders[index]) - depth:], path.name if full else path.stem])
+
+    levels = [0] * len(paths)
+    while True:
+        names = [candidate(index, level) for index, level in enumerate(levels)]
+        holders: dict[str, list[int]] = {}
+        for index, name in enumerate(names):
+            holders.setdefault(name.casefold(), []).append(index)
+        # a name held by different files: those go one level longer (a repeated path cannot be told apart)
+        clashing = [index for group in holders.values() if len({paths[i] for i in group}) > 1 for index in group
+                    if levels[index] < 2 * len(folders[index]) + 1]
+        if not clashing:
+            break
+        for index in clashing:
+            levels[index] += 1
+    taken: set[str] = set()
+    unique = []
+    for name in names:  # only the same file given more than once is left to number
+        numbered, count = name, 1
+        while numbered.casefold() in taken:
+            count += 1
+            numbered = f"{name}-{count}"
+        taken.add(numbered.casefold())
+        unique.append(numbered)
+    return unique
+
+
 def predict_files(image_paths: Sequence[str | os.PathLike], checkpoint: str | os.PathLike, threshold: float = 0.5,
                   out_dir: str | os.PathLike = "out/predict", device: torch.device | str = "cpu"
                   ) -> list[dict[str, Any]]:
-    """`fastdetr predict`: for each image write out_dir/<stem>.json and out_dir/<stem>.png.
+    """`fastdetr predict`: for each image write out_dir/<name>.json and out_dir/<name>.png.
 
-    The JSON holds {"image": path, "width", "height", "threshold", "detections": [{"category_id",
-    "category", "score", "box": [x0, y0, x1, y1] in pixels, clipped to the image}, ...]}.
-    Returns those dicts, one per image.
+    <name> is the image's stem, or where inputs share a stem a longer name that tells them apart
+    (`output_names`), so no output overwrites another. The JSON holds {"image": path, "width",
+    "height", "threshold", "detections": [{"category_id", "category", "score", "box": [x0, y0, x1,
+    y1] in pixels, clipped to the image}, ...]}. Returns those dicts, one per image.
     """
     model, info = load_model(checkpoint, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
-    for image_path in image_paths:
+    for image_path, name in zip(image_paths, output_names(image_paths)):
         image_path = Path(image_path)
         try:
             with Image.open(image_path) as opened:
@@ -136,7 +179,7 @@ def predict_files(image_paths: Sequence[str | os.PathLike], checkpoint: str | os
             detection["category"] = info["categories"].get(detection["category_id"], str(detection["category_id"]))
         report = {"image": str(image_path), "width": image.width, "height": image.height,
                   "threshold": threshold, "detections": detections}
-        (out / f"{image_path.stem}.json").write_text(json.dumps(report, indent=1))
-        draw_detections(image, detections, info["categories"]).save(out / f"{image_path.stem}.png")
+        (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+        draw_detections(image, detections, info["categories"]).save(out / f"{name}.png")
         reports.append(report)
     return reports

@@ -3,8 +3,8 @@
 What a run does (the original DETR's recipe, main.py/engine.py, rewritten):
 - AdamW, two parameter groups: `model.backbone`'s trainable parameters at
   `lr_backbone`, everything else at `lr`; weight decay on both; gradient
-  norm clipped at `clip_max_norm`; the LR multiplied by `lr_gamma` after
-  `lr_drop` epochs (or, with a time budget, see below).
+  norm clipped at `clip_max_norm` (`fastdetr.optim`: fused AdamW, foreach clipping); the LR
+  multiplied by `lr_gamma` after `lr_drop` epochs (or, with `max_steps` or a time budget, see below).
 - Mixed precision on CUDA (bf16 autocast, or fp16 autocast with a GradScaler);
   fp32 on the CPU. The criterion always runs in fp32.
 - No host sync per step: each step's losses go into a small device buffer
@@ -27,7 +27,16 @@ What a run does (the original DETR's recipe, main.py/engine.py, rewritten):
   `log_every` steps: losses, lr, images/s), "epoch", "eval", "resume", "end".
 - Multi-process: under torchrun (WORLD_SIZE > 1) the run uses DDP (nccl on
   CUDA, gloo on the CPU) and a DistributedSampler; logged losses are averaged
-  over processes; only rank 0 writes files and prints.
+  over processes; only rank 0 writes files and prints. When one process
+  fails, every other one stops too, within seconds rather than at a
+  collective's timeout: with `PeerFailedError`, or where a collective cannot
+  be left, by ending its process; both name the failed rank and its error.
+
+Step count (`max_steps`): training stops after this many optimizer steps
+(`epochs` is then only an upper bound) and the LR drops once, after
+`lr_drop_fraction` of them. The work is fixed, not the time, so the run is the
+same on any machine; the progress bar spans the whole run and shows its ETA.
+The final checkpoint counts the partial epoch as done.
 
 Time budget (`time_budget_s`): training stops at the first log point after
 this much training time (evaluation, data generation and start-up do not
@@ -40,11 +49,13 @@ stopped and counts the partial epoch as done.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import random
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,16 +67,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checkpoint import atomic_save, check_state_dict, extract_state_dict
-from .criterion import build_criterion, total_loss
+from .criterion import BadTargetError, build_criterion, total_loss
 from .data import DETR_AUGMENT, SYNTHETIC_AUGMENT, AugmentConfig, CocoDetection, collate_fn, make_splits
 from .evaluate import autocast_context, evaluate, format_summary
 from .models import build_model
+from .optim import adamw, clip_grad_norm
 
 # For short runs on the 128-px synthetic set: flips and mild scale jitter, no crops; the
 # longer side is capped at 144 px so batches stay small.
 LIGHT_AUGMENT = AugmentConfig(scales=(112, 128, 144), max_size=144, crop_resize_scales=(112, 128),
                               crop_size=(96, 128), val_size=128, crop_prob=0.0)
-AUGMENTS = {"detr": DETR_AUGMENT, "synthetic": SYNTHETIC_AUGMENT, "light": LIGHT_AUGMENT}
+# The CPU demo's: flips only, at three quarters of the size (96 px), so the backbone costs about half
+# as much per image. One size for every image: a batch is padded to its largest image, so per-image
+# scale jitter would cost the largest scale's price on nearly every batch.
+TINY_AUGMENT = AugmentConfig(scales=(96,), max_size=96, crop_resize_scales=(96,), crop_size=(96, 96),
+                             val_size=96, crop_prob=0.0)
+AUGMENTS = {"detr": DETR_AUGMENT, "synthetic": SYNTHETIC_AUGMENT, "light": LIGHT_AUGMENT, "tiny": TINY_AUGMENT}
 
 # Losses logged (and checked for non-finite values) every log_every steps; "loss" is the weighted total.
 LOGGED = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
@@ -98,15 +115,17 @@ class TrainConfig:
     clip_max_norm: float = 0.1             # 0 disables clipping
     lr_drop: int = 200                     # epochs before the LR drop (without a time budget)
     lr_gamma: float = 0.1
+    max_steps: int | None = None           # stop after this many optimizer steps (module docstring)
     time_budget_s: float | None = None     # stop after this much training time (module docstring)
-    lr_drop_fraction: float = 2 / 3        # with a time budget: drop the LR at this fraction of it
+    lr_drop_fraction: float = 2 / 3        # with max_steps or a time budget: drop the LR at this fraction of it
     # runtime
     device: str = "auto"                   # "auto" (CUDA when available), "cpu", "cuda", "cuda:1"
     amp: str = "auto"                      # "auto" (bf16 on CUDA when supported, else fp16), "bf16", "fp16", "off"
     num_workers: int = 2
-    num_threads: int | None = None         # CPU threads per process; None: cores / processes on this node
+    num_threads: int | None = None         # CPU threads per process; None: usable cores / processes on this node
     seed: int = 42
     matcher_backend: str = "auto"
+    channels_last: bool = False            # model and images in channels_last memory format (faster convolutions)
     output_dir: str = "out/train"
     resume: str | None = None              # a checkpoint path, or "auto": output_dir/checkpoint.pth if present
     eval_every: int = 1                    # epochs; 0: only at the end
@@ -129,6 +148,29 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}: expected a positive integer, got {getattr(self, name)!r}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"TrainConfig.time_budget_s: expected a positive number, got {self.time_budget_s!r}")
+        # Each value must pass its comparison, so NaN (which passes none) is rejected too.
+        ranges = {"lr": (lambda v: v > 0, "a positive number"),
+                  "lr_backbone": (lambda v: v >= 0, "a number >= 0 (0 leaves the backbone's weights unchanged)"),
+                  "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+                  "clip_max_norm": (lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
+                  "lr_drop": (lambda v: v >= 0, "an integer >= 0 (0: no epoch-based drop)"),
+                  "lr_gamma": (lambda v: v > 0, "a positive number"),
+                  "lr_drop_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                  "eval_every": (lambda v: v >= 0, "an integer >= 0 (0: evaluate only at the end)"),
+                  "eval_batch_size": (lambda v: v >= 1, "a positive integer"),
+                  "num_workers": (lambda v: v >= 0, "an integer >= 0 (0 loads in the main process)"),
+                  "num_threads": (lambda v: v is None or v >= 1, "None or a positive integer")}
+        if self.synthetic is not None:
+            ranges.update(num_train=(lambda v: v >= 1, "a positive integer (synthetic images to generate)"),
+                          num_val=(lambda v: v >= 1, "a positive integer (synthetic images to generate)"))
+        for name, (valid, expected) in ranges.items():
+            if not valid(getattr(self, name)):
+                raise ValueError(f"TrainConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ValueError(f"TrainConfig.max_steps: expected a positive integer, got {self.max_steps!r}")
+        if self.max_steps is not None and self.time_budget_s is not None:
+            raise ValueError("TrainConfig: give max_steps or time_budget_s, not both (each defines the LR schedule)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -219,6 +261,81 @@ def _setup_runtime(config: TrainConfig) -> _Runtime:
     return _Runtime(rank, world_size, local_world, device, amp, owns)
 
 
+class PeerFailedError(RuntimeError):
+    """Another process of a multi-process run failed, so this one stopped too; names that rank and its error."""
+
+
+# How often each process asks the store whether another one failed: a host-side TCP round trip, no device work.
+FAILURE_POLL_S = 0.5
+# How long a process that learnt of a peer's failure lets its own training stop on its own (a collective
+# erroring out) before it ends the process: a gloo collective waits for a failed peer as long as that
+# peer's process lives, and a rank may be busy for minutes (rank 0 evaluating).
+PEER_FAILURE_GRACE_S = 10.0
+_runs = itertools.count()  # train() calls of this process: the same sequence on every rank of a process group
+
+
+class _FailureWatch:
+    """Makes every process of a multi-process run stop when one of them fails, at no cost per step.
+
+    Without it, the other processes wait in their next collective for the failed one: with NCCL until
+    the collective times out, with gloo until the failed process exits (never, if its caller keeps it
+    alive). The failed process writes its error into the process group's store (`report`); a daemon
+    thread in every process polls the store. Seeing a peer's error there, it aborts an NCCL process
+    group (its pending collectives then fail, and `train` raises PeerFailedError), and if `train` is
+    still running PEER_FAILURE_GRACE_S later, prints the error and ends the process with status 1.
+    """
+
+    def __init__(self, rank: int, backend: str):
+        self.rank, self.backend = rank, backend
+        self.key = f"fastdetr/train{next(_runs)}/failed"
+        self.store = dist.distributed_c10d._get_default_store()
+        self.peer_failure: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fastdetr-failure-watch", daemon=True)
+        self._thread.start()
+
+    def failure(self) -> str | None:
+        """The first failure reported in this run ("rank R: Error: message"), or None (also when the store is gone)."""
+        try:
+            return self._read()
+        except Exception:  # the store lived in a process that has ended (rank 0 without torchrun)
+            return None
+
+    def _read(self) -> str | None:
+        return self.store.get(self.key).decode(errors="replace") if self.store.check([self.key]) else None
+
+    def report(self, error: BaseException) -> None:
+        """Tell the other processes that this one failed with `error`; the first report of a run wins."""
+        try:
+            if self.store.add(f"{self.key}/reports", 1) == 1:
+                self.store.set(self.key, f"rank {self.rank}: {type(error).__name__}: {error}")
+        except Exception:  # no store left: the peers' collectives see this process end
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * FAILURE_POLL_S)  # a daemon: one stuck on a vanished store ends with the process
+
+    def _watch(self) -> None:
+        while not self._stop.wait(FAILURE_POLL_S):
+            try:
+                message = self._read()
+            except Exception:  # the store's process has ended (at the end of a run, or failed: its peers see that)
+                return
+            if message is None:
+                continue
+            if message.startswith(f"rank {self.rank}:"):
+                return
+            self.peer_failure = message
+            if self.backend == "nccl":
+                dist.group.WORLD.abort()
+            if not self._stop.wait(PEER_FAILURE_GRACE_S):
+                print(f"[rank {self.rank}] stopping this process: another process failed: {message}",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+            return
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     """This process's RNG states as tensors and plain containers (weights_only-loadable)."""
     np_state = np.random.get_state()
@@ -243,6 +360,14 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss_next"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: `taskset`, a container's cpuset), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
 
 
 def _seed_everything(seed: int) -> None:
@@ -310,22 +435,43 @@ def train(config: TrainConfig, step_hook: Callable[[StepInfo], None] | None = No
     """Train a DETR as `config` says; returns a summary (rank 0's view, the same keys on every rank).
 
     Returns {"epochs": epochs completed, "steps": optimizer steps, "train_time_s": training time
-    (resumed runs include the earlier time), "stopped": "epochs" | "time_budget", "eval": the last
+    (resumed runs include the earlier time), "stopped": "epochs" | "max_steps" | "time_budget", "eval": the last
     COCO stats dict or None, "checkpoint": path, "log": path}.
-    Raises NonFiniteLossError when a loss becomes NaN or infinite.
+    Raises NonFiniteLossError when a loss becomes NaN or infinite. With several processes, when one
+    fails the others stop too (`_FailureWatch`), raising PeerFailedError naming its rank and error.
     """
     runtime = _setup_runtime(config)
+    watch = _FailureWatch(runtime.rank, dist.get_backend()) if runtime.distributed else None
+    failed = False
     try:
         return _train(config, runtime, step_hook)
+    except BaseException as error:
+        failed = True
+        if watch is None:
+            raise
+        first = watch.peer_failure or watch.failure()
+        if first is not None and not first.startswith(f"rank {runtime.rank}:"):
+            raise PeerFailedError(f"rank {runtime.rank} stopped because another process failed first: "
+                                  f"{first}") from error
+        watch.report(error)
+        raise
     finally:
+        if watch is not None:
+            watch.close()
         if runtime.owns_process_group:
-            dist.destroy_process_group()
+            try:
+                if failed and dist.get_backend() == "nccl":
+                    dist.group.WORLD.abort()  # destroying waits for pending NCCL work, which may never complete
+                dist.destroy_process_group()
+            except Exception:
+                if not failed:  # after a failure, the error that stopped the run is the one to see
+                    raise
 
 
 def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo], None] | None) -> dict[str, Any]:
     device = runtime.device
     if device.type == "cpu":
-        threads = config.num_threads or max(1, (os.cpu_count() or 1) // runtime.local_world_size)
+        threads = config.num_threads or max(1, usable_cpus() // runtime.local_world_size)
         torch.set_num_threads(threads)
     output_dir = Path(config.output_dir)
     checkpoint_path = output_dir / "checkpoint.pth"
@@ -345,13 +491,16 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
     train_set, val_set, augment = _datasets(config, runtime)
     _seed_everything(config.seed)  # the same initial weights on every process (DDP also broadcasts them)
     model = build_model(config.model, num_classes=train_set.num_classes, **config.model_overrides).to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+    model = model.to(memory_format=memory_format)
     criterion = build_criterion(model.config, backend=config.matcher_backend).to(device)
     _seed_everything(config.seed + runtime.rank)  # per-process streams for dropout and workers
 
     backbone = [p for name, p in model.named_parameters() if name.startswith("backbone.") and p.requires_grad]
     rest = [p for name, p in model.named_parameters() if not name.startswith("backbone.") and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": rest, "lr": config.lr}, {"params": backbone, "lr": config.lr_backbone}],
-                                  lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw([{"params": rest, "lr": config.lr}, {"params": backbone, "lr": config.lr_backbone}],
+                      lr=config.lr, weight_decay=config.weight_decay, device=device)
+    trainable = rest + backbone
     scheduler = StepLR(optimizer, config.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp == "fp16")
 
@@ -462,6 +611,14 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         host = values.cpu()
         flags = flags.cpu().tolist()
+        try:  # the criterion's target check, recorded on the device; the device has caught up by now
+            criterion.raise_if_bad_targets()
+        except BadTargetError as error:  # its forwards since the last check are this window's rows
+            bad_step, bad_epoch, batch_index, image_ids = window.where[min(error.call, rows - 1)]
+            raise BadTargetError(
+                f"bad targets at step {bad_step} (epoch {bad_epoch}, batch {batch_index} of {lengths}; image ids on "
+                f"rank {runtime.rank}: {image_ids}): {error}. Training stopped; the last good checkpoint is "
+                f"{last_good()}", call=error.call) from error
         raise_if_non_finite(host, lengths)
         means = host.mean(0).tolist()
         seconds = time.perf_counter() - window.start_time
@@ -475,22 +632,32 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
         window.reset()
         return flags[0] > 0, flags[1] > 0
 
+    max_steps = config.max_steps
+    # With max_steps the LR drops after this many steps: the schedule is the same on any machine.
+    drop_step = None if max_steps is None else max(1, round(config.lr_drop_fraction * max_steps))
+    run_bar = None
+    if max_steps is not None and config.progress and runtime.main:
+        from tqdm import tqdm
+
+        # One bar for the whole run, so its ETA is the run's.
+        run_bar = tqdm(total=max_steps, initial=min(step, max_steps), desc="steps", dynamic_ncols=True,
+                       file=sys.stderr)
     epoch = start_epoch
-    if budget is not None and train_time >= budget:
+    if (budget is not None and train_time >= budget) or (max_steps is not None and step >= max_steps):
         # A finished budgeted run, resumed: nothing to train; its last epoch (counted as done) is start_epoch - 1.
         epoch = start_epoch - 1
-        stopped = "time_budget"
+        stopped = "time_budget" if budget is not None else "max_steps"
     else:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
             train_set.set_epoch(epoch)
-            if budget is None and config.lr_drop > 0:
+            if budget is None and max_steps is None and config.lr_drop > 0:
                 scheduler.set_drops(epoch // config.lr_drop)
             ddp_model.train()
             criterion.train()
-            bar = None
+            bar = run_bar
             batches: Any = loader
-            if config.progress and runtime.main:
+            if run_bar is None and config.progress and runtime.main:
                 from tqdm import tqdm
 
                 bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr)
@@ -499,7 +666,7 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
             stop = False
             for batch_index, (images, targets) in enumerate(batches):
                 image_ids = [int(target["image_id"][0]) for target in targets]  # CPU tensors: no sync
-                images = images.to(device, non_blocking=True)
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
                 targets = _to_device(targets, device)
                 with autocast_context(device, runtime.amp):
                     outputs = ddp_model(images)
@@ -521,7 +688,7 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
                 scaler.scale(loss).backward()
                 if config.clip_max_norm > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
+                    clip_grad_norm(trainable, config.clip_max_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
@@ -529,7 +696,10 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
                 window.add(logged, step, epoch, batch_index, image_ids)
                 if step_hook is not None:
                     step_hook(StepInfo(epoch, batch_index, step, model))
-                if len(window) == config.log_every or batch_index == len(loader) - 1:
+                if run_bar is not None:
+                    run_bar.update(1)
+                steps_done = max_steps is not None and step >= max_steps
+                if len(window) == config.log_every or batch_index == len(loader) - 1 or steps_done:
                     over_budget, past_drop = flush(epoch, len(loader))
                     if past_drop and scheduler.drops == 0:
                         scheduler.set_drops(1)
@@ -537,7 +707,13 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
                     if over_budget:
                         stop = True
                         break
-            if bar is not None:
+                if drop_step is not None and step == drop_step and scheduler.drops == 0:
+                    scheduler.set_drops(1)
+                    log("lr_drop", epoch=epoch, step=step, lr=optimizer.param_groups[0]["lr"])
+                if steps_done:
+                    stop = True
+                    break
+            if bar is not None and bar is not run_bar:
                 bar.close()
             train_time += time.perf_counter() - epoch_start
             skipped = train_set.skipped if config.skip_bad else {}
@@ -550,11 +726,17 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
                 last_eval = run_eval(epoch) or last_eval
             save(epoch + 1)
             if stop:
-                stopped = "time_budget"
-                say(f"time budget of {budget:.0f} s spent after {step} steps (epoch {epoch})")
+                if budget is not None:
+                    stopped = "time_budget"
+                    say(f"time budget of {budget:.0f} s spent after {step} steps (epoch {epoch})")
+                else:
+                    stopped = "max_steps"
+                    say(f"{step} steps done (epoch {epoch}, {train_time:.0f} s of training)")
                 break
         else:
             epoch = config.epochs - 1
+    if run_bar is not None:
+        run_bar.close()
     final = run_eval(epoch)
     if final is not None:
         last_eval = final

@@ -114,9 +114,10 @@ def _configs() -> dict:
     for block_d in _BLOCK_D_CHOICES:
         configs[("16bit", block_d)] = dict(BLOCK_M=64, **tiles_16bit[block_d], num_warps=8, num_stages=2,
                                            DOT_PRECISION="tf32")   # ignored by fp16/bf16 dots
-        # 1 stage: at 2, the aligned (DETR-shaped) variants keep an 8-16 byte stack on sm_90
-        configs[("fp32", block_d)] = dict(BLOCK_M=16, BLOCK_H=32, BLOCK_K=32, num_warps=4 if block_d == 64 else 8,
-                                          num_stages=1, DOT_PRECISION="ieee")
+        # 1 stage: at 2, the aligned (DETR-shaped) variants keep an 8-16 byte stack on sm_90; BLOCK_K = 16 up
+        # to BLOCK_D = 128: at 32 they keep one there under Triton 3.8 / 3.9 (at 256, 16 costs registers)
+        configs[("fp32", block_d)] = dict(BLOCK_M=16, BLOCK_H=32, BLOCK_K=16 if block_d <= 128 else 32,
+                                          num_warps=4 if block_d == 64 else 8, num_stages=1, DOT_PRECISION="ieee")
     return configs
 
 

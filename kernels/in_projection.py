@@ -86,9 +86,11 @@ def _configs() -> dict:
         # 8 warps: with 4, BLOCK_N = 128 with pos spills on sm_80 / sm_90 and BLOCK_N = 64 sits at ~250 registers
         configs[("16bit", block_n)] = dict(BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=3,
                                            DOT_PRECISION="tf32")   # ignored by fp16/bf16 dots
-        # 3 stages: at 2, the aligned (DETR-shaped) variant with pos keeps an 8-byte stack on sm_80
-        configs[("fp32", block_n)] = dict(BLOCK_M=32, BLOCK_K=16, num_warps=4, num_stages=3,
-                                          DOT_PRECISION="ieee")
+        # 3 stages: at 2, the aligned (DETR-shaped) variant with pos keeps an 8-byte stack on sm_80;
+        # BLOCK_N = 64 at 8 warps: at 4, the aligned variant without pos keeps one on sm_90 under Triton 3.9
+        # (and BLOCK_N = 128 at 8 spills on sm_80 under 3.8 / 3.9)
+        configs[("fp32", block_n)] = dict(BLOCK_M=32, BLOCK_K=16, num_warps=8 if block_n == 64 else 4,
+                                          num_stages=3, DOT_PRECISION="ieee")
     return configs
 
 

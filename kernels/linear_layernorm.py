@@ -14,6 +14,8 @@ drawn on the host from torch's CPU generator, no device sync), adds the
 residual, computes each row's mean and rstd in fp32, normalises, applies the
 LayerNorm affine and stores y in the input dtype, plus the per-row mean and rstd
 (fp32) and, only when a gradient is needed, the pre-norm sum z (input dtype).
+Without dropout the 16-bit LayerNorm variant instead starts its accumulator at
+residual + bias, before the GEMM: its epilogue then holds one tile less.
 
 Backward: one Triton kernel for the LayerNorm backward (dz from dy, z, mean,
 rstd, gamma: row reductions that need the whole row, which a program owns) and
@@ -103,9 +105,10 @@ def _configs() -> dict:
     they are smaller. 16-bit: the post-norm forward without dropout (inference,
     eval) takes BLOCK_M = 64 at 8 warps, which sm_90 runs as wgmma; with the
     dropout RNG, or without the LayerNorm (the layout of a bare residual store
-    costs more registers), BLOCK_M = 64 spills, so those take BLOCK_M = 32 and
-    mma.sync (the AOT report lists them; checked with Triton 3.6). The
-    backward kernel is elementwise plus row sums.
+    costs more registers), BLOCK_M = 64 spills, so those take BLOCK_M = 16-32 and
+    mma.sync (the AOT report lists them; checked with Triton 3.6, 3.8 and 3.9,
+    `make report-triton-latest`, where BLOCK_N = 256 at BLOCK_M = 64 still spills
+    without alignment on sm_90). The backward kernel is elementwise plus row sums.
     """
     configs = {}
     for block_n in _BLOCK_N_CHOICES:
@@ -117,8 +120,11 @@ def _configs() -> dict:
                     configs[("fwd", "16bit", *key)] = dict(BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=2,
                                                            DOT_PRECISION="tf32")   # ignored by 16-bit dots
                 else:
-                    configs[("fwd", "16bit", *key)] = dict(BLOCK_M=32, BLOCK_K=32, num_warps=warps, num_stages=2,
-                                                           DOT_PRECISION="tf32")
+                    # 8 warps from BLOCK_N = 128 on, 16 rows for LayerNorm + dropout at 256: at 4 warps / 32 rows
+                    # those spill without alignment on sm_90 under Triton 3.9
+                    configs[("fwd", "16bit", *key)] = dict(BLOCK_M=16 if block_n == 256 and apply_norm else 32,
+                                                           BLOCK_K=32, num_warps=4 if block_n == 64 else 8,
+                                                           num_stages=2, DOT_PRECISION="tf32")
                 configs[("fwd", "fp32", *key)] = dict(BLOCK_M=16, BLOCK_K=16, num_warps=warps, num_stages=2,
                                                       DOT_PRECISION="ieee")
         for family in ("16bit", "fp32"):
@@ -173,8 +179,19 @@ def _linear_layernorm_fwd_kernel(
     rows = offs_m.to(tl.int64)[:, None]
     cols = offs_n.to(tl.int64)
 
-    # main loop: acc = x W^T over K
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # 16-bit LayerNorm without dropout (BLOCK_M = 64, wgmma): the accumulator starts at residual + bias, so
+    # the epilogue holds no residual tile. Otherwise the unaligned variant spilled at BLOCK_N = 256 under
+    # Triton 3.8 and at 128-256 under 3.9 (sm_90 at 256 still spills under 3.9); fp32 tiles take more
+    # registers this way.
+    residual_first = (APPLY_NORM and not DROPOUT) and X_ptr.dtype.element_ty != tl.float32
+    if residual_first:
+        residual = tl.load(Residual_ptr + rows * stride_res_m + cols[None, :],
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        bias = tl.load(Bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+        acc = residual.to(tl.float32) + bias[None, :]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # main loop: acc += x W^T over K
     for k_start in range(0, inner_dim, BLOCK_K):
         ks = k_start + offs_k
         k_ok = ks < inner_dim
@@ -185,15 +202,18 @@ def _linear_layernorm_fwd_kernel(
 
     # epilogue: + bias, dropout, + residual, then (post-norm, or pre-norm's next norm) LayerNorm
     mask = row_ok[:, None] & col_ok[None, :]
-    bias = tl.load(Bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
-    acc = acc + bias[None, :]
-    if DROPOUT:
-        row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-        col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-        keep = _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
-        acc = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
-    residual = tl.load(Residual_ptr + rows * stride_res_m + cols[None, :], mask=mask, other=0.0)
-    z = acc + residual.to(tl.float32)
+    if residual_first:
+        z = acc
+    else:
+        bias = tl.load(Bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+        if DROPOUT:
+            row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            keep = _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
+            acc = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
+        residual = tl.load(Residual_ptr + rows * stride_res_m + cols[None, :], mask=mask, other=0.0)
+        z = acc + residual.to(tl.float32)
     if APPLY_NORM:
         # LayerNorm over the valid columns, statistics in fp32
         z = tl.where(col_ok[None, :], z, 0.0)

@@ -41,6 +41,7 @@ def test_skips_without_a_gpu(tmp_path):
 
 
 @pytest.mark.skipif(not triton_importable(), reason="the smoke run needs Triton's interpreter")
+@pytest.mark.slow  # make test's GPU-suite dry run (tests/test_gpu_suite.py) runs this smoke mode too
 def test_smoke_run_writes_the_table(tmp_path, bench):
     """The whole transformer case, reference and fastdetr, both modes, one timed call each: the
     providers agree (measure() checks it, fallback included) and the CSV and summary come out."""

@@ -22,6 +22,7 @@ def _wall(fn, warmup=0, rep=0):
 
 
 @pytest.mark.skipif(not interpreter_enabled(), reason="the fused provider needs TRITON_INTERPRET=1 on the CPU")
+@pytest.mark.slow  # make test's GPU-suite dry run (tests/test_gpu_suite.py) runs this smoke mode too
 def test_smoke_rows_and_summary():
     rows = bench.measure(2, "cpu", environment("cpu"), providers=("reference-fp32", "fastdetr-bf16"),
                          timer=_wall, memory=None, scale=bench.SMOKE)

@@ -14,6 +14,7 @@ from fastdetr.backend import interpreter_enabled  # noqa: E402
 
 
 @pytest.mark.skipif(not interpreter_enabled(), reason="the fused provider needs TRITON_INTERPRET=1 on the CPU")
+@pytest.mark.slow  # make test's GPU-suite dry run (tests/test_gpu_suite.py) runs this smoke mode too
 def test_smoke_run(tmp_path):
     assert ops.main(["--smoke", "--out", str(tmp_path)]) == 0
     rows = read_csv(tmp_path / "results.csv")

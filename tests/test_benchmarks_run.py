@@ -55,3 +55,33 @@ def test_summary_routes_proxy_rows_to_their_table():
             for provider, value in (("reference-scipy", 1502.0), ("fastdetr-triton", 1318.0))]
     summary = run.summary_markdown(rows)
     assert "CPU proxies" in summary and "| 1318 | count |" in summary
+
+
+def test_headline_gives_each_case_its_speedup():
+    env = dict(device="NVIDIA H200", git_sha="abc", torch="2.11", triton="3.6", timestamp="t")
+    rows = [dict(case="transformer", provider=provider, mode="fwd+bwd", metric="time", unit="ms", shape="s",
+                 p50=value, p20=value, p80=value, **env)
+            for provider, value in (("reference", 9.0), ("fastdetr", 3.0))]
+    rows.append(dict(case="ceiling", provider="torch.matmul", mode="bf16", metric="tflops", unit="TFLOP/s",
+                     shape="8192", p50=700.0, p20=690.0, p80=710.0, **env))
+    lines = run.headline(rows).splitlines()
+    assert lines[0].startswith("NVIDIA H200, torch 2.11")
+    assert any("torch.matmul: 700.0 TFLOP/s" in line for line in lines)
+    assert any(line.startswith("transformer") and "x3.00 vs reference" in line for line in lines)
+
+
+def test_a_failing_suite_is_reported_and_the_next_one_still_writes(tmp_path, monkeypatch, capsys):
+    def broken(env, level):
+        raise RuntimeError("no such kernel")
+
+    def one_row(env, level):
+        return [dict(case="detr", provider="original", mode="step", metric="time", unit="ms", shape="s",
+                     p50=1.0, p20=1.0, p80=1.0, **env)]
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")   # --smoke would set it for the rest of the session
+    monkeypatch.setitem(run.RUNNERS, "ops", broken)
+    monkeypatch.setitem(run.RUNNERS, "matcher", one_row)
+    assert run.main(["--smoke", "--suites", "ops", "matcher", "--out", str(tmp_path)]) == 1
+    assert "suite ops FAILED" in capsys.readouterr().out
+    assert [r["provider"] for r in read_csv(tmp_path / "results.csv")] == ["original"]
+    assert (tmp_path / "headline.txt").read_text().splitlines()[1].startswith("detr")

@@ -95,16 +95,17 @@ def test_predict_names_a_missing_checkpoint_and_a_bad_image(trained, capsys, tmp
 
 
 def test_demo_trains_evaluates_and_draws(tmp_path, capsys):
-    """The demo's whole pipeline on a budget of seconds (the figures come from the real run, see README)."""
+    """The demo's whole pipeline on a few steps (the figures come from the real run, see README)."""
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--budget", "4",
+    code = main(["demo", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--steps", "6",
                  "--num-train", "32", "--num-val", "4", "--device", "cpu", "--no-progress"])
     assert code == 0
     for name in ("loss_curve.png", "predictions.png", "checkpoint.pth", "log.jsonl"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     with Image.open(out / "loss_curve.png") as curve:
         assert curve.width > 400
-    assert "AP50 =" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "AP50 =" in printed and "trained 6 steps (2 epochs)" in printed  # fixed work: 6 steps, 4 per epoch
 
 
 def test_smoke_runs_inference_and_counts_syncs(capsys):
@@ -116,3 +117,29 @@ def test_smoke_runs_inference_and_counts_syncs(capsys):
 def test_info_names_the_backend(capsys):
     assert main(["info"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+def test_predict_gives_inputs_that_share_a_stem_their_own_outputs(tmp_path, capsys):
+    import torch
+
+    import fastdetr
+
+    torch.manual_seed(5)
+    model = fastdetr.detr_small(num_classes=2, **json.loads(TINY_MODEL))
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict(),
+                "val_transform": {"val_size": 64, "max_size": 64}}, checkpoint)
+    generator = torch.Generator().manual_seed(6)
+    images = [tmp_path / "left" / "img.jpg", tmp_path / "right" / "img.jpg", tmp_path / "left" / "img.png"]
+    for index, path in enumerate(images):
+        path.parent.mkdir(exist_ok=True)
+        pixels = torch.randint(0, 256, (32 + 4 * index, 40, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(path)
+    out = tmp_path / "out"
+    assert main(["predict", *map(str, images), "--checkpoint", str(checkpoint), "--threshold", "0",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    for image, name in zip(images, ["left__img", "right__img", "img.png"]):
+        assert json.loads((out / f"{name}.json").read_text())["image"] == str(image)
+        assert f"{image} -> {name}.json, {name}.png: " in printed
+    assert len(list(out.iterdir())) == 6

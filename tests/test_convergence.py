@@ -55,6 +55,7 @@ def check(tmp_path_factory):
 
 
 @needs_interpreter
+@pytest.mark.slow  # the 20-step CPU check, twice through the interpreter; make test's GPU-suite dry run runs one step
 def test_fused_losses_equal_the_reference_step_by_step(check):
     comparison, *_ = check
     reference, fused = comparison.runs["reference"].losses, comparison.runs["fastdetr"].losses
@@ -69,6 +70,7 @@ def test_fused_losses_equal_the_reference_step_by_step(check):
 
 
 @needs_interpreter
+@pytest.mark.slow  # the 20-step CPU check, twice through the interpreter; make test's GPU-suite dry run runs one step
 def test_the_loss_decreases(check):
     comparison, *_ = check
     for provider, run in comparison.runs.items():
@@ -82,6 +84,7 @@ def test_the_loss_decreases(check):
 
 
 @needs_interpreter
+@pytest.mark.slow  # the 20-step CPU check, twice through the interpreter; make test's GPU-suite dry run runs one step
 def test_the_fused_model_took_the_fused_path(check):
     from fastdetr.nn import TransformerDecoderLayer, TransformerEncoderLayer
 
@@ -100,6 +103,7 @@ def test_the_fused_model_took_the_fused_path(check):
 
 
 @needs_interpreter
+@pytest.mark.slow  # the 20-step CPU check, twice through the interpreter; make test's GPU-suite dry run runs one step
 def test_results_table_summary_and_plot_are_written(check):
     comparison, out, *_ = check
     header = (out / "results.csv").read_text().splitlines()[0]
@@ -121,6 +125,7 @@ def test_results_table_summary_and_plot_are_written(check):
 
 
 @needs_interpreter
+@pytest.mark.slow  # the 20-step CPU check, twice through the interpreter; make test's GPU-suite dry run runs one step
 def test_the_summary_reports_a_missed_target(check):
     _, out, *_ = check
     rows = read_csv(out / "results.csv")
@@ -174,3 +179,34 @@ def test_a_model_override_reaches_the_gpu_case(tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path), "--override", "dec_layers=3", "--override", "dropout=0.0"]) == 0
     printed = capsys.readouterr().out
     assert "6+3 layers" in printed and "p=0.0;" in printed
+
+
+def test_without_pycocotools_the_summary_says_why_there_is_no_ap():
+    rows = [r for r in _gpu_rows(0.3, 0.3) if r["metric"] not in ("ap", "ap50")]
+    for provider in bench.PROVIDERS:
+        rows.append({**rows[0], "provider": provider, "mode": "eval", "metric": "error",
+                     "unit": "AP not measured: pycocotools is not installed", "p50": math.nan, "p20": math.nan,
+                     "p80": math.nan})
+    summary = bench.summary_markdown(rows)
+    assert "AP not measured: pycocotools is not installed." in summary
+    assert "| n/a | n/a |" in summary and "| not measured |" in summary
+
+
+def test_the_short_case_reports_its_first_steps_apart():
+    env = dict(device="test", git_sha="x", torch="x", triton="x", timestamp="x")
+    rows = [dict(case=bench.SHORT_CASE, provider=provider, mode=f"step={step}", metric="loss", unit="loss",
+                 shape="s", p50=loss, p20=loss, p80=loss, **env)
+            for provider, scale in (("reference", 1.0), ("fastdetr", 1.001))
+            for step, loss in ((step, scale * (20 - step / 10)) for step in range(1, 31))]
+    summary = bench.summary_markdown(rows)
+    assert "Over the first 10 steps" in summary and "1.00e-03" in summary and "No target for this case" in summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
+def test_without_cuda_the_short_case_writes_nothing(tmp_path, capsys):
+    assert bench.main(["--short", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped gpu-bf16-short" in printed and "p=0.0;" in printed and "1000 train" in printed   # no dropout
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        bench.main(["--short", "--cpu-check", "--out", str(tmp_path / "out")])

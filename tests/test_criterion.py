@@ -10,7 +10,7 @@ from test_matcher import random_batch, reference_cost
 
 from fastdetr import box_ops
 from fastdetr.config import DETRConfig, preset
-from fastdetr.criterion import LOSSES, SetCriterion, build_criterion, num_boxes_tensor, total_loss
+from fastdetr.criterion import LOSSES, BadTargetError, SetCriterion, build_criterion, num_boxes_tensor, total_loss
 from fastdetr.matcher import HungarianMatcher, resolve_solver
 from fastdetr.profiling import OpCounter
 
@@ -224,3 +224,103 @@ def test_forward_with_the_triton_backend_is_sync_free_and_equals_scipy():
     assert losses.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.allclose(losses[name], value, rtol=1e-6, atol=1e-7), name
+
+
+# ---- bad target values ---------------------------------------------------------------------------------
+
+def batch_with_image_ids(seed: int, num_classes: int = 5):
+    """Three images (4, 0 and 6 targets) with image ids 11, 12, 13 and their predictions."""
+    outputs, targets = random_batch(seed, batch_size=3, num_queries=9, num_classes=num_classes, sizes=[4, 0, 6])
+    for image_id, target in zip((11, 12, 13), targets):
+        target["image_id"] = torch.tensor([image_id])
+    return outputs, targets
+
+
+@pytest.mark.parametrize("bad_label", [5, 8, -1])
+def test_a_label_out_of_range_raises_naming_the_image_value_and_range(bad_label):
+    outputs, targets = batch_with_image_ids(800)
+    targets[2]["labels"][3] = bad_label
+    with pytest.raises(BadTargetError) as raised:
+        criterion(5)(outputs, targets)
+    message = str(raised.value)
+    assert isinstance(raised.value, ValueError) and raised.value.call is None
+    assert f"targets[2] (image_id 13): label {bad_label} (target 3) is outside [0, 5)" in message
+    assert "bad target values in 1 of 3 image(s)" in message and "targets[0]" not in message
+
+
+@pytest.mark.parametrize("bad_box", [[0.5, 0.5, -0.1, 0.2], [0.5, 0.5, 0.2, -1e-3], [0.5, math.nan, 0.2, 0.2],
+                                     [math.inf, 0.5, 0.2, 0.2]])
+def test_a_box_of_negative_size_or_not_finite_raises_naming_it(bad_box):
+    outputs, targets = batch_with_image_ids(801)
+    targets[0]["boxes"][1] = torch.tensor(bad_box)
+    targets[2]["labels"][0] = 7  # a second image with a problem, named too
+    with pytest.raises(BadTargetError) as raised:
+        criterion(5)(outputs, targets)
+    message = str(raised.value)
+    shown = ", ".join(f"{v:.4g}" for v in bad_box)
+    assert f"targets[0] (image_id 11): box [{shown}] (target 1) is not finite with w, h >= 0" in message
+    assert "targets[2] (image_id 13): label 7 (target 0)" in message and "2 of 3 image(s)" in message
+
+
+def test_many_bad_values_are_named_up_to_three_per_image_then_counted():
+    outputs, targets = batch_with_image_ids(802)
+    targets[2]["labels"][:] = torch.tensor([9, 10, 11, 12, 13, 14])
+    with pytest.raises(BadTargetError, match=r"label 11 \(target 2\) is outside \[0, 5\) and 3 more \("):
+        criterion(5)(outputs, targets)
+    without_ids = [{"labels": t["labels"], "boxes": t["boxes"]} for t in targets]  # no image_id: the index only
+    with pytest.raises(BadTargetError, match=r"image\(s\): targets\[2\]: label 9 \(target 0\)"):
+        criterion(5)(outputs, without_ids)
+
+
+def test_recorded_check_makes_no_host_sync_keeps_losses_finite_and_raises_when_read():
+    """The GPU path (check_targets=False) on CPU tensors: nothing read in the forward; the first bad
+    forward since the last check is named when `raise_if_bad_targets` reads the status."""
+    crit = SetCriterion(5, HungarianMatcher(1, 5, 2, backend="scipy"), {}, 0.1, list(LOSSES), check_targets=False)
+    good_outputs, good = batch_with_image_ids(803)
+    expected = criterion(5)(good_outputs, good)
+    bad_outputs, bad = batch_with_image_ids(804)
+    bad[0]["labels"][2] = 5
+    bad[2]["boxes"][4] = torch.tensor([0.3, math.nan, 0.1, 0.1])
+    later_outputs, later = batch_with_image_ids(805)
+    later[0]["labels"][0] = -3
+    with OpCounter() as counter:
+        losses = [crit(good_outputs, good), crit(bad_outputs, bad), crit(later_outputs, later)]
+    assert counter.sync_ops == []
+    for name, value in expected.items():  # good targets: the same losses as the check at once
+        torch.testing.assert_close(losses[0][name], value, rtol=0, atol=0)
+    assert all(torch.isfinite(value).all() for step in losses for value in step.values())
+    assert crit.target_status.item() == 1  # the second forward (index 1) was the first bad one
+    assert bad[0]["labels"][2].item() == 5  # the caller's targets are left as they were
+    with pytest.raises(BadTargetError) as raised:
+        crit.raise_if_bad_targets()
+    message = str(raised.value)
+    assert raised.value.call == 1 and "forward 2 of the 3 since the last check" in message
+    assert "targets[0] (image_id 11): label 5 (target 2) is outside [0, 5)" in message
+    assert "targets[2] (image_id 13): box [0.3, nan, 0.1, 0.1] (target 4)" in message and "label -3" not in message
+    crit.raise_if_bad_targets()  # a new period: nothing recorded
+    crit(good_outputs, good)
+    crit.raise_if_bad_targets()
+    assert crit.target_status is None
+
+
+def test_checks_at_once_or_recorded_by_device_and_flag(monkeypatch):
+    outputs, targets = batch_with_image_ids(806)
+    targets[1]["labels"] = torch.tensor([5])
+    targets[1]["boxes"] = torch.tensor([[0.5, 0.5, 0.1, 0.1]])
+    with pytest.raises(BadTargetError):  # None: CPU tensors are checked at once
+        build_criterion(DETRConfig(num_classes=5, aux_loss=False))(outputs, targets)
+    with pytest.raises(BadTargetError):  # True: at once on any device
+        build_criterion(DETRConfig(num_classes=5, aux_loss=False), check_targets=True)(outputs, targets)
+    recorded = build_criterion(DETRConfig(num_classes=5, aux_loss=False), check_targets=False)
+    recorded(outputs, targets)
+    with pytest.raises(BadTargetError, match=r"targets\[1\] \(image_id 12\): label 5"):
+        recorded.raise_if_bad_targets()
+    # more bad forwards than are kept: still raised, without the values
+    monkeypatch.setattr("fastdetr.criterion.KEPT_TARGET_BATCHES", 2)
+    few = SetCriterion(5, HungarianMatcher(backend="scipy"), {}, 0.1, list(LOSSES), check_targets=False)
+    few(outputs, targets)
+    _, good = batch_with_image_ids(807)
+    for _ in range(2):
+        few(outputs, good)
+    with pytest.raises(BadTargetError, match="forward 1 of the 3 since the last check: its targets are no longer kept"):
+        few.raise_if_bad_targets()

@@ -49,7 +49,7 @@ def _files(split_dir: Path) -> dict[str, bytes]:
 
 def test_generate_is_deterministic(tmp_path):
     first = generate(tmp_path / "a", 5, seed=7, **TINY)
-    again = generate(tmp_path / "b", 5, seed=7, **TINY)
+    again = generate(tmp_path / "b", 5, seed=7, workers=2, **TINY)   # two processes write the same files
     other_seed = generate(tmp_path / "c", 5, seed=8, **TINY)
     assert _files(first.parent) == _files(again.parent)
     assert first.read_bytes() == again.read_bytes()
@@ -340,3 +340,91 @@ def test_unreadable_annotation_file(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(BadAnnotationError, match="broken.json"):
         CocoDetection(tmp_path, tmp_path / "broken.json")
+
+
+def _edit_json(annotation_file: Path, change) -> dict:
+    data = json.loads(annotation_file.read_text())
+    change(data)
+    annotation_file.write_text(json.dumps(data))
+    return data
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_repeated_image_ids_always_raise(tiny_set, tmp_path, skip_bad):
+    annotation_file = _copy_set(tiny_set, tmp_path / "set")
+    _edit_json(annotation_file, lambda data: data["images"][3].update(id=2))  # 000004.jpg gets image 2's id
+    with pytest.raises(BadAnnotationError) as raised:
+        CocoDetection(annotation_file.parent / "images", annotation_file, skip_bad=skip_bad)
+    message = str(raised.value)
+    assert str(annotation_file) in message and "1 image id(s) occur more than once: 2 x2 (000002.jpg, 000004.jpg)" \
+        in message and "skip_bad does not apply" in message
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_repeated_annotation_ids_always_raise_naming_the_first_five_and_a_count(tiny_set, tmp_path, skip_bad):
+    annotation_file = _copy_set(tiny_set, tmp_path / "set")
+
+    def repeat(data):  # every odd annotation takes the id of the one before it; one of them is a crowd box
+        for previous, annotation in zip(data["annotations"][0::2], data["annotations"][1::2]):
+            annotation["id"] = previous["id"]
+        data["annotations"][1]["iscrowd"] = 1
+
+    data = _edit_json(annotation_file, repeat)
+    repeated = [a["id"] for a in data["annotations"][0::2]][:len(data["annotations"]) // 2]
+    assert len(repeated) > 5
+    with pytest.raises(BadAnnotationError) as raised:
+        CocoDetection(annotation_file.parent / "images", annotation_file, skip_bad=skip_bad)
+    message = str(raised.value)
+    first = data["annotations"][0]
+    assert str(annotation_file) in message
+    assert f"{len(repeated)} annotation id(s) occur more than once: {first['id']} x2 (image id {first['image_id']}, " \
+        in message
+    assert all(f"; {key} x2 (" in message for key in repeated[1:5]) and f"; {repeated[5]} x2" not in message
+    assert message.count(" x2 (") == 5 and f"and {len(repeated) - 5} more" in message
+
+
+ESCAPES = ["../outside.jpg", "../../etc/passwd", "sub/../../outside.jpg", "/etc/passwd", "..", "", "."]
+
+
+@pytest.mark.parametrize("file_name", ESCAPES)
+def test_file_name_leaving_the_image_folder_is_refused_unopened(tiny_set, tmp_path, monkeypatch, file_name):
+    annotation_file = _copy_set(tiny_set, tmp_path / "set")
+    images = annotation_file.parent / "images"
+    shutil.copy(images / "000002.jpg", annotation_file.parent / "outside.jpg")  # a real image, one level up
+    _edit_json(annotation_file, lambda data: data["images"][1].update(file_name=file_name))
+    opened = []
+    original_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(Path(path)) or original_open(path, *a, **k))
+    with pytest.raises(BadAnnotationError) as raised:
+        CocoDetection(images, annotation_file)
+    message = str(raised.value)
+    assert str(annotation_file) in message and f"image entry 2 has file_name {file_name!r}" in message
+    assert "not a relative path inside the image folder" in message
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = CocoDetection(images, annotation_file, train=False, skip_bad=True, augment=SYNTHETIC_AUGMENT)
+    assert all(issubclass(warning.category, BadDataWarning) for warning in caught)
+    assert f"image entry 2 has file_name {file_name!r}" in str(caught[0].message)
+    assert len(dataset) == 5 and dataset.skipped["images"] == 1
+    assert dataset.skipped["annotations"] > 0  # image 2's annotations lost their image
+    assert [int(dataset[i][1]["image_id"]) for i in range(len(dataset))] == [1, 3, 4, 5, 6]
+    assert all(path.parent == images for path in opened) and len(opened) == 5
+
+
+def test_file_names_in_subfolders_stay_allowed(tiny_set, tmp_path):
+    annotation_file = _copy_set(tiny_set, tmp_path / "set")
+    images = annotation_file.parent / "images"
+    (images / "sub" / "deeper").mkdir(parents=True)
+    (images / "000002.jpg").rename(images / "sub" / "deeper" / "000002.jpg")
+
+    def move(data):
+        data["images"][1]["file_name"] = "sub/deeper/000002.jpg"
+        data["images"][2]["file_name"] = "sub/../000003.jpg"  # leaves sub, not the image folder
+        data["images"][3]["file_name"] = "./000004.jpg"
+
+    _edit_json(annotation_file, move)
+    dataset = CocoDetection(images, annotation_file, train=False, augment=SYNTHETIC_AUGMENT)
+    expected = CocoDetection(tiny_set.parent / "images", tiny_set, train=False, augment=SYNTHETIC_AUGMENT)
+    for index in (1, 2, 3):
+        torch.testing.assert_close(dataset[index][0], expected[index][0], rtol=0, atol=0)

@@ -204,6 +204,7 @@ def test_static_export_has_fixed_shapes(tiny, tmp_path):
     _assert_close(compare_onnx(tiny, path, torch.randn(3, 3, 64, 96)))
 
 
+@pytest.mark.slow  # a ResNet-50 traced and run at three sizes; the tiny model's tests cover the same sizes and masks
 def test_detr_resnet50_runs_at_sizes_and_batches_it_was_not_exported_at(tmp_path):
     # Full DETR-R50 (41.5 M parameters, 6 + 6 layers, 100 queries), traced at a small size to keep this cheap.
     torch.manual_seed(0)

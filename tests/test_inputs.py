@@ -62,3 +62,29 @@ def test_presets():
     assert 3.5e6 < params < 4.5e6  # the 4.1 M-parameter model of shared/DESIGN.md
     assert all(p.requires_grad for p in small.parameters())
     assert fastdetr.DETRConfig.from_dict(small.config.to_dict()) == small.config
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_images_in_another_dtype_than_the_weights_name_both(model, dtype):
+    images = torch.randn(2, 3, 32, 32).to(dtype)
+    for samples in (images, list(images), (images, torch.zeros(2, 32, 32, dtype=torch.bool))):
+        with pytest.raises(TypeError, match=rf"images are {dtype} but the model's weights are torch.float32: "
+                                            rf"convert the images \(images.to\(torch.float32\)\)"):
+            model(samples)
+
+
+def test_mixed_dtypes_are_fine_under_autocast_and_add_no_host_sync(model):
+    from fastdetr.profiling import OpCounter
+
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        from_float = model(images)
+        from_bfloat = model(images.bfloat16())
+    assert from_float["pred_logits"].dtype == torch.bfloat16
+    torch.testing.assert_close(from_bfloat["pred_boxes"].float(), from_float["pred_boxes"].float(),
+                               rtol=2e-2, atol=2e-2)
+    # a model converted to the images' dtype takes them
+    double = fastdetr.detr_small(num_classes=3).eval().to(torch.float64)
+    with torch.no_grad(), OpCounter() as counter:
+        assert double(images.double())["pred_logits"].dtype == torch.float64
+    assert counter.sync_ops == []

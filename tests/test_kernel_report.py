@@ -25,14 +25,22 @@ GEMM_KERNELS = ("_linear_layernorm_fwd_kernel", "_linear_relu_fwd_kernel", "_in_
                 "_ffn_fwd_kernel")
 
 
-def test_every_kernel_config_compiles_for_sm80_and_sm90_without_spills(tmp_path):
-    code, output, rows = _report(tmp_path=tmp_path)
+# One ahead-of-time compile of every configuration, in parts: make test compiles what DETR's own tensors get
+# on Hopper (sm_90, aligned: the JIT's divisibility hints), the slow set the rest (CI runs both). With Triton's
+# cache empty, as on a fresh machine, a compile takes ~0.5 s of CPU: ~100 per part and alignment.
+@pytest.mark.parametrize("target, alignments", [
+    ("90", ("aligned",)),
+    pytest.param("90", ("generic",), marks=pytest.mark.slow),
+    pytest.param("80", ("generic", "aligned"), marks=pytest.mark.slow),
+])
+def test_every_kernel_config_compiles_without_spills(tmp_path, target, alignments):
+    code, output, rows = _report("--targets", target, "--alignments", *alignments, tmp_path=tmp_path)
     assert code == 0, output
     modules = {"attention", "assignment", "linear_layernorm", "linear_relu", "in_projection", "ffn", "matching_cost"}
     assert {row["module"] for row in rows} == modules
-    assert {row["target"] for row in rows} == {"sm_80", "sm_90"}
-    # both what an odd shape compiles to and what DETR's aligned tensors get (the JIT's divisibility hints)
-    assert {row["alignment"] for row in rows} == {"generic", "aligned"}
+    assert {row["target"] for row in rows} == {f"sm_{target}"}
+    # "generic": what an odd shape compiles to; "aligned": what DETR's aligned tensors get
+    assert {row["alignment"] for row in rows} == set(alignments)
     for row in rows:
         assert row["ok"] and row["spill_bytes"] == 0 and row["registers"] <= 255, row
     # half-precision attention uses tensor cores: wgmma on sm_90, mma on sm_80

@@ -132,7 +132,7 @@ def test_unsupported_calls_fall_back_with_one_warning(kwargs, reason):
     fused, reference = _pair(256, 8)
     attention_module._warned.clear()
     query = torch.randn(6, 2, 256)
-    with pytest.warns(UserWarning, match=reason):
+    with pytest.warns(attention_module.FusedFallbackWarning, match=reason):
         out = fused(query, query, query, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call is silent
@@ -144,7 +144,7 @@ def test_unsupported_head_dim_falls_back():
     fused, reference = _pair(64, 4)  # head dim 16
     attention_module._warned.clear()
     query = torch.randn(6, 2, 64)
-    with pytest.warns(UserWarning, match="head dim 16"):
+    with pytest.warns(attention_module.FusedFallbackWarning, match="head dim 16"):
         out = fused(query, query, query, need_weights=False)[0]
     torch.testing.assert_close(out, reference(query, query, query, need_weights=False)[0])
 

@@ -177,6 +177,22 @@ def test_resuming_a_finished_budgeted_run_trains_nothing(data_dir, tmp_path):
         assert (checkpoint["epoch"], checkpoint["step"]) == (1, 3)
 
 
+def test_max_steps_stops_mid_epoch_drops_the_lr_by_steps_and_resumes_to_nothing(data_dir, tmp_path):
+    """The demo's fixed work: 6 steps (an epoch and a half), the LR drop after half of them, whatever the speed."""
+    settings = dict(max_steps=6, lr_drop_fraction=0.5, epochs=10, eval_every=0, channels_last=True)
+    summary = run(config(data_dir, tmp_path, **settings))
+    assert (summary["stopped"], summary["steps"], summary["epochs"]) == ("max_steps", 6, 2)
+    log = read_log(tmp_path)
+    drops = [entry for entry in log if entry["event"] == "lr_drop"]
+    assert [entry["step"] for entry in drops] == [3] and drops[0]["lr"] == pytest.approx(1e-5)
+    assert [entry["step"] for entry in log if entry["event"] == "train"][-1] == 6   # a log point at the last step
+    checkpoint = load(tmp_path / "checkpoint.pth")
+    assert (checkpoint["epoch"], checkpoint["step"], checkpoint["scheduler"]["drops"]) == (2, 6, 1)
+    again = run(config(data_dir, tmp_path, resume="auto", **settings))
+    assert (again["stopped"], again["steps"], again["epochs"]) == ("max_steps", 6, 2)
+    assert_identical(load(tmp_path / "checkpoint.pth")["model"], checkpoint["model"], "model")
+
+
 # ---- non-finite losses ------------------------------------------------------------------------------
 
 def test_nan_weights_stop_the_run_naming_the_step(data_dir, tmp_path):
@@ -412,7 +428,7 @@ def test_predict_files_writes_json_and_png(data_dir, baseline, tmp_path):
         with Image.open(tmp_path / f"{image_path.stem}.png") as drawn:
             assert drawn.format == "PNG" and drawn.size == (128, 128)
             with Image.open(image_path) as original:  # the boxes were drawn onto it
-                assert list(drawn.convert("RGB").getdata()) != list(original.convert("RGB").getdata())
+                assert drawn.convert("RGB").tobytes() != original.convert("RGB").tobytes()
 
 
 def test_predicted_boxes_are_clipped_to_the_image(baseline, data_dir, tmp_path):
@@ -461,3 +477,195 @@ def test_skip_bad_skips_a_corrupt_image_and_counts_it_in_the_log(data_dir, tmp_p
         run(config(copy, tmp_path / "lenient", epochs=1, skip_bad=True))
     epochs = [event for event in read_log(tmp_path / "lenient") if event["event"] == "epoch"]
     assert epochs[-1]["skipped"] == {"annotations": 0, "images": 1}
+
+
+# ---- numeric ranges of the configuration --------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("lr", 0.0, "a positive number"), ("lr", -1e-4, "a positive number"), ("lr", math.nan, "a positive number"),
+    ("lr_backbone", -1e-5, "a number >= 0"), ("weight_decay", -0.1, "a number >= 0"),
+    ("clip_max_norm", -0.1, "a number >= 0"), ("lr_drop", -3, "an integer >= 0"), ("lr_gamma", 0.0, "positive"),
+    ("lr_drop_fraction", 0.0, "in (0, 1]"), ("lr_drop_fraction", 1.5, "in (0, 1]"),
+    ("eval_every", -2, "an integer >= 0"), ("eval_batch_size", 0, "a positive integer"),
+    ("num_workers", -1, "an integer >= 0"), ("num_threads", 0, "None or a positive integer"),
+    ("num_train", 0, "a positive integer"), ("num_val", -5, "a positive integer"),
+])
+def test_config_rejects_numbers_out_of_range_naming_the_field(tmp_path, field, value, expected):
+    with pytest.raises(ValueError, match=re.escape(f"TrainConfig.{field}: expected ") + f".*{re.escape(expected)}.*"
+                                         + re.escape(f"got {value!r}")):
+        config(tmp_path / "data", tmp_path / "out", **{field: value})
+
+
+def test_config_accepts_the_edges_of_each_range(tmp_path):
+    edges = dict(lr_backbone=0.0, weight_decay=0.0, clip_max_norm=0.0, lr_drop=0, eval_every=0, num_workers=0,
+                 num_threads=None, lr_drop_fraction=1.0, eval_batch_size=1, num_train=1, num_val=1)
+    made = config(tmp_path / "data", tmp_path / "out", **edges)
+    assert all(getattr(made, name) == value for name, value in edges.items())
+    # without a synthetic set, num_train / num_val are unused and not checked
+    assert TrainConfig(train_images="images", train_annotations="train.json", num_train=0).num_train == 0
+
+
+# ---- prediction: one output per input, even where file stems repeat --------------------------------------
+
+def test_output_names_tell_apart_inputs_that_share_a_stem(tmp_path):
+    from fastdetr.predict import output_names
+
+    a, b = tmp_path / "a" / "img.jpg", tmp_path / "b" / "img.jpg"
+    assert output_names([a, tmp_path / "c.jpg"]) == ["img", "c"]  # unique stems stay as they are
+    assert output_names([a, b, tmp_path / "c.jpg"]) == ["a__img", "b__img", "c"]
+    assert output_names([a, a.with_suffix(".png")]) == ["img.jpg", "img.png"]
+    assert output_names([a, b, b.with_suffix(".png")]) == ["a__img", "b__img", "img.png"]
+    deep = [tmp_path / "x" / "same" / "img.jpg", tmp_path / "y" / "same" / "img.jpg"]
+    assert output_names(deep) == ["x__same__img", "y__same__img"]
+    assert output_names([a, str(a), a.parent / "." / "img.jpg"]) == ["img", "img-2", "img-3"]  # one file, thrice
+    assert output_names([a, tmp_path / "IMG.png"]) == ["img.jpg", "IMG.png"]  # case-insensitive file systems
+    assert output_names([a, tmp_path / "img.jpg.png"]) == ["img", "img.jpg"]
+    assert output_names([]) == []
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """An untrained tiny DETR saved as fastdetr's checkpoints are, with a 64-px validation resize."""
+    from fastdetr.models import detr_small
+
+    torch.manual_seed(3)
+    model = detr_small(num_classes=3, **TINY_MODEL)
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "categories": {1: "a", 2: "b"},
+                "val_transform": {"val_size": 64, "max_size": 64}}, path)
+    return path
+
+
+def write_images_sharing_stems(root: Path) -> dict[Path, tuple[int, int]]:
+    """Four images, three of them with the stem "img", each of its own size and random content."""
+    generator = torch.Generator().manual_seed(11)
+    sizes = {root / "a" / "img.jpg": (40, 30), root / "b" / "img.jpg": (44, 36), root / "a" / "img.png": (52, 28),
+             root / "c.jpg": (36, 36)}
+    for path, (width, height) in sizes.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(path)
+    return sizes
+
+
+def test_predict_files_writes_one_output_per_input_when_stems_repeat(tmp_path):
+    sizes = write_images_sharing_stems(tmp_path / "in")
+    out = tmp_path / "out"
+    reports = predict_files(list(sizes), tiny_checkpoint(tmp_path / "tiny.pth"), threshold=0.0, out_dir=out)
+    expected = ["a__img", "b__img", "img.png", "c"]
+    assert sorted(path.name for path in out.iterdir()) == sorted(f"{n}.{e}" for n in expected for e in ("json", "png"))
+    for (image_path, (width, height)), report, name in zip(sizes.items(), reports, expected):
+        assert json.loads((out / f"{name}.json").read_text()) == report and report["image"] == str(image_path)
+        assert (report["width"], report["height"]) == (width, height)
+        with Image.open(out / f"{name}.png") as drawn:
+            assert drawn.size == (width, height)
+
+
+# ---- bad targets -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["at once", "recorded"])
+def test_a_bad_target_label_stops_the_run_naming_its_image(data_dir, tmp_path, monkeypatch, recorded):
+    """At once: the CPU path, from the criterion. Recorded: the GPU path (checked on the device, no sync),
+    raised at the next log point (log_every=3) and naming step 2 from the window."""
+    import fastdetr.train as train_module
+    from fastdetr.criterion import BadTargetError
+
+    bad_ids = []
+
+    def to_device(targets, device):
+        if not bad_ids and len(seen) == 1:  # step 2: a label no class has
+            targets[1]["labels"][0] = 99
+            bad_ids.append(int(targets[1]["image_id"][0]))
+        seen.append(None)
+        return original_to_device(targets, device)
+
+    seen, original_to_device = [], train_module._to_device
+    monkeypatch.setattr(train_module, "_to_device", to_device)
+    if recorded:
+        original_build = train_module.build_criterion
+        monkeypatch.setattr(train_module, "build_criterion",
+                            lambda *args, **kwargs: original_build(*args, check_targets=False, **kwargs))
+    with pytest.raises(BadTargetError) as raised:
+        run(config(data_dir, tmp_path, log_every=3))
+    message = str(raised.value)
+    assert f"targets[1] (image_id {bad_ids[0]}): label 99 (target 0) is outside [0, " in message
+    assert len(seen) == (3 if recorded else 2)  # recorded: found at the log point after step 3
+    if recorded:
+        assert message.startswith("bad targets at step 2 (epoch 0, batch 1 of 4; image ids on rank 0: [")
+        assert "forward 2 of the 3 since the last check" in message and "none (first epoch)" in message
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+# ---- two processes, one of them failing ------------------------------------------------------------------
+
+FAILING_HELPER = '''
+import os, sys, time
+import fastdetr.train as train_module
+from fastdetr.train import TrainConfig, train
+
+settings, release, grace = __import__("json").loads(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+train_module.PEER_FAILURE_GRACE_S, train_module.FAILURE_POLL_S = grace, 0.2
+rank = int(os.environ["RANK"])
+
+
+def fail_on_rank_1(info):
+    if rank == 1 and info.step == 1:
+        raise RuntimeError("bad batch on rank 1")
+
+
+try:
+    train(TrainConfig(**settings), step_hook=fail_on_rank_1)
+finally:
+    while release and not os.path.exists(release):  # a caller that keeps the failed process alive
+        time.sleep(0.1)
+'''
+
+
+@pytest.mark.parametrize("failed_process", [
+    "exits",
+    # the watch's last resort (ending the process); the case above covers the named error every rank raises
+    pytest.param("stays alive", marks=pytest.mark.slow),
+])
+def test_when_one_process_fails_every_process_stops_naming_its_error(data_dir, tmp_path, failed_process):
+    """Two gloo processes (launched directly: torchrun would kill the survivor itself, as a multi-node job's
+    agents do not); rank 1 raises after its first step while rank 0 goes on to the next collective. Exits:
+    rank 0's collective fails when rank 1's process ends; it raises PeerFailedError naming rank 1's error.
+    Stays alive: rank 0's collective would wait as long as rank 1 lives; it ends itself, naming the error."""
+    import time
+
+    import fastdetr.train as train_module
+
+    release = tmp_path / "release" if failed_process == "stays alive" else ""
+    settings = dataclasses.asdict(config(data_dir, tmp_path / "out", epochs=1, batch_size=2, num_threads=1))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2"}
+    (tmp_path / "helper.py").write_text(FAILING_HELPER)
+    logs = [tmp_path / f"stderr_rank{rank}.txt" for rank in (0, 1)]
+    # a short grace where rank 1 stays alive; where it exits, the default, which its exit takes less than
+    grace = 2.0 if release else train_module.PEER_FAILURE_GRACE_S
+    command = [sys.executable, str(tmp_path / "helper.py"), json.dumps(settings), str(release), str(grace)]
+    processes = [subprocess.Popen(command,
+                                  env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=tmp_path,
+                                  stdout=subprocess.DEVNULL, stderr=open(logs[rank], "w")) for rank in (0, 1)]
+    try:
+        deadline = time.monotonic() + 90
+        while processes[0].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes[0].poll() is not None, "rank 0 still runs 90 s after the start: it hangs"
+        rank1_alive = processes[1].poll() is None
+        if release:
+            assert rank1_alive  # rank 0 did not wait for rank 1's process to end
+            (tmp_path / "release").touch()
+        processes[1].wait(timeout=30)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    errors = [log.read_text() for log in logs]
+    assert processes[0].returncode != 0 and processes[1].returncode != 0, errors
+    assert "RuntimeError: bad batch on rank 1" in errors[1]
+    named = "rank 1: RuntimeError: bad batch on rank 1"
+    if release:
+        assert f"[rank 0] stopping this process: another process failed: {named}" in errors[0], errors[0][-3000:]
+    else:
+        assert f"PeerFailedError: rank 0 stopped because another process failed first: {named}" in errors[0], \
+            errors[0][-3000:]

@@ -8,13 +8,19 @@ is an error rather than silently clamped or filtered away:
   malformed, not finite, of zero or negative width/height, or outside its
   image by more than `BOX_TOLERANCE` px, or whose category id or image id is
   not in the file -> `BadAnnotationError` naming the annotation file, the
-  annotation id, the image id and file;
+  annotation id, the image id and file; an image entry whose file_name is
+  absolute or leaves the image folder through '..' -> `BadAnnotationError`
+  naming the entry's id and file_name (nothing is opened);
+- at construction, always (skip_bad does not apply: COCO evaluation indexes
+  by id, so repeated ids would mix entries): two images or two annotations
+  with the same id -> `BadAnnotationError` naming the repeated ids;
 - when an image is loaded: a missing, unreadable or corrupt file, or one whose
   size differs from the json's -> `BadImageError` naming the image path and id.
 
-With `skip_bad=True` each becomes a `BadDataWarning` instead, and a skip:
-a bad annotation is dropped (its image stays, with its other annotations);
-an unreadable image is marked bad and replaced by the next readable image in
+With `skip_bad=True` each of the others becomes a `BadDataWarning` instead,
+and a skip: a bad annotation is dropped (its image stays, with its other
+annotations), a bad image entry is dropped with its annotations; an
+unreadable image is marked bad and replaced by the next readable image in
 index order, so a batch keeps its size. `dataset.skipped` counts both and
 `dataset.problems` lists the construction-time messages. The image flags live
 in shared memory, so images found bad inside DataLoader worker processes are
@@ -27,8 +33,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import warnings
-from pathlib import Path
+from collections import defaultdict
+from pathlib import Path, PurePath
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,6 +49,17 @@ from fastdetr.data.transforms import DETR_AUGMENT, AugmentConfig, augment_train,
 from fastdetr.nested import ImageBatch, batch_images
 
 BOX_TOLERANCE = 1.0  # px a box may pass the image border (float rounding in real sets); it is clipped
+
+
+def _inside_folder(file_name: str) -> bool:
+    """Whether `file_name` names a file below its folder: relative, non-empty, not leaving it through '..'.
+
+    Lexical (symlinks are not resolved: a linked image folder is the user's choice); subfolders are fine.
+    """
+    if not file_name or PurePath(file_name).is_absolute() or posixpath.isabs(file_name):
+        return False
+    normalised = posixpath.normpath(file_name.replace(os.sep, "/"))
+    return normalised != "." and normalised != ".." and not normalised.startswith("../")
 
 
 class BadDataError(ValueError):
@@ -76,6 +95,10 @@ class CocoDetection(Dataset):
     validation resize; `augment` holds their sizes (DETR's COCO values by
     default). Augmentation draws from torch's default generator unless `seed`
     is given: then sample i of epoch e (`set_epoch`) always gets the same one.
+
+    `skip_bad` (module docstring): warn about, skip and count bad annotations,
+    image entries and image files instead of raising; repeated image or
+    annotation ids always raise `BadAnnotationError`.
     """
 
     def __init__(self, image_dir: str | os.PathLike, annotation_file: str | os.PathLike, train: bool = True,
@@ -115,9 +138,25 @@ class CocoDetection(Dataset):
                     f"({entry.get('file_name', '?')}) lacks id, file_name, width or height"))
                 self._skipped_image_entries += 1
                 continue
+            if not _inside_folder(str(entry["file_name"])):
+                self._report(BadAnnotationError(
+                    f"{self.annotation_file}: image entry {entry['id']} has file_name {entry['file_name']!r}, "
+                    f"which is not a relative path inside the image folder {self.image_dir} (absolute, empty, "
+                    "or leaving it through '..'); refused without opening it"))
+                self._skipped_image_entries += 1
+                continue
             index_of[int(entry["id"])] = len(self.images)
             self.images.append(dict(id=int(entry["id"]), file_name=str(entry["file_name"]),
                                     width=int(entry["width"]), height=int(entry["height"])))
+        files_of: dict[int, list[str]] = defaultdict(list)
+        for image in self.images:
+            files_of[image["id"]].append(image["file_name"])
+        self._raise_if_duplicated("image", files_of)
+        images_of: dict[Any, list[str]] = defaultdict(list)
+        for annotation in annotations:
+            if isinstance(annotation.get("id"), (int, str)):
+                images_of[annotation["id"]].append(f"image id {annotation.get('image_id')!r}")
+        self._raise_if_duplicated("annotation", images_of)
 
         per_image: list[list[tuple[int, list[float], int, float]]] = [[] for _ in self.images]
         for annotation in annotations:
@@ -173,6 +212,23 @@ class CocoDetection(Dataset):
         if x >= width or y >= height or x + w <= 0 or y + h <= 0:
             return f"{where}: box [x, y, w, h] = {bbox} has no part inside the {width}x{height} image"
         return None
+
+    def _raise_if_duplicated(self, kind: str, entries_of: dict[Any, list[str]]) -> None:
+        """Raise BadAnnotationError naming each `kind` id with more than one entry (the first 5, then a count).
+
+        entries_of: id -> a description of each entry with that id. Never skipped, even with skip_bad:
+        COCO evaluation indexes images and annotations by id, so a repeated id would mix their entries.
+        """
+        repeated = {key: entries for key, entries in entries_of.items() if len(entries) > 1}
+        if not repeated:
+            return
+        shown = "; ".join(f"{key!r} x{len(entries)} ({', '.join(entries)})"
+                          for key, entries in list(repeated.items())[:5])
+        more = f"; and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        raise BadAnnotationError(
+            f"{self.annotation_file}: {len(repeated)} {kind} id(s) occur more than once: {shown}{more}. "
+            f"{kind.capitalize()} ids must be unique (COCO evaluation would mix their entries); "
+            "skip_bad does not apply")
 
     def _report(self, error: BadDataError) -> None:
         if not self.skip_bad:

@@ -149,7 +149,7 @@ def render_image(rng: np.random.Generator, image_size: int, num_classes: int, ma
 def generate(root: str | os.PathLike, num_images: int, image_size: int = 128, num_classes: int = 5,
              max_objects: int = 5, min_size: int = 12, max_size: int = 60, seed: int = 0,
              split: str = "train", noise: float = 10.0, texture: float = 1.0, image_format: str = "jpg",
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, workers: int | None = None) -> Path:
     """Write `num_images` images of `image_size` px and their COCO annotations under root/split/.
 
     Each image holds 1..max_objects shapes of `num_classes` kinds (the first
@@ -158,8 +158,9 @@ def generate(root: str | os.PathLike, num_images: int, image_size: int = 128, nu
     texture, both in 0..255 units. Image i is drawn from the seed sequence
     (seed, crc32(split), i), so splits differ even with one seed. An existing
     set made with the same arguments is reused unless `overwrite`. JPEGs are
-    written at quality 95 without chroma subsampling. Returns the path of
-    root/split/annotations.json.
+    written at quality 95 without chroma subsampling. `workers` processes draw
+    and write the images (default: one per CPU, for sets of 200 images or more);
+    the files do not depend on it. Returns the path of root/split/annotations.json.
     """
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be in 1..{len(SHAPES)}, got {num_classes}")
@@ -180,17 +181,12 @@ def generate(root: str | os.PathLike, num_images: int, image_size: int = 128, nu
 
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    split_key = zlib.crc32(split.encode())
-    for index in range(num_images):
-        rng = np.random.default_rng([seed, split_key, index])
-        pixels, objects = render_image(rng, image_size, num_classes, max_objects, min_size, max_size,
-                                       noise, texture)
+    draw = dict(seed=seed, split_key=zlib.crc32(split.encode()), image_size=image_size, num_classes=num_classes,
+                max_objects=max_objects, min_size=min_size, max_size=max_size, noise=noise, texture=texture,
+                image_dir=str(image_dir), image_format=image_format)
+    for index, objects in enumerate(_write_images(num_images, draw, workers)):
         image_id = index + 1
         file_name = f"{image_id:06d}.{image_format}"
-        if image_format == "jpg":
-            Image.fromarray(pixels).save(image_dir / file_name, quality=95, subsampling=0)
-        else:
-            Image.fromarray(pixels).save(image_dir / file_name, compress_level=1)
         images.append(dict(id=image_id, file_name=file_name, width=image_size, height=image_size))
         for category_id, bbox, area in objects:
             annotations.append(dict(id=len(annotations) + 1, image_id=image_id, category_id=category_id,
@@ -203,6 +199,46 @@ def generate(root: str | os.PathLike, num_images: int, image_size: int = 128, nu
     partial.write_text(json.dumps(data))
     os.replace(partial, annotation_file)
     return annotation_file
+
+
+def _write_range(start: int, stop: int, draw: dict) -> list[list]:
+    """Draw and write images start..stop-1; their objects, in order."""
+    image_dir = Path(draw["image_dir"])
+    out = []
+    for index in range(start, stop):
+        rng = np.random.default_rng([draw["seed"], draw["split_key"], index])
+        pixels, objects = render_image(rng, draw["image_size"], draw["num_classes"], draw["max_objects"],
+                                       draw["min_size"], draw["max_size"], draw["noise"], draw["texture"])
+        path = image_dir / f"{index + 1:06d}.{draw['image_format']}"
+        if draw["image_format"] == "jpg":
+            Image.fromarray(pixels).save(path, quality=95, subsampling=0)
+        else:
+            Image.fromarray(pixels).save(path, compress_level=1)
+        out.append(objects)
+    return out
+
+
+def _write_images(num_images: int, draw: dict, workers: int | None) -> list[list]:
+    """Every image's objects, in index order; drawn in `workers` processes (each image has its own RNG)."""
+    if workers is None:
+        try:
+            usable = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            usable = os.cpu_count() or 1
+        workers = usable if num_images >= 200 else 1
+    workers = max(1, min(workers, num_images))
+    if workers == 1:
+        return _write_range(0, num_images, draw)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    bounds = [num_images * k // workers for k in range(workers + 1)]
+    # fork where the platform has it (no re-import); each worker writes its own files
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        parts = pool.map(_write_range, bounds[:-1], bounds[1:], [draw] * workers)
+        return [objects for part in parts for objects in part]
 
 
 def _is_complete(annotation_file: Path, image_dir: Path, settings: dict) -> bool:

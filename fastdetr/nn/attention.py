@@ -34,12 +34,16 @@ from fastdetr.backend import use_triton
 _warned: set[str] = set()
 
 
+class FusedFallbackWarning(UserWarning):
+    """A fused module ran its plain-PyTorch forward instead of the kernel (said once per reason)."""
+
+
 def _fallback(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(
             f"fastdetr.nn.MultiheadAttention: {reason}; running torch.nn.MultiheadAttention's forward instead",
-            stacklevel=3,
+            FusedFallbackWarning, stacklevel=3,
         )
 
 

@@ -4,7 +4,9 @@ Same modules, names and forward as the original DETR (models/detr.py), so its
 checkpoints load unchanged. Differences: the model is built from a
 `DETRConfig`, accepts every common input form (a list of differently sized
 images, a batch tensor, a (tensor, mask) pair, or a NestedTensor-like object),
-and its input checks read only metadata, never tensor values (no host sync).
+and its input checks read only metadata, never tensor values (no host sync):
+images in another floating dtype than the weights are a TypeError naming
+both, except under autocast.
 """
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ class DETR(nn.Module):
 
     def forward(self, samples: Any) -> dict[str, Any]:
         images, mask = to_image_batch(samples)
+        self._check_dtype(images)
         features, mask, pos = self.backbone(images, mask)
         hs = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)[0]
         outputs_class = self.class_embed(hs)
@@ -85,6 +88,27 @@ class DETR(nn.Module):
                 for logits, boxes in zip(outputs_class[:-1], outputs_coord[:-1])
             ]
         return out
+
+    def _check_dtype(self, images: Tensor) -> None:
+        """TypeError when the images' floating dtype is not the weights' (metadata only: no host sync).
+
+        Under autocast for the images' device the ops cast their inputs themselves, so any
+        floating dtype is fine there.
+        """
+        expected = self.input_proj.weight.dtype
+        if images.dtype == expected or _autocast_enabled(images.device.type):
+            return
+        raise TypeError(
+            f"images are {images.dtype} but the model's weights are {expected}: convert the images "
+            f"(images.to({expected})), or the model (model.to({images.dtype})), or run it under "
+            f"torch.autocast('{images.device.type}') for mixed precision")
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): nothing is cast there
+        return False
 
 
 class PostProcess(nn.Module):
