@@ -38,3 +38,11 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if all(t.is_cuda for t in present):
         return True
     return interpreter_enabled() and all(t.device.type == "cpu" for t in present)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: `taskset`, a container's cpuset), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1

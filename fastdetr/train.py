@@ -66,6 +66,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .backend import usable_cpus
 from .checkpoint import atomic_save, check_state_dict, extract_state_dict
 from .criterion import BadTargetError, build_criterion, total_loss
 from .data import DETR_AUGMENT, SYNTHETIC_AUGMENT, AugmentConfig, CocoDetection, collate_fn, make_splits
@@ -360,14 +361,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss_next"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask: `taskset`, a container's cpuset), not the machine's count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # no affinity call on this platform
-        return os.cpu_count() or 1
 
 
 def _seed_everything(seed: int) -> None:

@@ -221,11 +221,9 @@ def _write_range(start: int, stop: int, draw: dict) -> list[list]:
 def _write_images(num_images: int, draw: dict, workers: int | None) -> list[list]:
     """Every image's objects, in index order; drawn in `workers` processes (each image has its own RNG)."""
     if workers is None:
-        try:
-            usable = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            usable = os.cpu_count() or 1
-        workers = usable if num_images >= 200 else 1
+        from fastdetr.backend import usable_cpus
+
+        workers = usable_cpus() if num_images >= 200 else 1
     workers = max(1, min(workers, num_images))
     if workers == 1:
         return _write_range(0, num_images, draw)
