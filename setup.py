@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastdetr", "fastdetr.reference", "fastdetr.data", "fastdetr.nn", "fastdetr.kernels"],
+    packages=["fastdetr", "fastdetr.reference", "fastdetr.data", "fastdetr.nn", "fastdetr.measure", "fastdetr.kernels"],
     package_dir={"fastdetr.kernels": "kernels"},
     install_requires=[
         # A range, not a pin: the CPU wheel here is 2.13.0, the GPU machines run 2.11.

@@ -6,9 +6,10 @@ writes DIR/results.csv (the long-format table of benchmarks/common.py) and
 DIR/results.md (tables and the issue's targets, drawn from the CSV alone). Needs
 a CUDA GPU; without one it prints the cases it skipped, writes nothing and exits 0.
 
-Shapes: batch 8, d_model 256, 8 heads of 32, bf16. Encoder self-attention over
-the 25 x 38 = 950 tokens of an 800 x 1216 input, decoder cross-attention from 100
-queries to them. Each case gives every provider the same (B, S) key padding mask:
+Shapes: DETR-R50's problem (`fastdetr.measure.problem.DETR_R50`: batch 8, d_model
+256, 8 heads of 32), bf16. Encoder self-attention over the 25 x 38 = 950 tokens
+of an 800 x 1216 input, decoder cross-attention from 100 queries to them. Each
+case gives every provider the same (B, S) key padding mask:
 - "tail" padding: each image's last keys are padded (whole key blocks, the best
   case for block skipping), at 0 / 25 / 50 % to show the skipping;
 - "image" padding, DETR's own: images are padded right and bottom to the batch's
@@ -49,8 +50,9 @@ from benchmarks.common import (  # noqa: E402
     time_ms,
     write_results,
 )
+from fastdetr.measure.problem import DETR_R50 as R50  # noqa: E402
 
-HEAD_DIM = 32
+HEAD_DIM = R50.head_dim   # every scale's heads are this wide
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class Scale:
         return self.feature_map[0] * self.feature_map[1]
 
 
-DETR_R50 = Scale(batch=8, heads=8, feature_map=(25, 38), queries=100)
+DETR_R50 = Scale(batch=R50.batch, heads=R50.heads, feature_map=R50.feature_map, queries=R50.queries)
 TINY = Scale(batch=2, heads=2, feature_map=(4, 6), queries=5)
 
 

@@ -11,11 +11,12 @@ exits 0. `--smoke` instead runs tiny shapes on the CPU through Triton's
 interpreter (float32, wall-clock times from time.perf_counter, no memory), so
 CI runs every line of the GPU path; its times say nothing about speed.
 
-Shapes: batch 8, bf16, d_model 256, 8 heads, FFN 2048, dropout 0.1 (also on the
-attention weights), 100 queries, S = 25 x 38 = 950 tokens (an 800 x 1216
-batch), DETR's image padding: even images padded on the right over a quarter of
-every row, odd images at the bottom over a quarter of the rows; the sine
-position embedding DETR computes from that mask.
+Shapes: DETR-R50's problem (`fastdetr.measure.problem.DETR_R50`: batch 8, d_model
+256, 8 heads, FFN 2048, 100 queries, S = 25 x 38 = 950 tokens of an 800 x 1216
+batch), bf16, dropout 0.1 (also on the attention weights), DETR's image
+padding: even images padded on the right over a quarter of every row, odd
+images at the bottom over a quarter of the rows; the sine position embedding
+DETR computes from that mask.
 
 Cases:
 - "transformer": DETR's whole transformer (`fastdetr.reference.transformer.Transformer`):
@@ -68,6 +69,7 @@ from benchmarks.common import (  # noqa: E402
     time_ms,
     write_results,
 )
+from fastdetr.measure.problem import DETR_R50 as R50  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class Scale:
         return self.feature_map[0] * self.feature_map[1]
 
 
-DETR_R50 = Scale(batch=8, d_model=256, heads=8, dim_feedforward=2048, feature_map=(25, 38), queries=100, layers=6)
+DETR_R50 = Scale(batch=R50.batch, d_model=R50.d_model, heads=R50.heads, dim_feedforward=R50.dim_feedforward,
+                 feature_map=R50.feature_map, queries=R50.queries, layers=R50.enc_layers)   # 6 + 6 layers
 SMOKE = Scale(batch=2, d_model=64, heads=2, dim_feedforward=128, feature_map=(3, 5), queries=4, layers=2)
 DROPOUT = 0.1
 
@@ -251,7 +254,7 @@ def check_agreement(benches: dict[str, Bench], expected: Tensor, dtype: torch.dt
     reference math): a benchmark of different results, or of the wrong code,
     measures nothing.
     """
-    from fastdetr.profiling import TorchFunctionCounter
+    from fastdetr.measure.counters import TorchFunctionCounter
 
     errors = {}
     for name, bench in benches.items():

@@ -5,9 +5,10 @@
 writes DIR/results.csv (benchmarks/common.py's long format) and DIR/results.md.
 Needs a CUDA GPU; without one it lists the cases it skipped and writes nothing.
 
-Model: `fastdetr.detr_resnet50(num_classes=91)` with random weights (the
-timings do not depend on the values), images of 800 x 1216 and 768 x 1152 in
-one batch (DETR's padding mask), 100 queries, d_model 256. Providers:
+Model: DETR-R50's problem (`fastdetr.measure.problem.DETR_R50`):
+`fastdetr.detr_resnet50(num_classes=91)` with random weights (the timings do
+not depend on the values), images of 800 x 1216 and 768 x 1152 in one batch
+(DETR's padding mask), 100 queries, d_model 256, batch 8. Providers:
 - "reference-fp32": the plain-PyTorch model, eager, float32;
 - "reference-bf16": the same under bf16 autocast;
 - "reference-bf16+compile": `torch.compile` of the model under bf16 autocast
@@ -38,10 +39,11 @@ if __package__ in (None, ""):   # run as `python benchmarks/model.py`: make `ben
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, markdown_table, peak_memory_mib, time_ms, write_results  # noqa: E402
+from fastdetr.measure.problem import DETR_R50 as R50  # noqa: E402
 
 PROVIDERS = ("reference-fp32", "reference-bf16", "reference-bf16+compile", "fastdetr-bf16")
 MODES = ("inference", "train_step")
-IMAGE_SIZES = ((800, 1216), (768, 1152))
+IMAGE_SIZES = (R50.image_size, (768, 1152))   # the padded batch's size, and a smaller image padded to it
 SPEEDUPS = (("fastdetr-bf16", "reference-bf16"), ("fastdetr-bf16", "reference-bf16+compile"),
             ("fastdetr-bf16", "reference-fp32"))   # reported, with no target of their own (issue 6's are per layer)
 
@@ -49,12 +51,12 @@ SPEEDUPS = (("fastdetr-bf16", "reference-bf16"), ("fastdetr-bf16", "reference-bf
 @dataclass(frozen=True)
 class Scale:
     """The model and the images: DETR-R50's, or a tiny detr_small for a smoke run through the interpreter."""
-    builder: str
+    builder: str                   # a preset of fastdetr.config.PRESETS
     overrides: tuple[tuple[str, object], ...]
     image_sizes: tuple[tuple[int, int], ...]
 
 
-DETR_R50 = Scale("detr_resnet50", (), IMAGE_SIZES)
+DETR_R50 = Scale(R50.preset, (), IMAGE_SIZES)
 SMOKE = Scale("detr_small", (("hidden_dim", 64), ("nheads", 2), ("dim_feedforward", 128), ("enc_layers", 1),
                              ("dec_layers", 2), ("num_queries", 6)), ((64, 96), (80, 64)))
 
@@ -78,7 +80,7 @@ def make_batches(batch: int, device, count: int = 3, image_sizes=IMAGE_SIZES) ->
             n = int(torch.randint(1, 31, (), generator=generator))
             centre = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
             size = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
-            targets.append({"labels": torch.randint(0, 91, (n,), generator=generator).to(device),
+            targets.append({"labels": torch.randint(0, R50.num_classes, (n,), generator=generator).to(device),
                             "boxes": torch.cat([centre, size], 1).to(device)})
         batches.append((images, targets))
     return batches
@@ -125,13 +127,13 @@ def build(batch: int, device, providers: Sequence[str] = PROVIDERS,
     from fastdetr.criterion import build_criterion
 
     torch.manual_seed(0)
-    base = getattr(fastdetr, scale.builder)(num_classes=91, **dict(scale.overrides)).to(device)
+    base = fastdetr.build_model(scale.builder, num_classes=R50.num_classes, **dict(scale.overrides)).to(device)
     batches = make_batches(batch, device, image_sizes=scale.image_sizes)
     steps = {}
     for name in providers:
         model = copy.deepcopy(base)
         backend = "auto" if name.startswith("fastdetr") else "scipy"
-        criterion = build_criterion(DETRConfig(num_classes=91, dec_layers=base.config.dec_layers),
+        criterion = build_criterion(DETRConfig(num_classes=R50.num_classes, dec_layers=base.config.dec_layers),
                                     backend=backend).to(device)
         if name.startswith("fastdetr"):
             fastdetr.optimize(model)
@@ -224,7 +226,7 @@ def summary_markdown(rows: Sequence[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=R50.batch)
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     parser.add_argument("--append", action="store_true")

@@ -6,7 +6,8 @@ writes DIR/results.csv (benchmarks/common.py's long format) and DIR/results.md.
 Needs a CUDA GPU (without one it lists the skipped cases and writes nothing);
 `--smoke` runs tiny shapes on the CPU through Triton's interpreter.
 
-Ops (bf16; rows = tokens x batch = 950 x 8 for the encoder's, 100 x 8 for the matcher's queries):
+Ops at DETR-R50's problem (`fastdetr.measure.problem.DETR_R50`), bf16; rows = tokens x batch = 950 x 8
+for the encoder's, 100 x 8 for the matcher's queries:
 - in_projection: [Q|K] = (x + pos) W_qk^T + b, V = x W_v^T + b (d 256 -> 768);
 - linear_relu: dropout(relu(x W1^T + b1)) (256 -> 2048, dropout 0.1 in fwd+bwd);
 - linear_residual_layernorm: LayerNorm(residual + dropout(x W2^T + b2)) (2048 -> 256);
@@ -34,6 +35,7 @@ if __package__ in (None, ""):   # run as `python benchmarks/ops.py`: make `bench
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, markdown_table, time_ms, write_results  # noqa: E402
+from fastdetr.measure.problem import DETR_R50 as R50  # noqa: E402
 
 PROVIDERS = ("fastdetr", "eager", "torch.compile")
 MODES = ("fwd", "fwd+bwd")
@@ -50,7 +52,9 @@ class Sizes:
     logits: int
 
 
-DETR_R50 = Sizes(rows=950 * 8, d_model=256, hidden=2048, problems=48, queries=100, targets=30, logits=92)
+# the matcher's problems: one per decoder layer (aux outputs included) and image; 30 targets per image at most
+DETR_R50 = Sizes(rows=R50.tokens * R50.batch, d_model=R50.d_model, hidden=R50.dim_feedforward,
+                 problems=R50.dec_layers * R50.batch, queries=R50.queries, targets=30, logits=R50.logits)
 SMOKE = Sizes(rows=37, d_model=64, hidden=128, problems=4, queries=7, targets=3, logits=6)
 
 
@@ -67,6 +71,7 @@ class Op:
 
 def build_ops(sizes: Sizes, device, dtype) -> list[Op]:
     from fastdetr.kernels import ffn, in_projection, linear_layernorm, linear_relu, matching_cost
+    from fastdetr.matcher import matching_cost_ref
 
     generator = torch.Generator().manual_seed(0)
 
@@ -95,7 +100,7 @@ def build_ops(sizes: Sizes, device, dtype) -> list[Op]:
            {"dropout_p": 0.1}, 2.0 * m * h * d, True),
         Op("ffn_inference", ffn.ffn_inference, ffn.ffn_inference_ref, [x, w1, b1, w2, b2, x, gamma, beta], {},
            4.0 * m * d * h, False),
-        Op("matching_cost", matching_cost.matching_cost, matching_cost.matching_cost_ref,
+        Op("matching_cost", matching_cost.matching_cost, matching_cost_ref,
            [logits, boxes, labels, target_boxes], {}, 0.0, False),
     ]
 

@@ -25,9 +25,9 @@ Suites (each is also a script of its own in benchmarks/):
   eager vs torch.compile vs fastdetr;
 - model (GPU): benchmarks/model.py, DETR-R50 inference and training step;
 - matcher (GPU, and its CPU part anywhere): benchmarks/matcher.py;
-- proxies (CPU, through Triton's interpreter): ATen ops, Triton launches, host
-  syncs and bytes saved for backward of one training step, reference vs fused
-  (fastdetr.proxies).
+- proxies (CPU, through Triton's interpreter): benchmarks/proxies.py, ATen ops,
+  Triton launches, host syncs and bytes saved for backward of one training
+  step, reference vs fused (fastdetr.measure.proxies).
 Timing: triton.testing.do_bench (CUDA events, warm-up, median with 20/80
 quantiles, L2 flushed between calls) for the GPU suites; the model rotates
 three input batches; the matcher times wall clock (its original loop syncs).
@@ -76,7 +76,8 @@ SUITES = (
     Suite("layers", True, "encoder/decoder/transformer: reference vs torch.compile vs fastdetr (benchmarks/layers.py)"),
     Suite("model", True, "DETR-R50 inference and training step (benchmarks/model.py)"),
     Suite("matcher", False, "a step's matching: original loop vs fastdetr backends (benchmarks/matcher.py)"),
-    Suite("proxies", False, "CPU proxies: ops, launches, syncs, saved bytes, reference vs fused (fastdetr.proxies)"),
+    Suite("proxies", False, "CPU proxies: ops, launches, syncs, saved bytes, reference vs fused "
+          "(benchmarks/proxies.py)"),
 )
 
 
@@ -164,6 +165,7 @@ def run_layers(env: dict, level: str) -> list[dict]:
 
 def run_model(env: dict, level: str) -> list[dict]:
     from benchmarks import model
+    from fastdetr.measure.problem import DETR_R50
 
     if level == "smoke":
         one_layer = dataclasses.replace(model.SMOKE, overrides=(*model.SMOKE.overrides, ("dec_layers", 1)))
@@ -172,7 +174,8 @@ def run_model(env: dict, level: str) -> list[dict]:
     # a training step takes milliseconds, not microseconds: a longer repetition gives do_bench a few samples
     warmup, rep = (25, 250) if level == "quick" else (25, 1000)
     providers = ("reference-fp32", "reference-bf16", "fastdetr-bf16") if level == "quick" else model.PROVIDERS
-    return model.measure(2 if level == "quick" else 8, torch.device("cuda"), env, warmup, rep, providers=providers)
+    batch = 2 if level == "quick" else DETR_R50.batch
+    return model.measure(batch, torch.device("cuda"), env, warmup, rep, providers=providers)
 
 
 def run_matcher(env: dict, level: str) -> list[dict]:
@@ -191,16 +194,17 @@ def run_matcher(env: dict, level: str) -> list[dict]:
 
 
 def run_proxies(env: dict, level: str) -> list[dict]:
-    """fastdetr.proxies through Triton's interpreter, in a process of its own (the interpreter is chosen when
-    a kernel module is imported, and this process may have imported them for a GPU)."""
-    shape = "DETR_R50_STEP" if level == "full" else "QUICK_STEP"   # the full 6 + 6 layers take minutes
-    script = (f"import json, sys; from fastdetr.proxies import proxy_rows, {shape}; "
+    """benchmarks/proxies.py through Triton's interpreter, in a process of its own (the interpreter is chosen
+    when a kernel module is imported, and this process may have imported them for a GPU)."""
+    shape = "DETR_R50_STEP" if level == "full" else "QUICK_STEP"   # the full model's layers take minutes
+    script = ("import json, sys; from benchmarks.proxies import proxy_rows; "
+              f"from fastdetr.measure.proxies import {shape}; "
               f"json.dump(proxy_rows(json.loads(sys.argv[1]), shape={shape}), sys.stdout)")
     cpu_env = {**env, "device": "cpu (Triton interpreter)"}
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(cpu_env)], capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPO, timeout=1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"fastdetr.proxies failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"the proxies suite failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

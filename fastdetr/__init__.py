@@ -30,7 +30,7 @@ from .models import (
     detr_small,
 )
 from .nested import ImageBatch, batch_images
-from .optimize import optimize
+from .nn.convert import optimize
 from .reference.detr import DETR, MLP, PostProcess
 
 __version__ = "0.1.0"

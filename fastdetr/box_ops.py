@@ -56,9 +56,27 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     meaningless values, not an error. Use `checked_generalized_box_iou` or
     `validate_boxes` on boxes of unknown origin.
     """
-    iou, union = box_iou(boxes1, boxes2)
-    top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    return generalized_box_iou_broadcast(boxes1[:, None, :], boxes2[None, :, :])
+
+
+def generalized_box_iou_broadcast(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Elementwise generalised IoU of broadcastable (..., 4) xyxy boxes -> (...) GIoU.
+
+    Pairwise per image: `generalized_box_iou_broadcast(a[:, :, None], b[:, None])`
+    with a (P, N, 4), b (P, M, 4) gives (P, N, M) (the matching cost's blocks);
+    matched pairs: two (K, 4) tensors give (K,) (the loss). No validity check
+    and no host sync, like `generalized_box_iou`, which is this on (N, 1, 4)
+    and (1, M, 4).
+    """
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    top_left = torch.max(boxes1[..., :2], boxes2[..., :2])
+    bottom_right = torch.min(boxes1[..., 2:], boxes2[..., 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1 + area2 - inter
+    iou = inter / union
+    top_left = torch.min(boxes1[..., :2], boxes2[..., :2])
+    bottom_right = torch.max(boxes1[..., 2:], boxes2[..., 2:])
     wh = (bottom_right - top_left).clamp(min=0)
     enclosing = wh[..., 0] * wh[..., 1]
     return iou - (enclosing - union) / enclosing

@@ -3,7 +3,9 @@
 Reads the official DETR files (`{"model": state_dict, ...}`), fastdetr's own
 (which add `"config"`), bare state dicts, and DDP-wrapped ones (`module.`
 prefixes), always with `torch.load(weights_only=True)`: nothing in a
-checkpoint can run code. Writes are atomic (a temporary file in the same
+checkpoint can run code. The trainer's checkpoints (`save_training_state`,
+`load_training_state`) are fastdetr's files plus what a resumed run needs to
+continue exactly. Writes are atomic (a temporary file in the same
 folder, flushed, then renamed over the target), so an interrupted save never
 leaves a truncated checkpoint behind.
 """
@@ -13,7 +15,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +24,8 @@ from .config import DETRConfig
 from .reference.detr import DETR
 
 FORMAT_VERSION = 1
+# What resuming a run reads from a training checkpoint (`load_training_state` requires them).
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "train_time_s", "rng")
 
 
 class CheckpointError(ValueError):
@@ -171,7 +175,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> Path:
-    """Write `{"model": state_dict, "config": ..., "format_version": 1, **extra}` atomically.
+    """Write `{"model": state_dict, "config": ..., "format_version": FORMAT_VERSION, **extra}` atomically.
 
     `extra` entries (optimizer state, epoch, ...) must be tensors or plain
     containers so that weights_only loading reads them back.
@@ -182,6 +186,53 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
         checkpoint["config"] = config.to_dict()
     checkpoint.update(extra)
     return atomic_save(checkpoint, path)
+
+
+class _Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+def save_training_state(path: str | os.PathLike, model: DETR, *, optimizer: _Stateful, scheduler: _Stateful,
+                        scaler: _Stateful, epoch: int, step: int, train_time_s: float, rng: list[dict[str, Any]],
+                        eval_stats: dict[str, float] | None, world_size: int, categories: dict[int, str],
+                        val_transform: dict[str, int], train_config: dict[str, Any]) -> Path:
+    """Write a training checkpoint atomically: a fastdetr checkpoint plus everything `train` resumes from.
+
+    epoch: epochs done; step: optimizer steps done; train_time_s: training seconds so far; rng: each
+    process's RNG states, by rank; eval_stats: the last COCO stats or None; categories: {id: name};
+    val_transform: {"val_size", "max_size"} for prediction; train_config: the TrainConfig as a dict.
+    Every entry must be a tensor or plain container (weights_only loading). The entries and their order
+    are the file format (FORMAT_VERSION); change them only with the version.
+    """
+    return atomic_save({
+        "model": model.state_dict(), "config": model.config.to_dict(), "format_version": FORMAT_VERSION,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": epoch, "step": step, "train_time_s": train_time_s, "rng": rng, "eval": eval_stats,
+        "world_size": world_size, "categories": categories, "val_transform": val_transform,
+        "train_config": train_config,
+    }, path)
+
+
+def load_training_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """A training checkpoint (`save_training_state`'s entries), its "model" without any DDP `module.` prefix.
+
+    Raises FileNotFoundError for a missing file and CheckpointError, naming the file, for one that is not
+    a training checkpoint: unreadable, no or another format_version, or one of TRAINING_KEYS missing.
+    """
+    source = str(path)
+    checkpoint = _read(path, map_location)
+    if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
+        keys = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{source}: not a fastdetr training checkpoint, it has no 'format_version' "
+                              f"entry; top level: {keys}")
+    if checkpoint["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{source}: format_version {checkpoint['format_version']!r}, but this fastdetr "
+                              f"reads training checkpoints of version {FORMAT_VERSION}")
+    missing = [key for key in TRAINING_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{source}: not a training checkpoint, missing {', '.join(map(repr, missing))} "
+                              f"(resuming a run reads {', '.join(TRAINING_KEYS)})")
+    return {**checkpoint, "model": extract_state_dict(checkpoint, source)}
 
 
 def load_backbone_checkpoint(model: DETR, path: str | os.PathLike) -> DETR:

@@ -7,8 +7,14 @@
     fastdetr eval --checkpoint C --images DIR --annotations FILE
     fastdetr predict IMAGE... --checkpoint C [--threshold T] [--out DIR]
     fastdetr export --checkpoint C --onnx OUT.onnx [--mask] [--postprocess] [--verify]
+    fastdetr proxies [--quick] ...     one training step's launches, host syncs and saved bytes, counted on a CPU
+    fastdetr memory [--small] ...      what one layer keeps for backward, reference against fused
+    fastdetr kernel-report [...]       compile every kernel configuration for sm_80 / sm_90, fail on a spill
+    fastdetr bench --out DIR ...       the benchmark runner (needs a source checkout: benchmarks/ is not installed)
 
-Multi-process training: `torchrun --nproc_per_node N -m fastdetr train ...`.
+`python -m fastdetr.proxies`, `python -m fastdetr.memory` and `python -m
+fastdetr.kernels.report` are the same commands as `fastdetr proxies`, `memory`
+and `kernel-report`. Multi-process training: `torchrun --nproc_per_node N -m fastdetr train ...`.
 """
 from __future__ import annotations
 
@@ -27,8 +33,8 @@ import torch
 from . import __version__
 from .backend import interpreter_enabled, triton_importable
 from .demo import DEMO_STEPS
+from .measure.counters import OpCounter
 from .models import build_model
-from .profiling import OpCounter
 from .reference.detr import PostProcess
 
 
@@ -191,16 +197,116 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# The source checkout `fastdetr bench` runs from: the repository root above this package.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
 def _bench(bench_args: list[str]) -> int:
     """benchmarks/run.py of the source checkout this package was installed from (benchmarks/ is not installed)."""
     import runpy
-    from pathlib import Path
 
-    runner = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-    if not runner.is_file():
-        raise FileNotFoundError(f"{runner}: `fastdetr bench` needs a source checkout (pip install -e .); "
-                                "benchmarks/ is not part of the installed package")
+    runner = SOURCE_ROOT / "benchmarks" / "run.py"
+    if not (runner.is_file() and (SOURCE_ROOT / "setup.py").is_file()):
+        print("fastdetr bench: the benchmarks run from a source checkout of fastdetr, and this installed package "
+              f"has none (no benchmarks/run.py in {SOURCE_ROOT}): benchmarks/ is not installed with it. In a clone "
+              "of the repository, `pip install -e .` and then `fastdetr bench ...`, or `python benchmarks/run.py "
+              "...` there.", file=sys.stderr)
+        return 2
     return runpy.run_path(str(runner), run_name="fastdetr_bench")["main"](bench_args)
+
+
+# ---- measurement verbs ----------------------------------------------------------------------------
+# Each sets TRITON_INTERPRET before a kernel module is first imported (triton.jit reads it at decoration
+# time). Their parsers import nothing of the training stack (see `_measure_parser`).
+
+def _add_proxies(sub) -> None:
+    from .measure import proxies
+
+    parser = sub.add_parser("proxies", help="one training step's launches, host syncs and saved bytes, "
+                            "reference vs fused, counted on a CPU", description=proxies.__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"the tests' shape ({proxies.QUICK_STEP.describe()}) "
+                        f"instead of {proxies.DETR_R50_STEP.describe()}")
+    parser.add_argument("--enc-layers", type=int, help="override the shape's encoder layers")
+    parser.add_argument("--dec-layers", type=int, help="override the shape's decoder layers")
+    parser.add_argument("--queries", type=int, help="override the shape's number of queries")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default; the fused kernels through Triton's interpreter) or cuda")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also list the launches per kernel, the sync ops, and the ATen ops that differ")
+    parser.set_defaults(func=_proxies)
+
+
+def _proxies(args: argparse.Namespace) -> int:
+    if args.device == "cpu" and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+    from .measure import proxies
+
+    shape = proxies.QUICK_STEP if args.quick else proxies.DETR_R50_STEP
+    overrides = {name: value for name, value in (("enc_layers", args.enc_layers), ("dec_layers", args.dec_layers),
+                                                 ("num_queries", args.queries)) if value is not None}
+    return proxies.run_report(dataclasses.replace(shape, **overrides), args.device, args.verbose)
+
+
+def _add_memory(sub) -> None:
+    from .measure import saved_bytes
+
+    parser = sub.add_parser("memory", help="what one encoder / decoder layer keeps for backward, reference vs fused",
+                            description=saved_bytes.__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--small", action="store_true",
+                        help=f"tiny shapes ({saved_bytes.SMALL.describe()}), for a quick check")
+    parser.add_argument("--batch", type=int, help="override the preset's batch")
+    parser.add_argument("--source", type=int, help="override the preset's token count S")
+    parser.add_argument("--queries", type=int, help="override the preset's query count Q")
+    parser.add_argument("--verbose", action="store_true", help="list every saved storage")
+    parser.set_defaults(func=_memory)
+
+
+def _memory(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+    from .measure import saved_bytes
+
+    shape = saved_bytes.SMALL if args.small else saved_bytes.DETR_R50 if device.type == "cuda" \
+        else saved_bytes.CPU_DEFAULT
+    overrides = {name: getattr(args, name) for name in ("batch", "source", "queries") if getattr(args, name)}
+    return saved_bytes.run_report(dataclasses.replace(shape, **overrides), getattr(torch, args.dtype), device,
+                                  args.verbose)
+
+
+def _add_kernel_report(sub) -> None:
+    from .kernels import report
+
+    parser = sub.add_parser("kernel-report", help="compile every kernel configuration for sm_80 / sm_90 without a "
+                            "GPU; fails on a compile error or a spill", description=report.__doc__.split("\n")[0])
+    parser.add_argument("--targets", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    parser.add_argument("--modules", nargs="+", default=list(report.KERNEL_MODULES))
+    parser.add_argument("--alignments", nargs="+", default=["generic", "aligned"], choices=["generic", "aligned"],
+                        help="generic: nothing assumed of pointers and strides; aligned: all divisible by 16")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
+    parser.set_defaults(func=_kernel_report)
+
+
+def _kernel_report(args: argparse.Namespace) -> int:
+    from .kernels import report  # imports no kernel module: run_report sets TRITON_INTERPRET=0 first
+
+    return report.run_report(tuple(args.targets), tuple(args.modules), tuple(args.alignments), args.json, args.jobs)
+
+
+MEASURE_COMMANDS = {"proxies": _add_proxies, "memory": _add_memory, "kernel-report": _add_kernel_report}
+
+
+def _measure_parser() -> argparse.ArgumentParser:
+    """The measurement verbs alone. The full parser's `train` flags import fastdetr.train and the data
+    pipeline (PIL); these verbs also run where only torch and Triton are installed (benchmarks/gpu_suite.sh)."""
+    parser = argparse.ArgumentParser(prog="fastdetr", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in MEASURE_COMMANDS.values():
+        add(sub)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,7 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the file in onnxruntime and compare with PyTorch (exit 1 above 1e-4)")
     export.set_defaults(func=_export)
 
-    bench = sub.add_parser("bench", help="the benchmark runner (benchmarks/run.py; --help there)", add_help=False)
+    for add in MEASURE_COMMANDS.values():
+        add(sub)
+
+    bench = sub.add_parser("bench", help="the benchmark runner (benchmarks/run.py of a source checkout; --help "
+                           "there)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/run.py")
     bench.set_defaults(func=lambda args: _bench(args.bench_args))
     return parser
@@ -279,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:   # every later argument is the runner's own, options included
         return _bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = _measure_parser() if argv[:1] and argv[0] in MEASURE_COMMANDS else build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as error:

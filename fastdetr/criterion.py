@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .box_ops import box_cxcywh_to_xyxy
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou_broadcast
 from .config import DETRConfig
-from .matcher import HungarianMatcher, Indices, Solver, generalized_box_iou_broadcast
+from .matcher import HungarianMatcher, Indices, Solver
 from .matcher import check_targets as check_target_shapes
 
 LOSSES = ("labels", "boxes", "cardinality")

@@ -34,7 +34,8 @@ How it differs from the original:
         it cannot be). A NaN block cannot raise without a sync: it is recorded
         in `matcher.solver.last_status` and shows up as a NaN loss (see `_triton_solver`).
     "auto": "triton" for CUDA tensors (when Triton imports), "scipy" otherwise,
-        decided per call from the logits' device.
+        decided per call from the logits' device (`fastdetr.nn.functional.matcher_kernels`,
+        where fastdetr decides every kernel-or-reference question).
     a callable with the solver signature above (tests inject one).
 - The returned indices live on the logits' device (the original returns CPU
   tensors), so the criterion gathers with them without a copy.
@@ -55,8 +56,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .backend import triton_importable
-from .box_ops import box_area, box_cxcywh_to_xyxy, validate_boxes
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou_broadcast, validate_boxes
+from .nn import functional
 
 # (cost [P, Q, T_max] float32, num_targets: P ints) -> P (pred_idx, tgt_idx) int64 pairs on cost's device
 Solver = Callable[[Tensor, Sequence[int]], list[tuple[Tensor, Tensor]]]
@@ -69,27 +70,27 @@ BACKENDS = ("auto", "scipy", "triton")
 _PAD_BOX = 0.5
 
 
-def generalized_box_iou_broadcast(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Elementwise generalised IoU of broadcastable (..., 4) xyxy boxes -> (...) GIoU.
+def matching_cost_ref(logits: Tensor, boxes: Tensor, target_labels: Tensor, target_boxes: Tensor,
+                      weight_class: float = 1, weight_bbox: float = 5, weight_giou: float = 2) -> Tensor:
+    """The matching cost of every problem's (query, target) block, in float32: the plain-PyTorch definition.
 
-    Pairwise per image: `generalized_box_iou_broadcast(a[:, :, None], b[:, None])`
-    with a (P, N, 4), b (P, M, 4) gives (P, N, M); matched pairs: two (K, 4)
-    tensors give (K,). The same float operations in the same order as
-    `fastdetr.box_ops.generalized_box_iou` (so the values agree bit for bit),
-    and like it no validity check and no host sync.
+    logits [P, Q, C+1], boxes [P, Q, 4] normalised cxcywh, P = layers x B
+    (problem p is image p % B); target_labels [B, T] and target_boxes [B, T, 4]
+    cxcywh, padded to the batch's most targets T. Returns [P, Q, T]:
+    weight_bbox * L1 - weight_class * softmax probability of the target class
+    - weight_giou * GIoU, the original's terms in the original's order, so the
+    entries agree with its matrix bit for bit. What the matcher runs off the
+    kernel path, and the oracle `fastdetr.kernels.matching_cost` is tested against.
     """
-    area1, area2 = box_area(boxes1), box_area(boxes2)
-    top_left = torch.max(boxes1[..., :2], boxes2[..., :2])
-    bottom_right = torch.min(boxes1[..., 2:], boxes2[..., 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1 + area2 - inter
-    iou = inter / union
-    top_left = torch.min(boxes1[..., :2], boxes2[..., :2])
-    bottom_right = torch.max(boxes1[..., 2:], boxes2[..., 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    enclosing = wh[..., 0] * wh[..., 1]
-    return iou - (enclosing - union) / enclosing
+    repeats = logits.shape[0] // target_labels.shape[0]
+    labels = target_labels.long().repeat(repeats, 1)
+    targets = target_boxes.float().repeat(repeats, 1, 1)
+    logits, boxes = logits.float(), boxes.float()
+    prob_class = logits.softmax(-1).gather(2, labels[:, None, :].expand(-1, logits.shape[1], -1))
+    l1 = torch.cdist(boxes, targets, p=1)
+    giou = generalized_box_iou_broadcast(box_cxcywh_to_xyxy(boxes)[:, :, None, :],
+                                         box_cxcywh_to_xyxy(targets)[:, None, :, :])
+    return weight_bbox * l1 + weight_class * -prob_class + weight_giou * -giou
 
 
 def check_targets(targets: Sequence[dict[str, Tensor]], batch_size: int, num_classes: int,
@@ -152,13 +153,7 @@ def scipy_solver(cost: Tensor, num_targets: Sequence[int]) -> Indices:
 
 
 def _triton_solver(check_invalid: bool | None = None) -> Solver:
-    try:
-        from fastdetr.kernels.assignment import MAX_BLOCK, STATUS_OK, assignment_forward
-    except ImportError as error:
-        raise RuntimeError(
-            "HungarianMatcher(backend='triton') needs fastdetr.kernels.assignment (and Triton): "
-            f"{error}. Use backend='scipy' or 'auto'."
-        ) from error
+    functional.require_assignment_kernel("HungarianMatcher(backend='triton')", "Use backend='scipy' or 'auto'.")
 
     def solve(cost: Tensor, num_targets: Sequence[int]) -> Indices:
         """Every problem in one launch of the assignment kernel, on the padded cost itself; no host sync.
@@ -171,39 +166,30 @@ def _triton_solver(check_invalid: bool | None = None) -> Solver:
         argument): True reads the status at once and raises ValueError naming
         the problem (a host sync on a GPU: a debug option); None (default)
         does so only for CPU tensors, where it costs no sync; False never.
+        Problems wider than the kernel's column block are solved by scipy.
         """
-        num_problems, num_queries, t_max = cost.shape
-        if max(num_queries, t_max) > MAX_BLOCK:   # beyond the kernel's column block: one problem at a time
+        solved = functional.assignment(cost, num_targets)
+        if solved is None:
             return scipy_solver(cost, num_targets)
-        device = cost.device
-        num_rows = torch.full((num_problems,), num_queries, dtype=torch.int32, device=device)
-        num_cols = torch.tensor(num_targets, dtype=torch.int32)
-        # a pinned host buffer makes the copy asynchronous (a pageable one would wait for the device)
-        num_cols = num_cols.pin_memory().to(device, non_blocking=True) if cost.is_cuda else num_cols.to(device)
-        result = assignment_forward(cost, num_rows, num_cols)
-        solve.last_status = result.status
+        indices, status = solved
+        solve.last_status = status
         if check_invalid or (check_invalid is None and not cost.is_cuda):
-            failed = (result.status != STATUS_OK).nonzero().flatten().tolist()
+            failed = functional.failed_problems(status)
             if failed:
                 raise ValueError(f"HungarianMatcher: the cost block of problem {failed[0]} is invalid "
                                  "(NaN or -inf: non-finite predictions or targets?)")
-        ok = (result.status == STATUS_OK)[:, None]
-        diagonal = torch.arange(result.row_ind.shape[1], device=device)
-        row_ind = torch.where(ok, result.row_ind, diagonal)
-        col_ind = torch.where(ok, result.col_ind, diagonal)
-        return [(row_ind[p, :min(num_queries, n)], col_ind[p, :min(num_queries, n)])
-                for p, n in enumerate(num_targets)]
+        return indices
 
     solve.last_status = None
     return solve
 
 
 def _auto_solver(check_invalid: bool | None = None) -> Solver:
-    """The "triton" solver for CUDA costs (built on first use), scipy for any other device."""
+    """The "triton" solver where `functional.matcher_kernels` says so (CUDA costs; built on first use), else scipy."""
     device_solver: list[Solver] = []
 
     def solve(cost: Tensor, num_targets: Sequence[int]) -> Indices:
-        if not (cost.is_cuda and triton_importable()):
+        if not functional.matcher_kernels(cost, "auto"):
             return scipy_solver(cost, num_targets)
         if not device_solver:
             device_solver.append(_triton_solver(check_invalid))
@@ -247,9 +233,9 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
         self.backend = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
         self.solver = resolve_solver(backend, check_invalid)
-        # the device backend computes its cost blocks with the fused kernel too (fastdetr.kernels.matching_cost)
+        # where the cost blocks come from: `functional.matcher_kernels` (the fused kernel with "triton", and
+        # with "auto" for CUDA tensors), else `matching_cost_ref`
         self.fused_cost = backend == "triton"
-        self.auto = backend == "auto"
         self.validate_targets = validate_targets
 
     def extra_repr(self) -> str:
@@ -314,19 +300,8 @@ class HungarianMatcher(nn.Module):
         tgt_labels = pad_sequence([t["labels"].long() for t in targets], batch_first=True)  # [B, T_max]
         tgt_boxes = pad_sequence([t["boxes"].float() for t in targets], batch_first=True,
                                  padding_value=_PAD_BOX)  # [B, T_max, 4]
-        if self.fused_cost or (self.auto and logits.is_cuda and triton_importable()):
-            from fastdetr.kernels.matching_cost import matching_cost
-
-            return matching_cost(logits, boxes, tgt_labels, tgt_boxes, self.cost_class, self.cost_bbox,
+        if functional.matcher_kernels(logits, self.backend):
+            return functional.matching_cost(logits, boxes, tgt_labels, tgt_boxes, self.cost_class, self.cost_bbox,
+                                            self.cost_giou)
+        return matching_cost_ref(logits, boxes, tgt_labels, tgt_boxes, self.cost_class, self.cost_bbox,
                                  self.cost_giou)
-        if num_layers > 1:
-            tgt_labels = tgt_labels.repeat(num_layers, 1)
-            tgt_boxes = tgt_boxes.repeat(num_layers, 1, 1)
-        num_queries = logits.shape[1]
-        prob = logits.softmax(-1)
-        prob_class = prob.gather(2, tgt_labels[:, None, :].expand(-1, num_queries, -1))  # [P, Q, T_max]
-        l1 = torch.cdist(boxes, tgt_boxes, p=1)  # [P, Q, T_max]
-        giou = generalized_box_iou_broadcast(box_cxcywh_to_xyxy(boxes)[:, :, None, :],
-                                             box_cxcywh_to_xyxy(tgt_boxes)[:, None, :, :])
-        # the original's order of terms, so that the entries agree bit for bit
-        return self.cost_bbox * l1 + self.cost_class * -prob_class + self.cost_giou * -giou

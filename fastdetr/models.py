@@ -18,7 +18,7 @@ def build_model(name: str, num_classes: int = 91, fused: bool = False, **overrid
     """The preset `name` (see fastdetr.config.PRESETS) as a DETR; `fused=True` applies `fastdetr.optimize`."""
     model = DETR(preset(name, num_classes=num_classes, **overrides))
     if fused:
-        from .optimize import optimize
+        from .nn.convert import optimize
 
         optimize(model)
     return model

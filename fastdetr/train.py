@@ -67,7 +67,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .backend import usable_cpus
-from .checkpoint import atomic_save, check_state_dict, extract_state_dict
+from .checkpoint import check_state_dict, load_training_state, save_training_state
 from .criterion import BadTargetError, build_criterion, total_loss
 from .data import DETR_AUGMENT, SYNTHETIC_AUGMENT, AugmentConfig, CocoDetection, collate_fn, make_splits
 from .evaluate import autocast_context, evaluate, format_summary
@@ -437,7 +437,7 @@ def train(config: TrainConfig, step_hook: Callable[[StepInfo], None] | None = No
     watch = _FailureWatch(runtime.rank, dist.get_backend()) if runtime.distributed else None
     failed = False
     try:
-        return _train(config, runtime, step_hook)
+        return _TrainingRun(config, runtime, step_hook).run()
     except BaseException as error:
         failed = True
         if watch is None:
@@ -461,141 +461,274 @@ def train(config: TrainConfig, step_hook: Callable[[StepInfo], None] | None = No
                     raise
 
 
-def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo], None] | None) -> dict[str, Any]:
-    device = runtime.device
-    if device.type == "cpu":
-        threads = config.num_threads or max(1, usable_cpus() // runtime.local_world_size)
-        torch.set_num_threads(threads)
-    output_dir = Path(config.output_dir)
-    checkpoint_path = output_dir / "checkpoint.pth"
-    log_path = output_dir / "log.jsonl"
-    if runtime.main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+class _TrainingRun:
+    """One `train` call on one process: the state its steps share, and the steps.
 
-    def log(event: str, **values: Any) -> None:
+    `run` drives them: `start` (resume, or log the config), the loader, then `train_epochs`: each
+    `train_epoch` runs `train_step`s, and at every log point `flush`; after each epoch `save` (and
+    `run_eval`, every eval_every epochs); then the final evaluation and the summary.
+    """
+
+    # made by `_build_loader`, after resuming
+    ddp_model: nn.Module
+    sampler: torch.utils.data.DistributedSampler
+    loader: torch.utils.data.DataLoader
+    window: _LossWindow
+    epoch_start: float  # perf_counter at the start of the current epoch
+
+    def __init__(self, config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo], None] | None):
+        """Set-up: threads, output folder, data, model, criterion, optimizer; nothing read or trained yet."""
+        self.config, self.runtime, self.step_hook = config, runtime, step_hook
+        self.device = device = runtime.device
+        if device.type == "cpu":
+            threads = config.num_threads or max(1, usable_cpus() // runtime.local_world_size)
+            torch.set_num_threads(threads)
+        output_dir = Path(config.output_dir)
+        self.checkpoint_path, self.log_path = output_dir / "checkpoint.pth", output_dir / "log.jsonl"
         if runtime.main:
-            with open(log_path, "a") as file:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        self.train_set, self.val_set, self.augment = _datasets(config, runtime)
+        _seed_everything(config.seed)  # the same initial weights on every process (DDP also broadcasts them)
+        model = build_model(config.model, num_classes=self.train_set.num_classes, **config.model_overrides)
+        self.memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+        self.model = model.to(device).to(memory_format=self.memory_format)
+        self.criterion = build_criterion(self.model.config, backend=config.matcher_backend).to(device)
+        self.weight_dict = self.criterion.weight_dict
+        _seed_everything(config.seed + runtime.rank)  # per-process streams for dropout and workers
+        self._build_optimizer()
+        self.start_epoch, self.step, self.train_time, self.last_eval = 0, 0, 0.0, None
+        self.budget, self.max_steps = config.time_budget_s, config.max_steps
+        # With max_steps the LR drops after this many steps: the schedule is the same on any machine.
+        self.drop_step = None if self.max_steps is None else max(1, round(config.lr_drop_fraction * self.max_steps))
+        self.stopped = "epochs"
+        self.run_bar: Any = None  # with max_steps, one tqdm bar for the whole run
+        self.bar: Any = None      # the bar being drawn: the run's, or the current epoch's
+
+    def _build_optimizer(self) -> None:
+        config, named = self.config, list(self.model.named_parameters())
+        backbone = [p for name, p in named if name.startswith("backbone.") and p.requires_grad]
+        rest = [p for name, p in named if not name.startswith("backbone.") and p.requires_grad]
+        self.optimizer = adamw([{"params": rest, "lr": config.lr}, {"params": backbone, "lr": config.lr_backbone}],
+                               lr=config.lr, weight_decay=config.weight_decay, device=self.device)
+        self.trainable = rest + backbone
+        self.scheduler = StepLR(self.optimizer, config.lr_gamma)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.runtime.amp == "fp16")
+
+    def _build_loader(self) -> None:
+        """The DDP wrapper, the sampler, the loader and the loss window."""
+        config, runtime, device = self.config, self.runtime, self.device
+        self.ddp_model = self.model
+        if runtime.distributed:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=runtime.world_size,
+                                                           rank=runtime.rank, shuffle=True, seed=config.seed)
+        self.loader = torch.utils.data.DataLoader(self.train_set, batch_size=config.batch_size, sampler=self.sampler,
+                                                  drop_last=True, num_workers=config.num_workers,
+                                                  collate_fn=collate_fn, pin_memory=device.type == "cuda")
+        if len(self.loader) == 0:
+            raise ValueError(f"{config.train_annotations or config.data_dir}: {len(self.train_set)} training images "
+                             f"give no full batch of {config.batch_size} per process ({runtime.world_size} "
+                             f"process(es))")
+        self.window = _LossWindow(config.log_every, device)
+
+    # ---- output ----
+
+    def log(self, event: str, **values: Any) -> None:
+        """A line of output_dir/log.jsonl (rank 0 only)."""
+        if self.runtime.main:
+            with open(self.log_path, "a") as file:
                 file.write(json.dumps({"event": event, **values}) + "\n")
 
-    def say(message: str) -> None:
-        if runtime.main:
-            print(message, file=sys.stderr if config.progress else sys.stdout, flush=True)
+    def say(self, message: str) -> None:
+        """A message for the person running it (rank 0 only): on stderr beside the progress bar, else stdout."""
+        if self.runtime.main:
+            print(message, file=sys.stderr if self.config.progress else sys.stdout, flush=True)
 
-    train_set, val_set, augment = _datasets(config, runtime)
-    _seed_everything(config.seed)  # the same initial weights on every process (DDP also broadcasts them)
-    model = build_model(config.model, num_classes=train_set.num_classes, **config.model_overrides).to(device)
-    memory_format = torch.channels_last if config.channels_last else torch.preserve_format
-    model = model.to(memory_format=memory_format)
-    criterion = build_criterion(model.config, backend=config.matcher_backend).to(device)
-    _seed_everything(config.seed + runtime.rank)  # per-process streams for dropout and workers
+    # ---- the run ----
 
-    backbone = [p for name, p in model.named_parameters() if name.startswith("backbone.") and p.requires_grad]
-    rest = [p for name, p in model.named_parameters() if not name.startswith("backbone.") and p.requires_grad]
-    optimizer = adamw([{"params": rest, "lr": config.lr}, {"params": backbone, "lr": config.lr_backbone}],
-                      lr=config.lr, weight_decay=config.weight_decay, device=device)
-    trainable = rest + backbone
-    scheduler = StepLR(optimizer, config.lr_gamma)
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp == "fp16")
+    def run(self) -> dict[str, Any]:
+        """Train, evaluate at the end, save; returns `train`'s summary."""
+        self.start()
+        self._build_loader()
+        if self.max_steps is not None and self.config.progress and self.runtime.main:
+            from tqdm import tqdm
 
-    start_epoch, step, train_time, last_eval = 0, 0, 0.0, None
-    resume_path = config.resume
-    if resume_path == "auto":
-        resume_path = str(checkpoint_path) if checkpoint_path.is_file() else None
-    if resume_path is not None:
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        state_dict = extract_state_dict(state, resume_path)
-        check_state_dict(model, state_dict, resume_path)
-        model.load_state_dict(state_dict)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step, train_time = int(state["epoch"]), int(state["step"]), float(state["train_time_s"])
-        last_eval = state.get("eval")
-        rng = state["rng"]
+            # One bar for the whole run, so its ETA is the run's.
+            self.run_bar = tqdm(total=self.max_steps, initial=min(self.step, self.max_steps), desc="steps",
+                                dynamic_ncols=True, file=sys.stderr)
+        epoch = self.train_epochs()
+        if self.run_bar is not None:
+            self.run_bar.close()
+        final = self.run_eval(epoch)
+        if final is not None:
+            self.last_eval = final
+            self.save(epoch + 1)  # the checkpoint also carries the final evaluation
+        summary = {"epochs": epoch + 1, "steps": self.step, "train_time_s": self.train_time, "stopped": self.stopped,
+                   "eval": self.last_eval, "checkpoint": str(self.checkpoint_path), "log": str(self.log_path)}
+        self.log("end", **{key: value for key, value in summary.items() if key != "eval"})
+        return summary
+
+    def start(self) -> None:
+        """Resume from config.resume ("auto": output_dir's checkpoint, if there is one), or log a new run's config."""
+        resume_path = self.config.resume
+        if resume_path == "auto":
+            resume_path = str(self.checkpoint_path) if self.checkpoint_path.is_file() else None
+        if resume_path is not None:
+            self.resume(resume_path)
+            return
+        config, runtime = self.config, self.runtime
+        self.log("config", config=config.to_dict(), world_size=runtime.world_size, device=str(self.device),
+                 amp=runtime.amp, num_classes=self.train_set.num_classes, train_images=len(self.train_set),
+                 model_config=self.model.config.to_dict())
+
+    def resume(self, path: str) -> None:
+        """Continue from a training checkpoint: weights, optimizer, LR schedule, scaler, counters, RNG states."""
+        state = load_training_state(path, map_location="cpu")
+        check_state_dict(self.model, state["model"], path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.train_time, self.last_eval = float(state["train_time_s"]), state.get("eval")
+        rng, runtime = state["rng"], self.runtime
         if len(rng) == runtime.world_size:
-            _set_rng_state(rng[runtime.rank], device)
+            _set_rng_state(rng[runtime.rank], self.device)
         else:
-            say(f"resume: the checkpoint has RNG states for {len(rng)} process(es), this run has "
-                f"{runtime.world_size}; reseeding (the continuation will not be bit-exact)")
-            _seed_everything(config.seed + runtime.rank + 1000 * start_epoch)
-        say(f"resumed from {resume_path}: {start_epoch} epoch(s), {step} step(s) done")
-        log("resume", checkpoint=resume_path, epoch=start_epoch, step=step)
-    else:
-        log("config", config=config.to_dict(), world_size=runtime.world_size, device=str(device),
-            amp=runtime.amp, num_classes=train_set.num_classes, train_images=len(train_set),
-            model_config=model.config.to_dict())
+            self.say(f"resume: the checkpoint has RNG states for {len(rng)} process(es), this run has "
+                     f"{runtime.world_size}; reseeding (the continuation will not be bit-exact)")
+            _seed_everything(self.config.seed + runtime.rank + 1000 * self.start_epoch)
+        self.say(f"resumed from {path}: {self.start_epoch} epoch(s), {self.step} step(s) done")
+        self.log("resume", checkpoint=path, epoch=self.start_epoch, step=self.step)
 
-    ddp_model = model
-    if runtime.distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank,
-                                                  shuffle=True, seed=config.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=config.num_workers, collate_fn=collate_fn,
-                                         pin_memory=device.type == "cuda")
-    if len(loader) == 0:
-        raise ValueError(f"{config.train_annotations or config.data_dir}: {len(train_set)} training images give no "
-                         f"full batch of {config.batch_size} per process ({runtime.world_size} process(es))")
-    weight_dict = criterion.weight_dict
-    window = _LossWindow(config.log_every, device)
-    budget = config.time_budget_s
-    stopped = "epochs"
-    extra = {"categories": dict(train_set.categories),
-             "val_transform": {"val_size": augment.val_size, "max_size": augment.max_size},
-             "train_config": config.to_dict()}
+    def train_epochs(self) -> int:
+        """The epochs from start_epoch on, each followed by its checkpoint (and evaluation, every eval_every).
 
-    def run_eval(epoch: int) -> dict[str, float] | None:
-        stats = None
-        if val_set is not None and runtime.main:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                stats = evaluate(model, val_set, batch_size=config.eval_batch_size, device=device,
-                                 num_workers=config.num_workers, amp=runtime.amp)
-            say(f"COCO evaluation after epoch {epoch} ({len(val_set)} images):\n{format_summary(stats)}")
-            log("eval", epoch=epoch, step=step, **stats)
-        if runtime.distributed:
-            # Every rank needs rank 0's result: the caller decides on it whether to save, and saving
-            # is a collective (the RNG states are gathered).
-            shared = [stats]
-            dist.broadcast_object_list(shared, src=0)
-            stats = shared[0]
-        return stats
+        Returns the last epoch counted as done; sets `stopped`.
+        """
+        config, budget, max_steps = self.config, self.budget, self.max_steps
+        if (budget is not None and self.train_time >= budget) or (max_steps is not None and self.step >= max_steps):
+            # A finished budgeted run, resumed: nothing to train; its last epoch (counted as done) is start_epoch - 1.
+            self.stopped = "time_budget" if budget is not None else "max_steps"
+            return self.start_epoch - 1
+        for epoch in range(self.start_epoch, config.epochs):
+            stop = self.train_epoch(epoch)
+            is_last = stop or epoch == config.epochs - 1
+            if not is_last and config.eval_every > 0 and (epoch + 1) % config.eval_every == 0:
+                self.last_eval = self.run_eval(epoch) or self.last_eval
+            self.save(epoch + 1)
+            if stop:
+                if budget is not None:
+                    self.stopped = "time_budget"
+                    self.say(f"time budget of {budget:.0f} s spent after {self.step} steps (epoch {epoch})")
+                else:
+                    self.stopped = "max_steps"
+                    self.say(f"{self.step} steps done (epoch {epoch}, {self.train_time:.0f} s of training)")
+                return epoch
+        return config.epochs - 1
 
-    def save(epoch_done: int) -> None:
-        rng = [_rng_state(device)]
-        if runtime.distributed:
-            rng = [None] * runtime.world_size
-            dist.all_gather_object(rng, _rng_state(device))
-        if runtime.main:
-            atomic_save({"model": model.state_dict(), "config": model.config.to_dict(), "format_version": 1,
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch_done, "step": step,
-                         "train_time_s": train_time, "rng": rng, "eval": last_eval,
-                         "world_size": runtime.world_size, **extra}, checkpoint_path)
+    def train_epoch(self, epoch: int) -> bool:
+        """One epoch, or its part up to max_steps or the time budget; True when the run stops after it."""
+        config = self.config
+        self.sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+        if self.budget is None and self.max_steps is None and config.lr_drop > 0:
+            self.scheduler.set_drops(epoch // config.lr_drop)
+        self.ddp_model.train()
+        self.criterion.train()
+        self.bar, batches = self.run_bar, self.loader
+        if self.run_bar is None and config.progress and self.runtime.main:
+            from tqdm import tqdm
 
-    def last_good() -> str:
-        return str(checkpoint_path) if checkpoint_path.is_file() else "none (first epoch)"
+            self.bar = batches = tqdm(self.loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                                      file=sys.stderr)
+        self.epoch_start = time.perf_counter()
+        stop = False
+        for batch_index, (images, targets) in enumerate(batches):
+            stop = self.train_step(epoch, batch_index, images, targets)
+            if stop:
+                break
+        if self.bar is not None and self.bar is not self.run_bar:
+            self.bar.close()
+        self.train_time += time.perf_counter() - self.epoch_start
+        skipped = self.train_set.skipped if config.skip_bad else {}
+        self.log("epoch", epoch=epoch, step=self.step, train_time_s=round(self.train_time, 2),
+                 lr=self.optimizer.param_groups[0]["lr"], **({"skipped": skipped} if skipped else {}))
+        if any(skipped.values()):
+            self.say(self.train_set.skip_summary())
+        return stop
 
-    def raise_if_non_finite(host: Tensor, lengths: int) -> None:
-        """host: the window's first rows, read to the CPU; a non-finite one stops the run, the earliest named."""
-        bad = (~torch.isfinite(host)).any(1).nonzero().flatten().tolist()
-        if bad:
-            row = bad[0]
-            bad_step, bad_epoch, batch_index, image_ids = window.where[row]
-            named = ", ".join(f"{name}={value:.4g}" for name, value in zip(LOGGED, host[row].tolist()))
+    def train_step(self, epoch: int, batch_index: int, images: Tensor, targets: list[dict[str, Tensor]]) -> bool:
+        """One optimizer step, then the log point / LR drop / stop checks; True when the run stops here."""
+        image_ids = [int(target["image_id"][0]) for target in targets]  # CPU tensors: no sync
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        targets = _to_device(targets, self.device)
+        with autocast_context(self.device, self.runtime.amp):
+            outputs = self.ddp_model(images)
+        outputs = _to_float(outputs)
+        loss_dict = self._losses(outputs, targets, epoch, batch_index, image_ids)
+        loss = total_loss(loss_dict, self.weight_dict)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.clip_max_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            clip_grad_norm(self.trainable, self.config.clip_max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        logged = torch.stack([loss.detach(), *(loss_dict[name].detach() for name in LOGGED[1:])])
+        self.window.add(logged, self.step, epoch, batch_index, image_ids)
+        if self.step_hook is not None:
+            self.step_hook(StepInfo(epoch, batch_index, self.step, self.model))
+        if self.run_bar is not None:
+            self.run_bar.update(1)
+        return self._after_step(epoch, batch_index)
+
+    def _losses(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]], epoch: int, batch_index: int,
+                image_ids: list[int]) -> dict[str, Tensor]:
+        try:
+            return self.criterion(outputs, targets)
+        except ValueError as error:
+            # NaN predictions mostly surface here, not in the loss: the scipy matcher rejects
+            # their cost blocks. Same report as a non-finite loss (the check syncs, but only here).
+            if _all_finite(outputs):
+                raise
+            self._raise_if_non_finite(self.window.values[:len(self.window)].cpu())  # a loss went first?
             raise NonFiniteLossError(
-                f"non-finite loss at step {bad_step} (epoch {bad_epoch}, batch {batch_index} of {lengths}; "
-                f"image ids on rank {runtime.rank}: {image_ids}): {named}. Training stopped; the last good "
-                f"checkpoint is {last_good()}")
+                f"non-finite model outputs at step {self.step + 1} (epoch {epoch}, batch {batch_index} of "
+                f"{len(self.loader)}; image ids on rank {self.runtime.rank}: {image_ids}); the matcher cannot "
+                f"assign them. Training stopped; the last good checkpoint is {self._last_good()}") from error
 
-    def flush(epoch: int, lengths: int) -> tuple[bool, bool]:
-        """Read the window once: log, check for non-finite losses, and agree on stopping / dropping the LR."""
-        nonlocal train_time
+    def _after_step(self, epoch: int, batch_index: int) -> bool:
+        steps_done = self.max_steps is not None and self.step >= self.max_steps
+        if len(self.window) == self.config.log_every or batch_index == len(self.loader) - 1 or steps_done:
+            over_budget, past_drop = self.flush(epoch)
+            if past_drop and self.scheduler.drops == 0:
+                self._drop_lr(epoch)
+            if over_budget:
+                return True
+        if self.drop_step is not None and self.step == self.drop_step and self.scheduler.drops == 0:
+            self._drop_lr(epoch)
+        return steps_done
+
+    def _drop_lr(self, epoch: int) -> None:
+        self.scheduler.set_drops(1)
+        self.log("lr_drop", epoch=epoch, step=self.step, lr=self.optimizer.param_groups[0]["lr"])
+
+    # ---- log points ----
+
+    def flush(self, epoch: int) -> tuple[bool, bool]:
+        """Read the window once: check targets and losses, log, and agree on stopping / dropping the LR.
+
+        Returns (over the time budget, past its LR drop point), the same on every process.
+        """
+        runtime, window, budget = self.runtime, self.window, self.budget
         rows = len(window)
-        over_budget = budget is not None and train_time + (time.perf_counter() - epoch_start) >= budget
-        past_drop = budget is not None and train_time + (time.perf_counter() - epoch_start) \
-            >= config.lr_drop_fraction * budget
-        flags = torch.tensor([float(over_budget), float(past_drop)], device=device)
+        trained = self.train_time + (time.perf_counter() - self.epoch_start)
+        over_budget = budget is not None and trained >= budget
+        past_drop = budget is not None and trained >= self.config.lr_drop_fraction * budget
+        flags = torch.tensor([float(over_budget), float(past_drop)], device=self.device)
         values = window.values[:rows]
         if runtime.distributed:
             values = values.clone()
@@ -604,140 +737,78 @@ def _train(config: TrainConfig, runtime: _Runtime, step_hook: Callable[[StepInfo
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         host = values.cpu()
         flags = flags.cpu().tolist()
-        try:  # the criterion's target check, recorded on the device; the device has caught up by now
-            criterion.raise_if_bad_targets()
-        except BadTargetError as error:  # its forwards since the last check are this window's rows
-            bad_step, bad_epoch, batch_index, image_ids = window.where[min(error.call, rows - 1)]
-            raise BadTargetError(
-                f"bad targets at step {bad_step} (epoch {bad_epoch}, batch {batch_index} of {lengths}; image ids on "
-                f"rank {runtime.rank}: {image_ids}): {error}. Training stopped; the last good checkpoint is "
-                f"{last_good()}", call=error.call) from error
-        raise_if_non_finite(host, lengths)
+        self._raise_if_bad_targets(rows)
+        self._raise_if_non_finite(host)
         means = host.mean(0).tolist()
         seconds = time.perf_counter() - window.start_time
         rate = window.images * runtime.world_size / max(seconds, 1e-9)
         entry = {name: round(value, 5) for name, value in zip(LOGGED, means)}
-        log("train", epoch=epoch, step=step, batch=window.where[-1][2], lr=optimizer.param_groups[0]["lr"],
-            images_per_s=round(rate, 2), train_time_s=round(train_time + time.perf_counter() - epoch_start, 2),
-            **entry)
-        if bar is not None:
-            bar.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{rate:.1f}", refresh=False)
+        self.log("train", epoch=epoch, step=self.step, batch=window.where[-1][2],
+                 lr=self.optimizer.param_groups[0]["lr"], images_per_s=round(rate, 2),
+                 train_time_s=round(self.train_time + time.perf_counter() - self.epoch_start, 2), **entry)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{rate:.1f}", refresh=False)
         window.reset()
         return flags[0] > 0, flags[1] > 0
 
-    max_steps = config.max_steps
-    # With max_steps the LR drops after this many steps: the schedule is the same on any machine.
-    drop_step = None if max_steps is None else max(1, round(config.lr_drop_fraction * max_steps))
-    run_bar = None
-    if max_steps is not None and config.progress and runtime.main:
-        from tqdm import tqdm
+    def _raise_if_bad_targets(self, rows: int) -> None:
+        try:  # the criterion's target check, recorded on the device; the device has caught up by now
+            self.criterion.raise_if_bad_targets()
+        except BadTargetError as error:  # its forwards since the last check are this window's rows
+            bad_step, bad_epoch, batch_index, image_ids = self.window.where[min(error.call, rows - 1)]
+            raise BadTargetError(
+                f"bad targets at step {bad_step} (epoch {bad_epoch}, batch {batch_index} of {len(self.loader)}; "
+                f"image ids on rank {self.runtime.rank}: {image_ids}): {error}. Training stopped; the last good "
+                f"checkpoint is {self._last_good()}", call=error.call) from error
 
-        # One bar for the whole run, so its ETA is the run's.
-        run_bar = tqdm(total=max_steps, initial=min(step, max_steps), desc="steps", dynamic_ncols=True,
-                       file=sys.stderr)
-    epoch = start_epoch
-    if (budget is not None and train_time >= budget) or (max_steps is not None and step >= max_steps):
-        # A finished budgeted run, resumed: nothing to train; its last epoch (counted as done) is start_epoch - 1.
-        epoch = start_epoch - 1
-        stopped = "time_budget" if budget is not None else "max_steps"
-    else:
-        for epoch in range(start_epoch, config.epochs):
-            sampler.set_epoch(epoch)
-            train_set.set_epoch(epoch)
-            if budget is None and max_steps is None and config.lr_drop > 0:
-                scheduler.set_drops(epoch // config.lr_drop)
-            ddp_model.train()
-            criterion.train()
-            bar = run_bar
-            batches: Any = loader
-            if run_bar is None and config.progress and runtime.main:
-                from tqdm import tqdm
+    def _raise_if_non_finite(self, host: Tensor) -> None:
+        """host: the window's first rows, read to the CPU; a non-finite one stops the run, the earliest named."""
+        bad = (~torch.isfinite(host)).any(1).nonzero().flatten().tolist()
+        if bad:
+            row = bad[0]
+            bad_step, bad_epoch, batch_index, image_ids = self.window.where[row]
+            named = ", ".join(f"{name}={value:.4g}" for name, value in zip(LOGGED, host[row].tolist()))
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad_step} (epoch {bad_epoch}, batch {batch_index} of {len(self.loader)}; "
+                f"image ids on rank {self.runtime.rank}: {image_ids}): {named}. Training stopped; the last good "
+                f"checkpoint is {self._last_good()}")
 
-                bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr)
-                batches = bar
-            epoch_start = time.perf_counter()
-            stop = False
-            for batch_index, (images, targets) in enumerate(batches):
-                image_ids = [int(target["image_id"][0]) for target in targets]  # CPU tensors: no sync
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                targets = _to_device(targets, device)
-                with autocast_context(device, runtime.amp):
-                    outputs = ddp_model(images)
-                outputs = _to_float(outputs)
-                try:
-                    loss_dict = criterion(outputs, targets)
-                except ValueError as error:
-                    # NaN predictions mostly surface here, not in the loss: the scipy matcher rejects
-                    # their cost blocks. Same report as a non-finite loss (the check syncs, but only here).
-                    if _all_finite(outputs):
-                        raise
-                    raise_if_non_finite(window.values[:len(window)].cpu(), len(loader))  # a loss went first?
-                    raise NonFiniteLossError(
-                        f"non-finite model outputs at step {step + 1} (epoch {epoch}, batch {batch_index} of "
-                        f"{len(loader)}; image ids on rank {runtime.rank}: {image_ids}); the matcher cannot "
-                        f"assign them. Training stopped; the last good checkpoint is {last_good()}") from error
-                loss = total_loss(loss_dict, weight_dict)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.clip_max_norm > 0:
-                    scaler.unscale_(optimizer)
-                    clip_grad_norm(trainable, config.clip_max_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                logged = torch.stack([loss.detach(), *(loss_dict[name].detach() for name in LOGGED[1:])])
-                window.add(logged, step, epoch, batch_index, image_ids)
-                if step_hook is not None:
-                    step_hook(StepInfo(epoch, batch_index, step, model))
-                if run_bar is not None:
-                    run_bar.update(1)
-                steps_done = max_steps is not None and step >= max_steps
-                if len(window) == config.log_every or batch_index == len(loader) - 1 or steps_done:
-                    over_budget, past_drop = flush(epoch, len(loader))
-                    if past_drop and scheduler.drops == 0:
-                        scheduler.set_drops(1)
-                        log("lr_drop", epoch=epoch, step=step, lr=optimizer.param_groups[0]["lr"])
-                    if over_budget:
-                        stop = True
-                        break
-                if drop_step is not None and step == drop_step and scheduler.drops == 0:
-                    scheduler.set_drops(1)
-                    log("lr_drop", epoch=epoch, step=step, lr=optimizer.param_groups[0]["lr"])
-                if steps_done:
-                    stop = True
-                    break
-            if bar is not None and bar is not run_bar:
-                bar.close()
-            train_time += time.perf_counter() - epoch_start
-            skipped = train_set.skipped if config.skip_bad else {}
-            log("epoch", epoch=epoch, step=step, train_time_s=round(train_time, 2), lr=optimizer.param_groups[0]["lr"],
-                **({"skipped": skipped} if skipped else {}))
-            if any(skipped.values()):
-                say(train_set.skip_summary())
-            is_last = stop or epoch == config.epochs - 1
-            if not is_last and config.eval_every > 0 and (epoch + 1) % config.eval_every == 0:
-                last_eval = run_eval(epoch) or last_eval
-            save(epoch + 1)
-            if stop:
-                if budget is not None:
-                    stopped = "time_budget"
-                    say(f"time budget of {budget:.0f} s spent after {step} steps (epoch {epoch})")
-                else:
-                    stopped = "max_steps"
-                    say(f"{step} steps done (epoch {epoch}, {train_time:.0f} s of training)")
-                break
-        else:
-            epoch = config.epochs - 1
-    if run_bar is not None:
-        run_bar.close()
-    final = run_eval(epoch)
-    if final is not None:
-        last_eval = final
-        save(epoch + 1)  # the checkpoint also carries the final evaluation
-    summary = {"epochs": epoch + 1, "steps": step, "train_time_s": train_time, "stopped": stopped,
-               "eval": last_eval, "checkpoint": str(checkpoint_path), "log": str(log_path)}
-    log("end", **{key: value for key, value in summary.items() if key != "eval"})
-    return summary
+    def _last_good(self) -> str:
+        return str(self.checkpoint_path) if self.checkpoint_path.is_file() else "none (first epoch)"
+
+    # ---- evaluation and checkpoints ----
+
+    def run_eval(self, epoch: int) -> dict[str, float] | None:
+        """COCO stats on the validation set, or None without one; rank 0 evaluates, every rank gets its result."""
+        stats = None
+        if self.val_set is not None and self.runtime.main:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                stats = evaluate(self.model, self.val_set, batch_size=self.config.eval_batch_size, device=self.device,
+                                 num_workers=self.config.num_workers, amp=self.runtime.amp)
+            self.say(f"COCO evaluation after epoch {epoch} ({len(self.val_set)} images):\n{format_summary(stats)}")
+            self.log("eval", epoch=epoch, step=self.step, **stats)
+        if self.runtime.distributed:
+            # Every rank needs rank 0's result: the caller decides on it whether to save, and saving
+            # is a collective (the RNG states are gathered).
+            shared = [stats]
+            dist.broadcast_object_list(shared, src=0)
+            stats = shared[0]
+        return stats
+
+    def save(self, epoch_done: int) -> None:
+        """output_dir/checkpoint.pth after `epoch_done` epochs; a collective (every rank's RNG state goes in)."""
+        runtime = self.runtime
+        rng = [_rng_state(self.device)]
+        if runtime.distributed:
+            rng = [None] * runtime.world_size
+            dist.all_gather_object(rng, _rng_state(self.device))
+        if runtime.main:
+            save_training_state(
+                self.checkpoint_path, self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                scaler=self.scaler, epoch=epoch_done, step=self.step, train_time_s=self.train_time, rng=rng,
+                eval_stats=self.last_eval, world_size=runtime.world_size, categories=dict(self.train_set.categories),
+                val_transform={"val_size": self.augment.val_size, "max_size": self.augment.max_size},
+                train_config=self.config.to_dict())
 
 
 def _all_finite(outputs: dict[str, Any]) -> bool:

@@ -332,6 +332,32 @@ def assignment_forward(cost: Tensor, num_rows: Tensor, num_cols: Tensor) -> Assi
     return Assignment(col_for_row, row_ind, col_ind, status)
 
 
+def padded_assignment(cost: Tensor, num_rows: Sequence[int], num_cols: Sequence[int]) -> Assignment:
+    """`assignment_forward` with the problem sizes given as host ints: still no host sync.
+
+    The sizes reach the device from a pinned host buffer, asynchronously (a
+    pageable one would wait for the device). The one launcher behind both
+    `batched_linear_sum_assignment` and the matcher's device solver.
+    """
+    sizes = torch.tensor([list(num_rows), list(num_cols)], dtype=torch.int32).reshape(2, -1)
+    sizes = sizes.pin_memory().to(cost.device, non_blocking=True) if cost.is_cuda else sizes.to(cost.device)
+    return assignment_forward(cost, sizes[0], sizes[1])
+
+
+def assignment_pairs(result: Assignment, num_pairs: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+    """The first num_pairs[p] (row, col) pairs of every problem, views of the device results.
+
+    A problem whose status is not STATUS_OK gets the diagonal pairs (k, k)
+    instead: always valid indices, chosen on the device (no host sync), so a
+    caller that cannot read the status yet still gets usable indices.
+    """
+    ok = (result.status == STATUS_OK)[:, None]
+    diagonal = torch.arange(result.row_ind.shape[1], device=result.row_ind.device)
+    row_ind = torch.where(ok, result.row_ind, diagonal)
+    col_ind = torch.where(ok, result.col_ind, diagonal)
+    return [(row_ind[p, :n], col_ind[p, :n]) for p, n in enumerate(num_pairs)]
+
+
 # ---------------------------------------------------------------------------
 # public function
 
@@ -387,8 +413,8 @@ def batched_linear_sum_assignment(costs: Sequence[Tensor]) -> list[tuple[Tensor,
     padded = torch.zeros((len(in_kernel), n_max, m_max), dtype=torch.float32, device=device)
     for slot, k in enumerate(in_kernel):
         padded[slot, : costs[k].shape[0], : costs[k].shape[1]] = costs[k].detach()
-    sizes = torch.tensor([costs[k].shape for k in in_kernel], dtype=torch.int32).reshape(-1, 2).to(device)
-    out = assignment_forward(padded, sizes[:, 0], sizes[:, 1])
+    out = padded_assignment(padded, [costs[k].shape[0] for k in in_kernel], [costs[k].shape[1] for k in in_kernel])
+    pairs = assignment_pairs(out, [min(costs[k].shape) for k in in_kernel])
 
     status = out.status.cpu()  # the one host sync
     for slot, k in enumerate(in_kernel):
@@ -401,6 +427,5 @@ def batched_linear_sum_assignment(costs: Sequence[Tensor]) -> list[tuple[Tensor,
             raise ValueError(f"batched_linear_sum_assignment: costs[{k}] is infeasible (no finite assignment)")
         if code != STATUS_OK:
             raise RuntimeError(f"batched_linear_sum_assignment: solver failed on costs[{k}] (status {code})")
-        num_pairs = min(costs[k].shape)
-        results[k] = (out.row_ind[slot, :num_pairs], out.col_ind[slot, :num_pairs])
+        results[k] = pairs[slot]
     return results

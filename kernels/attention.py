@@ -8,12 +8,16 @@ same math `torch.nn.MultiheadAttention` does, except for fully padded rows).
 
 How it differs from the flash-attention Triton kernels it learns from:
 - A per-batch boolean key padding mask (B, S), True = ignore the key. Key blocks
-  whose keys are all padded are skipped: the launcher builds, with torch ops and no
-  host sync, a per-batch list of the key blocks that hold any valid key (valid
-  blocks first) and their count; the forward and dQ kernels loop over that list
-  only, and a dK/dV program whose key block is fully padded writes zeros and
-  loops over nothing. Padded keys inside a visited block are never loaded (masked
-  loads), so whatever they hold (even NaN) cannot leak into the result.
+  whose keys are all padded are skipped: a per-batch list of the key blocks that
+  hold any valid key (valid blocks first) and their count, a `KeyBlockTable`, is
+  built with torch ops and no host sync; the forward and dQ kernels loop over that
+  list only (`_load_kv_block`), and a dK/dV program whose key block is fully
+  padded writes zeros and loops over nothing. A caller running several attentions
+  over one mask builds the table once (`key_block_table(mask, dtype)`) and passes
+  it as `kv_table`; without one, each call builds its own, and forward's serves
+  backward. Nothing is cached in this module. Padded keys inside a visited block
+  are never loaded (masked loads), so whatever they hold (even NaN) cannot leak
+  into the result.
 - A query row whose keys are all padded gets zeros and zero gradients (PyTorch's
   softmax returns NaN there).
 - Dropout on the attention probabilities with Philox, counter = (key index, query
@@ -24,29 +28,43 @@ How it differs from the flash-attention Triton kernels it learns from:
   the layout `nn.MultiheadAttention` reshapes to and from, so no copy is needed
   on either side of the kernel.
 
-Limits: head dim 32 or 64 (DETR's 256 / 8 heads is 32); q, k, v of one dtype
-(fp32, fp16 or bf16), all math in fp32; B * H <= 65535 (grid axis 1); the last
-dimension must have stride 1 (anything else is copied once). One block config
-per kernel and dtype (`_configs()`), whatever L and S are: DETR's sizes (1 to
-~1300) are all served by them with masked tails, and every extra config would
-add to the set CI compiles ahead of time (`aot_configs()`, 18 variants). Block
-sizes were picked for no register spills on sm_80 / sm_90, not tuned on a GPU.
+Limits, as constants other modules import: head dim in `HEAD_DIMS` (32 or 64;
+DETR's 256 / 8 heads is 32); q, k, v of one dtype in `DTYPES` (fp32, fp16 or
+bf16; others run `attention_ref`), all math in fp32; B * H <= `MAX_BATCH_HEADS`
+(65535, grid axis 1); the last dimension must have stride 1 (anything else is
+copied once). One block config per kernel and dtype (`_configs()`), whatever L
+and S are: DETR's sizes (1 to ~1300) are all served by them with masked tails,
+and every extra config would add to the set CI compiles ahead of time
+(`aot_configs()`, 18 variants). Block sizes were picked for no register spills
+on sm_80 / sm_90, not tuned on a GPU.
 Dropout draws one Philox call per score (10 rounds): correct and simple, but
 the costliest part of a training step's attention at D = 32.
 """
 from __future__ import annotations
 
 import functools
-import weakref
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, _dot, _upcast_dot, aot_signature
+from fastdetr.kernels.common import (
+    TRITON_DTYPE_NAMES,
+    KernelConfig,
+    _attention_dropout_keep,
+    _dot,
+    _upcast_dot,
+    aot_signature,
+    draw_dropout_seed,
+    unit_last_stride,
+)
 
-_SUPPORTED_HEAD_DIMS = (32, 64)
+# limits (module docstring)
+HEAD_DIMS = (32, 64)
+MAX_BATCH_HEADS = 65535   # B * H programs on grid axis 1
+DTYPES = tuple(TRITON_DTYPE_NAMES)
 _LOG2E = 1.4426950408889634
 
 
@@ -58,9 +76,9 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p) -> None:
     if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: mismatched B/H/S/D: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
-    if q.shape[3] not in _SUPPORTED_HEAD_DIMS:
+    if q.shape[3] not in HEAD_DIMS:
         raise ValueError(f"attention: head dim {q.shape[3]} (q {tuple(q.shape)}) is not supported; "
-                         f"supported: {_SUPPORTED_HEAD_DIMS}")
+                         f"supported: {HEAD_DIMS}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if key_padding_mask is not None:
@@ -95,7 +113,7 @@ def _configs() -> dict:
     """
     half = dict(num_warps=4, num_stages=2, DOT_PRECISION="tf32")   # tf32 is ignored for fp16/bf16 dots
     full = dict(num_warps=4, num_stages=2, DOT_PRECISION="ieee")
-    return {
+    configs = {
         ("fwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=64, **half),
         ("dq", "16bit"): dict(half, BLOCK_M=32, BLOCK_N=64, num_warps=8),
         ("dkdv", "16bit"): dict(BLOCK_M=32, BLOCK_N=32, **half),
@@ -103,6 +121,9 @@ def _configs() -> dict:
         ("dq", "fp32"): dict(BLOCK_M=16, BLOCK_N=32, **full),
         ("dkdv", "fp32"): dict(BLOCK_M=16, BLOCK_N=32, **full),
     }
+    for family in ("16bit", "fp32"):   # one KeyBlockTable serves both kernels (`key_block_table`)
+        assert configs[("fwd", family)]["BLOCK_N"] == configs[("dq", family)]["BLOCK_N"], family
+    return configs
 
 
 def block_config(kernel: str, dtype: torch.dtype) -> dict:
@@ -117,18 +138,29 @@ def block_config(kernel: str, dtype: torch.dtype) -> dict:
 
 
 @triton.jit
-def _dropout_keep(seed, rng_offset, bh, query_ids, key_ids, dropout_p):
-    """Bool block, True = keep. query_ids / key_ids: int32 blocks of one shape (either orientation).
+def _load_kv_block(it, masked, k_base_ptr, v_base_ptr, stride_k_s, stride_v_s,
+                   key_padding_mask_ptr, kv_block_index_ptr, b64, seq_len_k, num_kv_blocks,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The it-th key block a forward / dQ program visits: (offs_n, key_ok, k, v).
 
-    Philox4x32-10 with counter (key, query, batch * heads + head, rng_offset) and
-    key seed: each element has its own counter, so forward and backward tiles of
-    any shape and orientation draw the same number for the same element, and no
-    index product can overflow.
+    With a mask (`masked`), entry `it` of the batch's skip list (the blocks with
+    a valid key first), else key block `it` itself. k_base_ptr, v_base_ptr: this
+    (batch, head)'s (S, D) slices of k and v; b64: the batch index, int64.
+    Returns offs_n (BLOCK_N,) key indices, key_ok (BLOCK_N,) bool (in range and
+    not padded), k and v (BLOCK_N, HEAD_DIM) in the input dtype. Padded keys are
+    never loaded (their rows read as 0): whatever they hold cannot reach a result.
     """
-    bh_ids = tl.zeros_like(query_ids) + bh
-    offset_ids = tl.zeros_like(query_ids) + rng_offset
-    bits, _, _, _ = tl.philox(seed, key_ids, query_ids, bh_ids, offset_ids)
-    return tl.uint_to_uniform_float(bits) >= dropout_p
+    block = tl.where(masked, tl.load(kv_block_index_ptr + b64 * num_kv_blocks + it, mask=masked, other=0), it)
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_in = offs_n < seq_len_k
+    padded = tl.load(key_padding_mask_ptr + b64 * seq_len_k + offs_n, mask=key_in & masked, other=0)
+    key_ok = key_in & (padded == 0)
+    k = tl.load(k_base_ptr + offs_n.to(tl.int64)[:, None] * stride_k_s + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_base_ptr + offs_n.to(tl.int64)[:, None] * stride_v_s + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    return offs_n, key_ok, k, v
 
 
 # Masking and dropout are runtime arguments, not constexprs: the masked variant
@@ -181,17 +213,10 @@ def _attention_fwd_kernel(
     if masked:
         num_iters = tl.load(kv_block_count_ptr + batch)
     for it in range(0, num_iters):
-        block = tl.where(masked, tl.load(kv_block_index_ptr + b64 * num_kv_blocks + it, mask=masked,
-                                         other=0), it)
-        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_in = offs_n < seq_len_k
-        padded = tl.load(key_padding_mask_ptr + b64 * seq_len_k + offs_n, mask=key_in & masked, other=0)
-        key_ok = key_in & (padded == 0)
         # padded keys are never loaded: whatever they hold cannot reach the output
-        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_k_s + offs_d[None, :],
-                    mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_v_s + offs_d[None, :],
-                    mask=key_ok[:, None], other=0.0)
+        offs_n, key_ok, k, v = _load_kv_block(it, masked, k_base, v_base, stride_k_s, stride_v_s,
+                                              key_padding_mask_ptr, kv_block_index_ptr, b64, seq_len_k,
+                                              num_kv_blocks, HEAD_DIM, BLOCK_N)
         scores = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
         scores = tl.where(key_ok[None, :], scores, float("-inf"))
         # online softmax; a row that has seen only masked keys keeps max -inf, so
@@ -204,7 +229,7 @@ def _attention_fwd_kernel(
         if dropout_p > 0.0:
             query_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             key_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-            keep = _dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
+            keep = _attention_dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
@@ -276,16 +301,9 @@ def _attention_bwd_dq_kernel(
     if masked:
         num_iters = tl.load(kv_block_count_ptr + batch)
     for it in range(0, num_iters):
-        block = tl.where(masked, tl.load(kv_block_index_ptr + b64 * num_kv_blocks + it, mask=masked,
-                                         other=0), it)
-        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_in = offs_n < seq_len_k
-        padded = tl.load(key_padding_mask_ptr + b64 * seq_len_k + offs_n, mask=key_in & masked, other=0)
-        key_ok = key_in & (padded == 0)
-        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_k_s + offs_d[None, :],
-                    mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_v_s + offs_d[None, :],
-                    mask=key_ok[:, None], other=0.0)
+        offs_n, key_ok, k, v = _load_kv_block(it, masked, k_base, v_base, stride_k_s, stride_v_s,
+                                              key_padding_mask_ptr, kv_block_index_ptr, b64, seq_len_k,
+                                              num_kv_blocks, HEAD_DIM, BLOCK_N)
         scores = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
         scores = tl.where(key_ok[None, :] & row_ok[:, None], scores, float("-inf"))
         p = tl.math.exp2(scores - lse[:, None])
@@ -294,7 +312,7 @@ def _attention_bwd_dq_kernel(
         if dropout_p > 0.0:
             query_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             key_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-            keep = _dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
+            keep = _attention_dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
@@ -371,7 +389,7 @@ def _attention_bwd_dkdv_kernel(
         if dropout_p > 0.0:
             query_ids = offs_m[None, :] + tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
             key_ids = offs_n[:, None] + tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
-            keep = _dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
+            keep = _attention_dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
             p_dropped = tl.where(keep, p_t * inv_keep, 0.0)
             dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
@@ -393,11 +411,6 @@ def _attention_bwd_dkdv_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    # The kernels index D with stride 1 (vectorised loads); any other layout is copied once.
-    return x if x.stride(-1) == 1 else x.contiguous()
-
 
 def _mha_layout_empty(batch: int, heads: int, seq: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised (B, H, seq, D) view of (seq, B, H, D) storage, the layout MHA reshapes from."""
@@ -421,62 +434,85 @@ def kv_block_table(key_padding_mask: torch.Tensor, block_n: int) -> tuple[torch.
     return index.contiguous(), count
 
 
-# The block table of the last mask seen. DETR passes one mask object to its 6 encoder self-attentions
-# and 6 decoder cross-attentions: built once per step instead of 12 times (~7 small launches each).
-_last_kv_table: list = [None]   # [(weakref to the mask, its version, block_n, table)]
+class KeyBlockTable(NamedTuple):
+    """A mask's skip list for key blocks of `block_n` keys, as the forward and dQ kernels read it.
 
-
-def cached_kv_block_table(key_padding_mask: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kv_block_table`, reused while the same mask object comes back unmodified.
-
-    The cache holds a weak reference to the mask tensor itself (not its address,
-    which a new mask may reuse) and its version counter (bumped by any in-place
-    write), so a changed or new mask always gets a fresh table. Inference-mode
-    tensors have no version counter: their tables are never cached.
+    Built by `key_block_table` (index and count are `kv_block_table`'s); a
+    caller that runs several attentions over one mask (DETR: 6 encoder
+    self-attentions, 6 decoder cross-attentions) builds it once and passes it to
+    each as `kv_table`.
     """
-    if key_padding_mask.is_inference():
-        return kv_block_table(key_padding_mask, block_n)
-    entry = _last_kv_table[0]
-    if entry is not None:
-        mask_ref, version, cached_block_n, table = entry
-        if mask_ref() is key_padding_mask and key_padding_mask._version == version and cached_block_n == block_n:
-            return table
-    table = kv_block_table(key_padding_mask, block_n)
-    _last_kv_table[0] = (weakref.ref(key_padding_mask), key_padding_mask._version, block_n, table)
-    return table
+    index: torch.Tensor     # (B, cdiv(S, block_n)) int32: the blocks with a valid key first, in key order
+    count: torch.Tensor     # (B,) int32: how many blocks have a valid key
+    block_n: int            # keys per block
+
+
+def key_block_table(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> KeyBlockTable:
+    """The skip list of `key_padding_mask` ((B, S) bool, True = padded) for attention over `dtype` inputs.
+
+    For the key blocks (BLOCK_N) of the forward and dQ kernels at that dtype,
+    which share them (`_configs()`). Torch ops only, no host sync. Pass it as
+    `attention(..., kv_table=)` to every attention over this mask and dtype;
+    it goes stale if the mask is modified in place.
+    """
+    block_n = block_config("fwd", dtype)["BLOCK_N"]
+    return KeyBlockTable(*kv_block_table(key_padding_mask, block_n), block_n)
+
+
+def _table_for(key_padding_mask, kv_table, block_n) -> KeyBlockTable:
+    """`kv_table` when it is for key blocks of `block_n` keys, else a table built now.
+
+    A given table's shapes are checked against the mask (metadata only): the
+    kernels would read past a table built for another batch or length.
+    """
+    if kv_table is None or kv_table.block_n != block_n:
+        return KeyBlockTable(*kv_block_table(key_padding_mask, block_n), block_n)
+    batch, seq_k = key_padding_mask.shape
+    index, count = kv_table.index, kv_table.count
+    expected = (batch, triton.cdiv(seq_k, block_n))
+    if (tuple(index.shape) != expected or tuple(count.shape) != (batch,) or index.dtype != torch.int32
+            or count.dtype != torch.int32 or index.device != key_padding_mask.device
+            or count.device != key_padding_mask.device):
+        raise ValueError(f"attention: kv_table does not fit key_padding_mask {tuple(key_padding_mask.shape)}: "
+                         f"expected int32 index {expected} and count ({batch},) on {key_padding_mask.device}; "
+                         f"got index {tuple(index.shape)} {index.dtype} on {index.device}, count "
+                         f"{tuple(count.shape)} {count.dtype}")
+    return KeyBlockTable(index.contiguous(), count.contiguous(), block_n)
 
 
 def _mask_args(key_padding_mask, kv_table, block_n, like):
-    """(mask as uint8, block index, block count, placeholder) kernel arguments.
+    """(mask as uint8, table, placeholder) kernel arguments; table: a KeyBlockTable for `block_n`, or None.
 
-    Pointers a launch does not read (no mask, no visit count) get a one-element
-    int32 placeholder, so the pointer types always match `aot_configs()`.
+    `kv_table` is used when it is for `block_n`, else one is built. Pointers a
+    launch does not read (no mask, no visit count) get a one-element int32
+    placeholder, so the pointer types always match `aot_configs()`.
     """
     placeholder = torch.empty(1, dtype=torch.int32, device=like.device)
     if key_padding_mask is None:
-        return placeholder.view(torch.uint8), placeholder, placeholder, placeholder
-    if kv_table is None:
-        kv_table = cached_kv_block_table(key_padding_mask, block_n)
-    return key_padding_mask.contiguous().view(torch.uint8), kv_table[0], kv_table[1], placeholder
+        return placeholder.view(torch.uint8), None, placeholder
+    table = _table_for(key_padding_mask, kv_table, block_n)
+    return key_padding_mask.contiguous().view(torch.uint8), table, placeholder
 
 
 def attention_forward(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0, rng_offset=0,
-                      block_visits=None):
+                      block_visits=None, kv_table=None):
     """Launch the forward kernel.
 
     q: (B, H, L, D), k and v: (B, H, S, D), any strides; key_padding_mask: (B, S)
     bool or None; seed, rng_offset: ints in [0, 2**31) keying the dropout RNG.
     block_visits: optional (B, H, L) int32 tensor, filled with the number of key
     blocks the program of each query row visited (a test instrument).
+    kv_table: the mask's KeyBlockTable (`key_block_table`), used when it is for
+    this kernel's key blocks, else (or when None) built here; unused without a mask.
     Returns (out (B, H, L, D) in q's dtype, lse (B, H, L) fp32 in log2 units,
-    kv block table (index, count) or None without a mask).
+    the KeyBlockTable used, or None without a mask, for backward).
     """
     _check_inputs(q, k, v, key_padding_mask, dropout_p)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
-    if batch * heads > 65535:
-        raise ValueError(f"attention: B * H = {batch * heads} exceeds the kernel's grid limit 65535 "
+    if batch * heads > MAX_BATCH_HEADS:
+        raise ValueError(f"attention: B * H = {batch * heads} exceeds the kernel's grid limit {MAX_BATCH_HEADS} "
                          f"(q {tuple(q.shape)})")
     scale = head_dim ** -0.5 if scale is None else float(scale)
     config = block_config("fwd", q.dtype)
@@ -485,11 +521,11 @@ def attention_forward(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None,
     if seq_q == 0 or seq_k == 0:
         return out.zero_(), lse.fill_(float("inf")), None
 
-    mask_u8, block_index, block_count, placeholder = _mask_args(key_padding_mask, None, config["BLOCK_N"], q)
+    mask_u8, table, placeholder = _mask_args(key_padding_mask, kv_table, config["BLOCK_N"], q)
     grid = (triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)
     _attention_fwd_kernel[grid](
         q, k, v, out, lse,
-        mask_u8, block_index, block_count,
+        mask_u8, *(table[:2] if table is not None else (placeholder, placeholder)),
         block_visits if block_visits is not None else placeholder,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -503,7 +539,6 @@ def attention_forward(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None,
         COUNT_VISITS=block_visits is not None, DOT_PRECISION=config["DOT_PRECISION"],
         UPCAST_DOT=_upcast_dot(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    table = None if key_padding_mask is None else (block_index, block_count)
     return out, lse, table
 
 
@@ -519,12 +554,14 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=None, kv_ta
     launch fewer than a separate preprocess kernel.
 
     grad_out, q, out: (B, H, L, D); k, v: (B, H, S, D); lse: (B, H, L) from
-    forward; kv_table: forward's block table (rebuilt when None and masked).
+    forward; kv_table: forward's KeyBlockTable, used when it is for the dQ
+    kernel's key blocks (it always is: forward and dQ share BLOCK_N), else (or
+    when None) built here; a plain (index, count) pair is taken as forward's.
     dq_block_visits (B, H, L) / dkv_block_visits (B, H, S): optional int32 test
     instruments (key blocks per dQ program / query blocks per dK/dV program).
     Returns (dq, dk, dv) in the inputs' dtype.
     """
-    grad_out, q, k, v, out = (_unit_last_stride(t) for t in (grad_out, q, k, v, out))
+    grad_out, q, k, v, out = (unit_last_stride(t) for t in (grad_out, q, k, v, out))
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -535,15 +572,14 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=None, kv_ta
     if seq_q == 0 or seq_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
 
-    if block_config("fwd", q.dtype)["BLOCK_N"] != dq_config["BLOCK_N"]:
-        kv_table = None   # forward's table is for other key blocks
-    mask_u8, block_index, block_count, placeholder = _mask_args(key_padding_mask, kv_table,
-                                                                dq_config["BLOCK_N"], q)
+    if kv_table is not None and not isinstance(kv_table, KeyBlockTable):
+        kv_table = KeyBlockTable(*kv_table, block_config("fwd", q.dtype)["BLOCK_N"])
+    mask_u8, table, placeholder = _mask_args(key_padding_mask, kv_table, dq_config["BLOCK_N"], q)
     delta = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     has_mask = int(key_padding_mask is not None)
     _attention_bwd_dq_kernel[(triton.cdiv(seq_q, dq_config["BLOCK_M"]), batch * heads)](
         q, k, v, out, grad_out, dq, lse, delta,
-        mask_u8, block_index, block_count,
+        mask_u8, *(table[:2] if table is not None else (placeholder, placeholder)),
         dq_block_visits if dq_block_visits is not None else placeholder,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -599,7 +635,7 @@ def aot_configs() -> list[KernelConfig]:
         kernel = globals()[kernel_attr]
         for dtype, dtype_name in TRITON_DTYPE_NAMES.items():
             config = block_config(kernel_name, dtype)
-            for head_dim in _SUPPORTED_HEAD_DIMS:
+            for head_dim in HEAD_DIMS:
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                                   COUNT_VISITS=False, DOT_PRECISION=config["DOT_PRECISION"],
                                   UPCAST_DOT=False)
@@ -613,18 +649,15 @@ def aot_configs() -> list[KernelConfig]:
 # Autograd
 # ---------------------------------------------------------------------------------------------
 
-def _draw_dropout_seed() -> tuple[int, int]:
-    # torch's CPU generator: reproducible under torch.manual_seed, and never a device sync
-    seed, rng_offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
-    return seed, rng_offset
-
-
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, dropout_p, scale, seed, rng_offset):
-        out, lse, table = attention_forward(q, k, v, key_padding_mask, dropout_p, scale, seed, rng_offset)
+    def forward(ctx, q, k, v, key_padding_mask, dropout_p, scale, seed, rng_offset, kv_table=None):
+        out, lse, table = attention_forward(q, k, v, key_padding_mask, dropout_p, scale, seed, rng_offset,
+                                            kv_table=kv_table)
+        # forward's table serves backward's dQ kernel (same key blocks)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask,
-                              *(table if table is not None else ()))
+                              *(table[:2] if table is not None else ()))
+        ctx.kv_block_n = table.block_n if table is not None else None
         ctx.dropout_p, ctx.scale, ctx.seed, ctx.rng_offset = dropout_p, scale, seed, rng_offset
         return out
 
@@ -632,12 +665,12 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask, *table = ctx.saved_tensors
         dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, key_padding_mask,
-                                        tuple(table) if table else None, ctx.dropout_p, ctx.scale,
-                                        ctx.seed, ctx.rng_offset)
-        return dq, dk, dv, None, None, None, None, None
+                                        KeyBlockTable(*table, ctx.kv_block_n) if table else None,
+                                        ctx.dropout_p, ctx.scale, ctx.seed, ctx.rng_offset)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None):
+def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, kv_table=None):
     """Scaled dot-product attention with a key padding mask and attention dropout.
 
     q: (B, H, L, D); k, v: (B, H, S, D); any strides (views of the (L, B, H, D)
@@ -646,16 +679,22 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None):
     dropout_p: probability of zeroing an attention weight (kept weights are scaled
     by 1 / (1 - dropout_p)); the RNG draw comes from torch's CPU generator.
     scale: multiplies q k^T; default 1 / sqrt(D).
+    kv_table: optional KeyBlockTable of key_padding_mask, `key_block_table(mask,
+    q.dtype)`, built once by a caller that runs several attentions over one mask;
+    used when it is for the kernels' key blocks, else (or when None) this call
+    builds its own. The caller keeps it in step with the mask (rebuild after an
+    in-place change). Unused without a mask or on the plain-PyTorch path.
     Returns (B, H, L, D) in q's dtype (on the Triton path a view of (L, B, H, D)
     storage). A query row whose keys are all padded returns zeros and passes zero
     gradients, where PyTorch's softmax would return NaN.
-    Runs the Triton kernels when `fastdetr.backend.use_triton` says so, else `attention_ref`.
+    Runs the Triton kernels when `fastdetr.backend.use_triton` says so and the
+    dtype is one of DTYPES, else `attention_ref`.
     """
     _check_inputs(q, k, v, key_padding_mask, dropout_p)
-    if not use_triton(q, k, v, key_padding_mask):
+    if q.dtype not in DTYPES or not use_triton(q, k, v, key_padding_mask):
         return attention_ref(q, k, v, key_padding_mask, dropout_p, scale)
-    seed, rng_offset = _draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
-    return AttentionFunction.apply(q, k, v, key_padding_mask, float(dropout_p), scale, seed, rng_offset)
+    seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
+    return AttentionFunction.apply(q, k, v, key_padding_mask, float(dropout_p), scale, seed, rng_offset, kv_table)
 
 
 def attention_ref(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, dropout_keep=None):

@@ -1,4 +1,16 @@
-"""Pieces shared by the Triton kernels of `fastdetr.kernels`: the bf16 dot workaround and AOT descriptions.
+"""Pieces shared by the Triton kernels of `fastdetr.kernels`, each written once.
+
+- Launcher helpers (plain Python): `draw_dropout_seed` (the dropout RNG key,
+  from torch's CPU generator), `unit_last_stride` and `as_rows` (the layouts
+  the kernels index: last stride 1, rows of a given width).
+- `@triton.jit` helpers, inlined into the kernels that call them: `_dot` (the
+  bf16 workaround below), the two Philox dropout masks (`_gemm_dropout_keep`
+  for the (row, column) tiles of the GEMM-epilogue kernels,
+  `_attention_dropout_keep` for the (query, key) scores of one batch * head;
+  two counter layouts, two random streams, both kept as they are), and
+  `_layernorm_rows`, the LayerNorm epilogue of the kernels that own whole rows.
+- Ahead-of-time compile descriptions (`KernelConfig`, `aot_signature`), read by
+  `fastdetr.kernels.report`.
 
 `_dot` is every kernel's matrix product. Triton 3.6's interpreter keeps bf16
 tiles as uint16 bit patterns and its `tl.dot` multiplies those integers
@@ -19,11 +31,49 @@ import triton.language as tl
 
 from fastdetr.backend import interpreter_enabled
 
+# ---- launcher helpers ----------------------------------------------------------------------------
+
+_INT32_LIMIT = 2**31
+
+
+def draw_dropout_seed() -> tuple[int, int]:
+    """(seed, rng_offset), ints in [0, 2**31 - 1) keying a kernel's Philox dropout.
+
+    Drawn from torch's CPU generator: reproducible under `torch.manual_seed`, and
+    never a device sync.
+    """
+    seed, rng_offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
+    return seed, rng_offset
+
+
+def unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself when its last stride is 1, else a contiguous copy.
+
+    The kernels index the last dimension with stride 1 (vectorised loads); any
+    other layout is copied once.
+    """
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def as_rows(tensor: torch.Tensor, width: int, max_row_offset: int | None = None) -> torch.Tensor:
+    """(..., width) -> (M, width) with last stride 1: a view when possible, else a contiguous copy.
+
+    max_row_offset: when given, the kernel indexes rows [0, max_row_offset) of a
+    tile with int32 offsets, so a view whose stride(0) * max_row_offset reaches
+    2**31 is copied too (its copy has row stride `width`).
+    """
+    flat = tensor.reshape(-1, width)
+    if flat.stride(-1) == 1 and (max_row_offset is None or flat.stride(0) * max_row_offset < _INT32_LIMIT):
+        return flat
+    return flat.contiguous()
+
 
 def _upcast_dot(dtype: torch.dtype) -> bool:
     """Whether the kernels must multiply in fp32: only bf16 under Triton's interpreter (module docstring)."""
     return dtype == torch.bfloat16 and interpreter_enabled()
 
+
+# ---- @triton.jit helpers -------------------------------------------------------------------------
 
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -33,8 +83,11 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
+# Two dropout masks, two Philox counter layouts: each kernel family's random stream is fixed (its
+# tests recover the mask), so neither is rewritten in terms of the other.
+
 @triton.jit
-def _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p):
+def _gemm_dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p):
     """Bool block, True = keep: Philox4x32-10, counter (column, row, 0, rng_offset), key seed.
 
     Each element has its own counter, so forward and backward tiles draw the
@@ -44,6 +97,43 @@ def _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p):
     zeros = tl.zeros_like(row_ids)
     bits, _, _, _ = tl.philox(seed, col_ids, row_ids, zeros, zeros + rng_offset)
     return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _attention_dropout_keep(seed, rng_offset, bh, query_ids, key_ids, dropout_p):
+    """Bool block, True = keep. query_ids / key_ids: int32 blocks of one shape (either orientation).
+
+    Philox4x32-10 with counter (key, query, batch * heads + head, rng_offset) and
+    key seed: each element has its own counter, so forward and backward tiles of
+    any shape and orientation draw the same number for the same element, and no
+    index product can overflow. The attention kernels' dropout on the softmax
+    weights: the third counter word tells the (batch, head) slices apart.
+    """
+    bh_ids = tl.zeros_like(query_ids) + bh
+    offset_ids = tl.zeros_like(query_ids) + rng_offset
+    bits, _, _, _ = tl.philox(seed, key_ids, query_ids, bh_ids, offset_ids)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _layernorm_rows(z, col_ok, num_cols, eps, LnW_ptr, LnB_ptr, offs_n):
+    """LayerNorm of each row of the fp32 tile z (BLOCK_M, BLOCK_N) over its valid columns.
+
+    col_ok: (BLOCK_N,) bool, the columns < num_cols; masked columns are left out of
+    the mean and variance (statistics in fp32) and come out as ln_bias's masked
+    load, 0. LnW_ptr, LnB_ptr: (num_cols,) affine weight and bias, loaded at
+    offs_n. Returns (y (BLOCK_M, BLOCK_N) fp32, mean (BLOCK_M,), rstd (BLOCK_M,),
+    z with its masked columns zeroed). A caller that still stores z stores that
+    one: keeping the input z live instead costs the `linear_layernorm` forward
+    registers (the AOT report).
+    """
+    z = tl.where(col_ok[None, :], z, 0.0)
+    mean = tl.sum(z, 1) / num_cols
+    centred = tl.where(col_ok[None, :], z - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / num_cols + eps)
+    ln_w = tl.load(LnW_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+    ln_b = tl.load(LnB_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+    return centred * rstd[:, None] * ln_w[None, :] + ln_b[None, :], mean, rstd, z
 
 
 # ---- ahead-of-time compile descriptions (read by fastdetr.kernels.report) ----------------------

@@ -17,8 +17,9 @@ BLOCK_K steps (fp32 accumulation), rounded to the input dtype as the
 reference's F.linear rounds its output, then acc += h W2[:, chunk]^T into a
 BLOCK_M x BLOCK_D fp32 accumulator. Only acc and one h chunk are ever live; the
 epilogue adds b2 and the residual, optionally applies LayerNorm (mean and rstd
-in fp32 over the valid columns) and stores in the input dtype. Weights are
-re-read by every row program (from L2: W1 + W2 are 2 MB in bf16 at DETR size).
+in fp32 over the valid columns: `_layernorm_rows`, shared with
+`linear_layernorm`) and stores in the input dtype. Weights are re-read by
+every row program (from L2: W1 + W2 are 2 MB in bf16 at DETR size).
 
 Register budget (per thread, 32 * num_warps threads): acc takes
 BLOCK_M * BLOCK_D / (32 * num_warps) fp32 registers (64 for 64 x 256 and 8
@@ -26,21 +27,23 @@ warps), the h chunk BLOCK_M * BLOCK_H / (32 * num_warps) more, and the W2 chunk
 (BLOCK_D x BLOCK_H) is the largest tile loaded per step. Without a known
 16-element alignment of d_model and the row strides -- what `aot_configs()`
 compiles, and what a GPU runs for an odd d_model -- every load is scalar, with
-an address and a predicate per element, and that sets the tile sizes: 208-254
-registers for the 16-bit configs, 128-228 for fp32, no spills, at most 35 KB of
-shared memory. The specialisation Triton's JIT applies on a GPU for DETR's
-shapes (d_model 256, strides multiples of 16) vectorises the loads: about 150
-registers for the 16-bit BLOCK_D = 256 config. In-tile offsets are int32 (one
-register per element instead of two); only the program's row base is int64.
+an address and a predicate per element, and that sets the tile sizes (no
+spills; `fastdetr kernel-report` prints each config's registers and shared
+memory). The specialisation Triton's JIT applies on a GPU for DETR's shapes
+(d_model 256, strides multiples of 16) vectorises the loads and needs fewer
+registers. In-tile offsets are int32 (one register per element instead of
+two); only the program's row base is int64.
 
-Limits: D <= 256 (DETR's d_model; wider rows, fp64 inputs and calls that need
-a gradient run `ffn_inference_ref`, plain PyTorch); any H (masked); x, the
-weights, the biases, residual and the LayerNorm parameters share one dtype
-(fp32, fp16 or bf16); b1, b2 are tensors (not None); ln_weight and ln_bias are
-given together or not at all; M < 2**31, each weight under 2**31 elements. fp32 dots run in true fp32 ("ieee",
-not tf32), for the 1e-5 tolerance. Block sizes were picked for no register
-spills on sm_80 / sm_90 and tensor cores for 16-bit inputs (wgmma on sm_90,
-mma on sm_80; `aot_configs()`), not tuned on a GPU. The grid is one program per
+Limits, as constants other modules import: D <= `MAX_FUSED_WIDTH` (256,
+DETR's d_model; wider rows, dtypes outside `DTYPES` and calls that need a
+gradient run `ffn_inference_ref`, plain PyTorch); any H (masked); x, the
+weights, the biases, residual and the LayerNorm parameters share one dtype in
+`DTYPES` (fp32, fp16 or bf16); b1, b2 are tensors (not None); ln_weight and
+ln_bias are given together or not at all; M < 2**31, each weight under 2**31
+elements. fp32 dots run in true fp32 ("ieee", not tf32), for the 1e-5
+tolerance. Block sizes were picked for no register spills on sm_80 / sm_90 and
+tensor cores for 16-bit inputs (wgmma on sm_90, mma on sm_80; `aot_configs()`),
+not tuned on a GPU. The grid is one program per
 BLOCK_M rows, each walking the whole hidden: at DETR's decoder size (100
 queries x batch) that is a handful of programs, too few to fill a GPU -- a
 split over H (partial sums, then the epilogue) would be the next step if timing
@@ -56,9 +59,19 @@ import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, _dot, _upcast_dot, aot_signature
+from fastdetr.kernels.common import (
+    TRITON_DTYPE_NAMES,
+    KernelConfig,
+    _dot,
+    _layernorm_rows,
+    _upcast_dot,
+    aot_signature,
+    as_rows,
+)
 
+# limits (module docstring)
 MAX_FUSED_WIDTH = 256
+DTYPES = tuple(TRITON_DTYPE_NAMES)
 _BLOCK_D_CHOICES = (64, 128, 256)
 
 
@@ -196,13 +209,7 @@ def _ffn_fwd_kernel(
                        mask=mask, other=0.0)
     z = acc + b2[None, :] + residual.to(tl.float32)
     if apply_layernorm != 0:
-        z = tl.where(col_ok[None, :], z, 0.0)
-        mean = tl.sum(z, 1) / d_model
-        centred = tl.where(col_ok[None, :], z - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / d_model + eps)
-        ln_w = tl.load(LnW_ptr + offs_d, mask=col_ok, other=0.0).to(tl.float32)
-        ln_b = tl.load(LnB_ptr + offs_d, mask=col_ok, other=0.0).to(tl.float32)
-        z = centred * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+        z, _, _, _ = _layernorm_rows(z, col_ok, d_model, eps, LnW_ptr, LnB_ptr, offs_d)
     tl.store(Y_ptr + row_start * stride_y_m + offs_m[:, None] * stride_y_m + offs_d[None, :],
              z.to(Y_ptr.dtype.element_ty), mask=mask)
 
@@ -210,27 +217,6 @@ def _ffn_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-
-_INT32_LIMIT = 2**31
-
-
-def _rows(tensor: torch.Tensor, width: int, block_m: int) -> torch.Tensor:
-    """(..., width) -> (M, width) with last stride 1 and in-tile offsets block_m * stride under 2**31.
-
-    A view when possible: only a view with an exotic row stride is copied.
-    """
-    flat = tensor.reshape(-1, width)
-    if flat.stride(-1) == 1 and flat.stride(0) * block_m < _INT32_LIMIT:
-        return flat
-    return flat.contiguous()
-
-
-def _weight(tensor: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) with last stride 1 and every offset under 2**31 (the kernel indexes weights in int32)."""
-    if tensor.stride(-1) == 1 and tensor.stride(0) * tensor.shape[0] < _INT32_LIMIT:
-        return tensor
-    return tensor.contiguous()
-
 
 def ffn_inference_forward(x, w1, b1, w2, b2, residual, ln_weight=None, ln_bias=None, eps=1e-5):
     """Launch the kernel.
@@ -243,8 +229,9 @@ def ffn_inference_forward(x, w1, b1, w2, b2, residual, ln_weight=None, ln_bias=N
     if width > MAX_FUSED_WIDTH:
         raise ValueError(f"ffn_inference_forward: D = {width} > {MAX_FUSED_WIDTH}; use the reference path")
     config = block_config(x.dtype, width)
-    x, residual = _rows(x, width, config["BLOCK_M"]), _rows(residual, width, config["BLOCK_M"])
-    w1, w2 = _weight(w1), _weight(w2)
+    # int32 in-tile offsets: a row tile's (BLOCK_M rows) and a whole weight's under 2**31
+    x, residual = (as_rows(t, width, max_row_offset=config["BLOCK_M"]) for t in (x, residual))
+    w1, w2 = (as_rows(w, w.shape[1], max_row_offset=w.shape[0]) for w in (w1, w2))
     b1, b2 = b1.contiguous(), b2.contiguous()
     num_rows, hidden = x.shape[0], w1.shape[0]
     apply_layernorm = ln_weight is not None
@@ -310,7 +297,7 @@ def ffn_inference(x, w1, b1, w2, b2, residual, ln_weight=None, ln_bias=None, eps
     """
     tensors = (x, w1, b1, w2, b2, residual, ln_weight, ln_bias)
     _check_inputs(*tensors)
-    if (x.dtype not in TRITON_DTYPE_NAMES or w1.shape[1] > MAX_FUSED_WIDTH or _needs_grad(tensors)
+    if (x.dtype not in DTYPES or w1.shape[1] > MAX_FUSED_WIDTH or _needs_grad(tensors)
             or not use_triton(*tensors)):
         return ffn_inference_ref(x, w1, b1, w2, b2, residual, ln_weight, ln_bias, eps)
     out = ffn_inference_forward(x, w1, b1, w2, b2, residual, ln_weight, ln_bias, eps)

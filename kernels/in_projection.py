@@ -26,12 +26,13 @@ prologue of dW_qk, so backward forms x + pos as an (M, E) temporary (freed at
 once). Saved for backward: x, pos and W only (no x + pos), the same bytes the
 reference's autograd keeps for its two linears (it saves x + pos instead of pos).
 
-Limits: x, pos, weight and bias share one dtype (fp32, fp16 or bf16); bias is a
-tensor (not None); pos has x's shape; M < 2**31 rows. fp32 dots run in true
-fp32 ("ieee", not tf32) for the 1e-5 tolerance; fp16/bf16 round x + pos to the
-input dtype before the tensor-core dot, as the reference does. Any E works
-(tiles are masked). Block sizes were picked for no register spills on sm_80 /
-sm_90 (`aot_configs()`), not tuned on a GPU.
+Limits: x, pos, weight and bias share one dtype in `DTYPES` (fp32, fp16 or
+bf16; others run `in_projection_ref`); bias is a tensor (not None); pos has x's
+shape; M < 2**31 rows. fp32 dots run in true fp32 ("ieee", not tf32) for the
+1e-5 tolerance; fp16/bf16 round x + pos to the input dtype before the
+tensor-core dot, as the reference does. Any E works (tiles are masked). Block
+sizes were picked for no register spills on sm_80 / sm_90 (`aot_configs()`),
+not tuned on a GPU.
 """
 from __future__ import annotations
 
@@ -43,8 +44,18 @@ import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, _dot, _upcast_dot, aot_signature
+from fastdetr.kernels.common import (
+    TRITON_DTYPE_NAMES,
+    KernelConfig,
+    _dot,
+    _upcast_dot,
+    aot_signature,
+    as_rows,
+    unit_last_stride,
+)
 
+# limits (module docstring)
+DTYPES = tuple(TRITON_DTYPE_NAMES)
 _BLOCK_N_CHOICES = (64, 128)
 
 
@@ -170,12 +181,6 @@ def _in_projection_fwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """(..., width) -> (M, width) with last stride 1 (a view when possible)."""
-    flat = tensor.reshape(-1, width)
-    return flat if flat.stride(-1) == 1 else flat.contiguous()
-
-
 def in_projection_forward(x, pos, weight, bias):
     """Launch the forward kernel.
 
@@ -183,9 +188,9 @@ def in_projection_forward(x, pos, weight, bias):
     Returns [Q | K | V]: (M, 3E) in x's dtype, Q and K from x + pos, V from x.
     """
     embed_dim = x.shape[-1]
-    x = _rows(x, embed_dim)
-    pos = None if pos is None else _rows(pos, embed_dim)
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    x = as_rows(x, embed_dim)
+    pos = None if pos is None else as_rows(pos, embed_dim)
+    weight = unit_last_stride(weight)
     bias = bias.contiguous()
     num_rows = x.shape[0]
     config = block_config(x.dtype, embed_dim)
@@ -235,8 +240,6 @@ def in_projection_backward(grad_out, x, pos, weight, needs_x=True, needs_pos=Tru
     return dx, dpos, dweight, dbias
 
 
-
-
 def aot_configs() -> list[KernelConfig]:
     """Every kernel variant the launcher can choose: 3 dtypes x HAS_POS {True, False} x BLOCK_N {64, 128}.
 
@@ -276,7 +279,7 @@ class InProjectionFunction(torch.autograd.Function):
         embed_dim = x.shape[-1]
         needs_x, needs_pos, needs_weight, needs_bias = ctx.needs_input_grad
         dx, dpos, dweight, dbias = in_projection_backward(
-            _rows(grad_out, 3 * embed_dim), _rows(x, embed_dim), None if pos is None else _rows(pos, embed_dim),
+            as_rows(grad_out, 3 * embed_dim), as_rows(x, embed_dim), None if pos is None else as_rows(pos, embed_dim),
             weight, needs_x, needs_pos and pos is not None, needs_weight, needs_bias)
         dx = None if dx is None else dx.view(ctx.x_shape)
         dpos = None if dpos is None else dpos.view(ctx.x_shape)
@@ -294,7 +297,7 @@ def in_projection(x, pos, weight, bias):
     (plain PyTorch).
     """
     _check_inputs(x, pos, weight, bias)
-    if x.dtype not in TRITON_DTYPE_NAMES or not use_triton(x, pos, weight, bias):
+    if x.dtype not in DTYPES or not use_triton(x, pos, weight, bias):
         return in_projection_ref(x, pos, weight, bias)
     return InProjectionFunction.apply(x, pos, weight, bias)
 

@@ -12,8 +12,9 @@ BLOCK_K steps with fp32 accumulation, and in its epilogue adds the bias, applies
 dropout (Philox, counter = (column, row, 0, offset), key = seed; seed and offset
 drawn on the host from torch's CPU generator, no device sync), adds the
 residual, computes each row's mean and rstd in fp32, normalises, applies the
-LayerNorm affine and stores y in the input dtype, plus the per-row mean and rstd
-(fp32) and, only when a gradient is needed, the pre-norm sum z (input dtype).
+LayerNorm affine (`_layernorm_rows`, shared with `ffn`) and stores y in the
+input dtype, plus the per-row mean and rstd (fp32) and, only when a gradient is
+needed, the pre-norm sum z (input dtype).
 Without dropout the 16-bit LayerNorm variant instead starts its accumulator at
 residual + bias, before the GEMM: its epilogue then holds one tile less.
 
@@ -35,13 +36,15 @@ gamma, which training may drive to zero.) The dropout mask is regenerated, not
 saved: the reference also keeps an (M, N) mask. With dropout on, backward
 allocates one more (M, N) temporary (dlin) besides dz.
 
-Limits: N <= 256 (DETR's d_model; wider rows run `linear_residual_layernorm_ref`,
-plain PyTorch, with autograd through torch); x, weight, bias, residual and the
-LayerNorm parameters share one dtype (fp32, fp16 or bf16), and bias, ln_weight
-and ln_bias are tensors (not None); M < 2**31. fp32 dots run in true fp32
-("ieee", not tf32), for the 1e-5 tolerance. The dropout mask differs from
-torch's (another RNG), with the same keep rate. Block sizes were picked for no
-register spills on sm_80 / sm_90 (`aot_configs()`), not tuned on a GPU.
+Limits, as constants other modules import: N <= `MAX_FUSED_WIDTH` (256,
+DETR's d_model; wider rows and dtypes outside `DTYPES` run the `*_ref`
+functions, plain PyTorch, with autograd through torch); x, weight, bias,
+residual and the LayerNorm parameters share one dtype in `DTYPES` (fp32, fp16
+or bf16), and bias, ln_weight and ln_bias are tensors (not None); M < 2**31.
+fp32 dots run in true fp32 ("ieee", not tf32), for the 1e-5 tolerance. The
+dropout mask differs from torch's (another RNG), with the same keep rate. Block
+sizes were picked for no register spills on sm_80 / sm_90 (`aot_configs()`),
+not tuned on a GPU.
 """
 from __future__ import annotations
 
@@ -57,12 +60,18 @@ from fastdetr.kernels.common import (
     TRITON_DTYPE_NAMES,
     KernelConfig,
     _dot,
-    _dropout_keep,
+    _gemm_dropout_keep,
+    _layernorm_rows,
     _upcast_dot,
     aot_signature,
+    as_rows,
+    draw_dropout_seed,
+    unit_last_stride,
 )
 
+# limits (module docstring)
 MAX_FUSED_WIDTH = 256
+DTYPES = tuple(TRITON_DTYPE_NAMES)
 _BLOCK_N_CHOICES = (64, 128, 256)
 
 
@@ -210,19 +219,13 @@ def _linear_layernorm_fwd_kernel(
         if DROPOUT:
             row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-            keep = _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
+            keep = _gemm_dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
             acc = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
         residual = tl.load(Residual_ptr + rows * stride_res_m + cols[None, :], mask=mask, other=0.0)
         z = acc + residual.to(tl.float32)
     if APPLY_NORM:
-        # LayerNorm over the valid columns, statistics in fp32
-        z = tl.where(col_ok[None, :], z, 0.0)
-        mean = tl.sum(z, 1) / num_cols
-        centred = tl.where(col_ok[None, :], z - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / num_cols + eps)
-        ln_w = tl.load(LnW_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
-        ln_b = tl.load(LnB_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
-        y = centred * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+        # LayerNorm over the valid columns, statistics in fp32; z comes back with its padded columns zeroed
+        y, mean, rstd, z = _layernorm_rows(z, col_ok, num_cols, eps, LnW_ptr, LnB_ptr, offs_n)
         tl.store(Y_ptr + rows * stride_y_m + cols[None, :], y.to(Y_ptr.dtype.element_ty), mask=mask)
         tl.store(Mean_ptr + offs_m, mean, mask=row_ok)
         tl.store(Rstd_ptr + offs_m, rstd, mask=row_ok)
@@ -279,7 +282,7 @@ def _layernorm_bwd_kernel(
     if dropout_p > 0.0:
         row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
         col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-        keep = _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
+        keep = _gemm_dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
         d_lin = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
         tl.store(dLin_ptr + rows * stride_dlin_m + offs_n[None, :], d_lin.to(dLin_ptr.dtype.element_ty),
                  mask=mask)
@@ -290,12 +293,6 @@ def _layernorm_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-
-def _rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """(..., width) -> (M, width) with last stride 1 (a view when possible)."""
-    flat = tensor.reshape(-1, width)
-    return flat if flat.stride(-1) == 1 else flat.contiguous()
-
 
 def linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, store_preln=True,
                              dropout_p=0.0, seed=0, rng_offset=0, apply_norm=True):
@@ -310,8 +307,8 @@ def linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps=
     """
     if not (apply_norm or store_preln):
         raise ValueError("linear_layernorm_forward: nothing to compute (apply_norm and store_preln both off)")
-    x, residual = _rows(x, x.shape[-1]), _rows(residual, residual.shape[-1])
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    x, residual = as_rows(x, x.shape[-1]), as_rows(residual, residual.shape[-1])
+    weight = unit_last_stride(weight)
     bias = bias.contiguous()
     if apply_norm:
         ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
@@ -362,8 +359,8 @@ def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight, dropo
     apply_norm = grad_y is not None
     if not apply_norm and grad_z is None:
         raise ValueError("linear_layernorm_backward: no gradient given (grad_y and grad_z both None)")
-    grad_y = _rows(grad_y, grad_y.shape[-1]) if apply_norm else None
-    grad_z = _rows(grad_z, grad_z.shape[-1]) if grad_z is not None else None
+    grad_y = as_rows(grad_y, grad_y.shape[-1]) if apply_norm else None
+    grad_z = as_rows(grad_z, grad_z.shape[-1]) if grad_z is not None else None
     some_grad = grad_y if apply_norm else grad_z
     num_rows, width = some_grad.shape
     config = block_config("bwd", x.dtype, width)
@@ -450,7 +447,7 @@ class LinearResidualLayerNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, z, mean, rstd, ln_weight = ctx.saved_tensors
         dx, dweight, dbias, dresidual, dln_weight, dln_bias = linear_layernorm_backward(
-            grad_y, _rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight, ctx.dropout_p, ctx.seed,
+            grad_y, as_rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight, ctx.dropout_p, ctx.seed,
             ctx.rng_offset)
         return (dx.view(ctx.x_shape), dweight, dbias, dresidual.view(ctx.residual_shape), dln_weight, dln_bias,
                 None, None, None, None)
@@ -484,16 +481,10 @@ class LinearResidualFunction(torch.autograd.Function):
         x, weight, *norm_saved = ctx.saved_tensors
         z, mean, rstd, ln_weight = norm_saved if ctx.apply_norm else (None,) * 4
         dx, dweight, dbias, dresidual, dln_weight, dln_bias = linear_layernorm_backward(
-            grad_y, _rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight, ctx.dropout_p, ctx.seed,
+            grad_y, as_rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight, ctx.dropout_p, ctx.seed,
             ctx.rng_offset, grad_z=grad_z)
         return (dx.view(ctx.x_shape), dweight, dbias, dresidual.view(ctx.residual_shape), dln_weight, dln_bias,
                 None, None, None, None)
-
-
-def _draw_dropout_seed() -> tuple[int, int]:
-    # torch's CPU generator: reproducible under torch.manual_seed, and never a device sync
-    seed, rng_offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
-    return seed, rng_offset
 
 
 def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, dropout_p=0.0):
@@ -508,9 +499,10 @@ def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps
     the Triton path draws its seed from torch's CPU generator.
     """
     _check_inputs(x, weight, bias, residual, ln_weight, ln_bias, dropout_p)
-    if weight.shape[0] > MAX_FUSED_WIDTH or not use_triton(x, weight, bias, residual, ln_weight, ln_bias):
+    if (x.dtype not in DTYPES or weight.shape[0] > MAX_FUSED_WIDTH
+            or not use_triton(x, weight, bias, residual, ln_weight, ln_bias)):
         return linear_residual_layernorm_ref(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p)
-    seed, rng_offset = _draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
+    seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
     return LinearResidualLayerNormFunction.apply(x, weight, bias, residual, ln_weight, ln_bias, float(eps),
                                                  float(dropout_p), seed, rng_offset)
 
@@ -529,9 +521,9 @@ def linear_residual(x, weight, bias, residual, dropout_p=0.0):
     (LayerNorm off) when `use_triton` says so and N <= 256, else `linear_residual_ref`.
     """
     _check_inputs(x, weight, bias, residual, None, None, dropout_p, norm=False, op="linear_residual")
-    if weight.shape[0] > MAX_FUSED_WIDTH or not use_triton(x, weight, bias, residual):
+    if x.dtype not in DTYPES or weight.shape[0] > MAX_FUSED_WIDTH or not use_triton(x, weight, bias, residual):
         return linear_residual_ref(x, weight, bias, residual, dropout_p)
-    seed, rng_offset = _draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
+    seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
     return LinearResidualFunction.apply(x, weight, bias, residual, None, None, 0.0, float(dropout_p), seed,
                                         rng_offset)
 
@@ -544,10 +536,11 @@ def linear_residual_and_layernorm(x, weight, bias, residual, ln_weight, ln_bias,
     row. Shapes as in `linear_residual_layernorm`; returns two (..., N) tensors.
     """
     _check_inputs(x, weight, bias, residual, ln_weight, ln_bias, dropout_p, op="linear_residual_and_layernorm")
-    if weight.shape[0] > MAX_FUSED_WIDTH or not use_triton(x, weight, bias, residual, ln_weight, ln_bias):
+    if (x.dtype not in DTYPES or weight.shape[0] > MAX_FUSED_WIDTH
+            or not use_triton(x, weight, bias, residual, ln_weight, ln_bias)):
         z = linear_residual_ref(x, weight, bias, residual, dropout_p)
         return z, F.layer_norm(z, (weight.shape[0],), ln_weight, ln_bias, eps)
-    seed, rng_offset = _draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
+    seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
     return LinearResidualFunction.apply(x, weight, bias, residual, ln_weight, ln_bias, float(eps),
                                         float(dropout_p), seed, rng_offset)
 

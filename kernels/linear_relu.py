@@ -30,11 +30,12 @@ Saved for backward: x (M*K), W (N*K) and h (M*N, the output, so no extra
 bytes) -- less than the reference's autograd, which keeps x, W, relu's output
 and an (M, N) dropout mask. The pre-activation is never stored.
 
-Limits: x, weight and bias share one dtype (fp32, fp16 or bf16), bias is a
-tensor (not None), M < 2**31. Any N and K (both masked). fp32 dots run in true
-fp32 ("ieee", not tf32), for the 1e-5 tolerance. The dropout mask differs from
-torch's (another RNG), with the same keep rate. Block sizes were picked for no
-register spills on sm_80 / sm_90 (`aot_configs()`), not tuned on a GPU.
+Limits: x, weight and bias share one dtype in `DTYPES` (fp32, fp16 or bf16;
+others run `linear_relu_dropout_ref`), bias is a tensor (not None), M < 2**31.
+Any N and K (both masked). fp32 dots run in true fp32 ("ieee", not tf32), for
+the 1e-5 tolerance. The dropout mask differs from torch's (another RNG), with
+the same keep rate. Block sizes were picked for no register spills on sm_80 /
+sm_90 (`aot_configs()`), not tuned on a GPU.
 """
 from __future__ import annotations
 
@@ -50,10 +51,16 @@ from fastdetr.kernels.common import (
     TRITON_DTYPE_NAMES,
     KernelConfig,
     _dot,
-    _dropout_keep,
+    _gemm_dropout_keep,
     _upcast_dot,
     aot_signature,
+    as_rows,
+    draw_dropout_seed,
+    unit_last_stride,
 )
+
+# limits (module docstring)
+DTYPES = tuple(TRITON_DTYPE_NAMES)
 
 
 def _check_inputs(x, weight, bias, dropout_p) -> None:
@@ -149,7 +156,7 @@ def _linear_relu_fwd_kernel(
     if dropout_p > 0.0:
         row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
         col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-        keep = _dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
+        keep = _gemm_dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
         h = tl.where(keep, h * (1.0 / (1.0 - dropout_p)), 0.0)
     mask = row_ok[:, None] & col_ok[None, :]
     tl.store(H_ptr + rows * stride_h_m + cols[None, :], h.to(H_ptr.dtype.element_ty), mask=mask)
@@ -189,12 +196,6 @@ def _linear_relu_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """(..., width) -> (M, width) with last stride 1 (a view when possible)."""
-    flat = tensor.reshape(-1, width)
-    return flat if flat.stride(-1) == 1 else flat.contiguous()
-
-
 def linear_relu_forward(x, weight, bias, dropout_p=0.0, seed=0, rng_offset=0):
     """Launch the forward kernel.
 
@@ -202,8 +203,8 @@ def linear_relu_forward(x, weight, bias, dropout_p=0.0, seed=0, rng_offset=0):
     [0, 2**31) keying the dropout RNG (kept values scaled by 1 / (1 - dropout_p)).
     Returns h (M, N) in x's dtype.
     """
-    x = _rows(x, x.shape[-1])
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    x = as_rows(x, x.shape[-1])
+    weight = unit_last_stride(weight)
     bias = bias.contiguous()
     num_rows, inner = x.shape
     width = weight.shape[0]
@@ -231,7 +232,7 @@ def linear_relu_backward(grad_h, x, weight, h, dropout_p=0.0):
     masks are read off h, never stored). Returns (dx (M, K), dweight (N, K),
     dbias (N,)), all in x's dtype.
     """
-    grad_h = _rows(grad_h, grad_h.shape[-1])
+    grad_h = as_rows(grad_h, grad_h.shape[-1])
     num_rows, width = h.shape
     config = block_config("bwd", x.dtype)
     row_programs = triton.cdiv(num_rows, config["BLOCK_M"])
@@ -294,14 +295,8 @@ class LinearReluDropoutFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         x, weight, h = ctx.saved_tensors
-        dx, dweight, dbias = linear_relu_backward(grad_h, _rows(x, x.shape[-1]), weight, h, ctx.dropout_p)
+        dx, dweight, dbias = linear_relu_backward(grad_h, as_rows(x, x.shape[-1]), weight, h, ctx.dropout_p)
         return dx.view(ctx.x_shape), dweight, dbias, None, None, None
-
-
-def _draw_dropout_seed() -> tuple[int, int]:
-    # torch's CPU generator: reproducible under torch.manual_seed, and never a device sync
-    seed, rng_offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
-    return seed, rng_offset
 
 
 def linear_relu_dropout(x, weight, bias, dropout_p=0.0):
@@ -315,9 +310,9 @@ def linear_relu_dropout(x, weight, bias, dropout_p=0.0):
     eval mode); the Triton path draws its seed from torch's CPU generator.
     """
     _check_inputs(x, weight, bias, dropout_p)
-    if x.dtype not in TRITON_DTYPE_NAMES or not use_triton(x, weight, bias):   # fp64: the reference
+    if x.dtype not in DTYPES or not use_triton(x, weight, bias):   # fp64: the reference
         return linear_relu_dropout_ref(x, weight, bias, dropout_p)
-    seed, rng_offset = _draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
+    seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
     return LinearReluDropoutFunction.apply(x, weight, bias, float(dropout_p), seed, rng_offset)
 
 

@@ -6,8 +6,8 @@ every (query q, target t) pair of that image,
     cost[p, q, t] = w_bbox * |box_q - box_t|_1 - w_class * softmax(logits_q)[label_t] - w_giou * GIoU(q, t)
 
 with boxes in normalised cxcywh (GIoU on their xyxy corners). The reference
-is `matching_cost_ref` at the bottom of this file, the plain-PyTorch math
-`fastdetr.matcher.HungarianMatcher.cost_blocks` runs (a softmax over all
+is `fastdetr.matcher.matching_cost_ref`, the plain-PyTorch math the matcher
+runs on the CPU and the tests hold this kernel to (a softmax over all
 classes, a gather, cdist, two box conversions and ~20 elementwise ops over
 (P, Q, T), each a kernel and an HBM round trip). The original DETR computes
 the (B*Q) x (all targets) matrix instead and throws all but the diagonal
@@ -38,7 +38,9 @@ import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, aot_signature
+from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, aot_signature, unit_last_stride
+
+DTYPES = tuple(TRITON_DTYPE_NAMES)   # logits / boxes dtypes the kernel reads (the cost is always fp32)
 
 
 def _check_inputs(logits, boxes, target_labels, target_boxes) -> None:
@@ -159,14 +161,10 @@ def _matching_cost_fwd_kernel(
 # Launcher and public function
 # ---------------------------------------------------------------------------------------------
 
-def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
-
-
 def matching_cost_forward(logits, boxes, target_labels, target_boxes, weight_class, weight_bbox, weight_giou):
     """Launch the kernel: logits (P, Q, C+1), boxes (P, Q, 4), target_labels (B, T), target_boxes (B, T, 4)
     -> cost (P, Q, T) fp32, problem p's targets those of image p % B."""
-    logits, boxes = _last_dim_contiguous(logits), _last_dim_contiguous(boxes)
+    logits, boxes = unit_last_stride(logits), unit_last_stride(boxes)
     target_labels = target_labels.to(torch.int64).contiguous()
     target_boxes = target_boxes.to(torch.float32).contiguous()
     problems, queries, classes = logits.shape
@@ -206,38 +204,24 @@ def aot_configs() -> list[KernelConfig]:
 
 
 def matching_cost(logits, boxes, target_labels, target_boxes, weight_class=1.0, weight_bbox=5.0, weight_giou=2.0):
-    """DETR's matching cost of every problem's (query, target) block: (P, Q, T) float32.
+    """DETR's matching cost of every problem's (query, target) block: (P, Q, T) float32, by the kernel.
 
     logits: (P, Q, C+1) and boxes: (P, Q, 4) normalised cxcywh, P = layers x B
     (problem p is image p % B); target_labels: (B, T) integers in [0, C) and
     target_boxes: (B, T, 4) cxcywh, padded to the batch's most targets T (the
-    padding columns get finite values, never solved). Same dtype rules for
-    logits and boxes (fp32, fp16, bf16). Runs the Triton kernel when
-    `fastdetr.backend.use_triton` says so, else `matching_cost_ref`. No gradient.
+    padding columns get finite values, never solved). logits and boxes share one
+    of `DTYPES`. No gradient. Tensors must be ones Triton runs (CUDA, or the CPU
+    under TRITON_INTERPRET=1): the matcher decides, in `fastdetr.nn.functional`,
+    whether its cost comes from here or from `fastdetr.matcher.matching_cost_ref`.
     """
     _check_inputs(logits, boxes, target_labels, target_boxes)
-    supported = logits.dtype in TRITON_DTYPE_NAMES and boxes.dtype == logits.dtype
-    if not supported or not use_triton(logits, boxes, target_labels, target_boxes):
-        return matching_cost_ref(logits, boxes, target_labels, target_boxes, weight_class, weight_bbox, weight_giou)
+    if logits.dtype not in DTYPES or boxes.dtype != logits.dtype:
+        raise ValueError(f"matching_cost: logits and boxes must share one of {DTYPES}; "
+                         f"got {logits.dtype} and {boxes.dtype}")
+    if not use_triton(logits, boxes, target_labels, target_boxes):
+        raise RuntimeError(f"matching_cost: the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); "
+                           f"got tensors on {logits.device}. fastdetr.matcher.matching_cost_ref is the "
+                           "plain-PyTorch cost")
     with torch.no_grad():
         return matching_cost_forward(logits, boxes, target_labels, target_boxes, weight_class, weight_bbox,
                                      weight_giou)
-
-
-def matching_cost_ref(logits, boxes, target_labels, target_boxes, weight_class=1.0, weight_bbox=5.0,
-                      weight_giou=2.0):
-    """Plain-PyTorch oracle and fallback, in float32: the math of `HungarianMatcher.cost_blocks`."""
-    from fastdetr.box_ops import box_cxcywh_to_xyxy
-    from fastdetr.matcher import generalized_box_iou_broadcast
-
-    _check_inputs(logits, boxes, target_labels, target_boxes)
-    with torch.no_grad():
-        repeats = logits.shape[0] // target_labels.shape[0]
-        labels = target_labels.long().repeat(repeats, 1)
-        targets = target_boxes.float().repeat(repeats, 1, 1)
-        logits, boxes = logits.float(), boxes.float()
-        prob = logits.softmax(-1).gather(2, labels[:, None, :].expand(-1, logits.shape[1], -1))
-        l1 = torch.cdist(boxes, targets, p=1)
-        giou = generalized_box_iou_broadcast(box_cxcywh_to_xyxy(boxes)[:, :, None, :],
-                                             box_cxcywh_to_xyxy(targets)[:, None, :, :])
-        return weight_bbox * l1 + weight_class * -prob + weight_giou * -giou

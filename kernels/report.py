@@ -1,6 +1,7 @@
 """Ahead-of-time compile report: every kernel configuration, for sm_80 and sm_90, without a GPU.
 
-    python -m fastdetr.kernels.report [--targets 80 90] [--alignments generic aligned] [--json FILE]
+    fastdetr kernel-report [--targets 80 90] [--alignments generic aligned] [--json FILE] [--jobs N]
+    python -m fastdetr.kernels.report [...]     (the same command)
 
 Each kernel module exposes `aot_configs()`: every (kernel, signature,
 constexprs, options) its launchers can choose. This compiles each one twice
@@ -17,13 +18,13 @@ spill: the interpreter that CI runs the kernels through accepts code a real
 GPU would reject, and this is the check that catches it.
 
 The kernels must be compiled with Triton's interpreter off (under the
-interpreter, `triton.jit` returns an interpreted function), so `main` sets
-TRITON_INTERPRET=0 before it imports any kernel module; run it as its own
-process (tests do, through subprocess).
+interpreter, `triton.jit` returns an interpreted function), so `run_report` sets
+TRITON_INTERPRET=0 before it imports any kernel module, and refuses when Triton
+was already imported with the interpreter on; run it as its own process (tests
+do, through subprocess).
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -178,29 +179,30 @@ def format_table(rows: list[CompileRow]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdetr.kernels.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--targets", type=int, nargs="+", default=[80, 90], help="compute capabilities")
-    parser.add_argument("--modules", nargs="+", default=list(KERNEL_MODULES))
-    parser.add_argument("--alignments", nargs="+", default=["generic", "aligned"], choices=["generic", "aligned"],
-                        help="generic: nothing assumed of pointers and strides; aligned: all divisible by 16")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
-    args = parser.parse_args(argv)
+def run_report(targets: tuple[int, ...] = (80, 90), modules: tuple[str, ...] = KERNEL_MODULES,
+               alignments: tuple[str, ...] = ("generic", "aligned"), json_path: str | None = None,
+               jobs: int = 1) -> int:
+    """`fastdetr kernel-report`: compile, print the table, write `json_path` if given; the exit status.
+
+    0 when every compile is clean, 1 on a compile error or a spill, 2 when Triton was already imported
+    with the interpreter on (the kernels would be interpreted functions, not compilable ones).
+    """
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("kernels.report: Triton was imported with the interpreter on; run this as its own process",
               file=sys.stderr)
         return 2
     os.environ["TRITON_INTERPRET"] = "0"  # compile real kernels, whatever the caller's environment says
-    rows = compile_all(tuple(args.targets), tuple(args.modules), tuple(args.alignments), args.jobs)
+    rows = compile_all(tuple(targets), tuple(modules), tuple(alignments), jobs)
     print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as file:
+    if json_path:
+        with open(json_path, "w") as file:
             json.dump([asdict(row) for row in rows], file, indent=1)
     failed = [row for row in rows if not row.ok or row.spill_bytes]
     print(f"\n{len(rows)} compiles, {len(rows) - len(failed)} clean, {len(failed)} failed or spilled")
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # `python -m fastdetr.kernels.report`: the CLI's kernel-report verb
+    from fastdetr.cli import main
+
+    sys.exit(main(["kernel-report", *sys.argv[1:]]))

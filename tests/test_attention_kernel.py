@@ -21,6 +21,7 @@ from kernel_checks import TOLERANCES, dtype_id
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdetr.kernels.attention import (
+    KeyBlockTable,
     _check_inputs,
     aot_configs,
     attention,
@@ -28,6 +29,7 @@ from fastdetr.kernels.attention import (
     attention_forward,
     attention_ref,
     block_config,
+    key_block_table,
     kv_block_table,
 )
 
@@ -387,11 +389,13 @@ def test_checks_and_skip_list_read_no_values():
     with _NoHostSync():
         _check_inputs(q, k, v, mask, 0.1)
         index, count = kv_block_table(mask, 32)
+        table = key_block_table(mask, torch.float32)
     # batch 0: one block holds the only valid key; batch 1: the first half is padded
     assert count.tolist() == [1, 129 // 32 + 1 - 2]
     valid_block = int(torch.nonzero(~mask[0])[0, 0]) // 32
     assert index[0, 0].item() == valid_block
     assert index[1, :3].tolist() == [2, 3, 4]
+    assert table.block_n == 32 and torch.equal(table.index, index) and torch.equal(table.count, count)
 
 
 @pytest.mark.parametrize("make_args, message", [
@@ -487,26 +491,112 @@ def test_aot_configs_cover_every_launch_variant():
     assert {c.signature["Q_ptr"] for c in configs} == {"*fp32", "*fp16", "*bf16"}
 
 
-def test_the_block_table_is_built_once_per_mask_object(monkeypatch):
-    """Twelve attentions over one mask object build its block table once; a new or modified mask gets its own."""
+def count_table_builds(monkeypatch) -> list:
+    """Each call of `kv_block_table` (every table the module builds goes through it) appends its block_n."""
     import fastdetr.kernels.attention as module
 
     builds = []
     original = module.kv_block_table
-    monkeypatch.setattr(module, "kv_block_table", lambda *a: builds.append(1) or original(*a))
-    monkeypatch.setattr(module, "_last_kv_table", [None])
+    monkeypatch.setattr(module, "kv_block_table",
+                        lambda mask, block_n: builds.append(block_n) or original(mask, block_n))
+    return builds
+
+
+def table_case(dtype=torch.float32):
+    """q, k, v (2, 2, 9, 32) and a mask whose batches keep different key blocks: batch 1 keeps only block 0."""
     generator = torch.Generator().manual_seed(12)
-    q, k, v = (torch.randn(2, 2, 9, 32, generator=generator) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, 9, 32, generator=generator).to(dtype) for _ in range(3))
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[1, 5:] = True
-    first = attention(q, k, v, key_padding_mask=mask)
-    for _ in range(11):
-        assert torch.equal(attention(q, k, v, key_padding_mask=mask), first)
-    assert len(builds) == 1
-    mask[0, 7:] = True   # in place: the version counter moves, the table is rebuilt
-    changed = attention(q, k, v, key_padding_mask=mask)
+    return q, k, v, mask
+
+
+def test_forward_and_dq_kernels_share_key_blocks():
+    """One KeyBlockTable serves forward and backward only because their BLOCK_N agree."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert block_config("fwd", dtype)["BLOCK_N"] == block_config("dq", dtype)["BLOCK_N"]
+        table = key_block_table(torch.zeros(1, 3, dtype=torch.bool), dtype)
+        assert table.block_n == block_config("fwd", dtype)["BLOCK_N"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_a_passed_block_table_is_used_not_rebuilt(dtype, monkeypatch):
+    """Twelve attentions (forward and backward) over one mask with the caller's table build nothing more,
+    and give exactly what building the table in each call gives."""
+    builds = count_table_builds(monkeypatch)
+    q, k, v, mask = table_case(dtype)
+    table = key_block_table(mask, dtype)
+    assert isinstance(table, KeyBlockTable) and builds == [table.block_n]
+    assert table.index.shape == (2, triton_cdiv(9, table.block_n)) and table.count.tolist() == [1, 1]
+
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    expected = attention(qg, kg, vg, mask)   # builds its own table: one more build
+    expected_grads = torch.autograd.grad(expected, (qg, kg, vg), torch.ones_like(expected))
     assert len(builds) == 2
+    for _ in range(12):
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        out = attention(qg, kg, vg, mask, kv_table=table)
+        grads = torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))
+        assert torch.equal(out, expected)
+        assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+    assert len(builds) == 2
+
+
+def test_the_kernels_read_the_passed_table():
+    """A table saying batch 0 has no valid key block makes batch 0's output zeros: the kernel followed it."""
+    q, k, v, mask = table_case()
+    table = key_block_table(mask, q.dtype)
+    doctored = table._replace(count=torch.tensor([0, 1], dtype=torch.int32))
+    out = attention(q, k, v, mask, kv_table=doctored)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(out[1], attention(q, k, v, mask, kv_table=table)[1])
+    assert out[1].abs().sum() > 0
+
+
+def test_a_table_for_other_key_blocks_is_rebuilt(monkeypatch):
+    """A table of another block_n (another dtype's) is not read: the call builds one for its own blocks.
+
+    Read as this kernel's table, it would send batch 0 to its fully padded first block only (zeros)."""
+    generator = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, 2, 9, 32, generator=generator) for _ in range(3))
+    block_n = block_config("fwd", q.dtype)["BLOCK_N"]
+    k, v = (torch.randn(2, 2, 2 * block_n, 32, generator=generator) for _ in range(2))
+    mask = torch.zeros(2, 2 * block_n, dtype=torch.bool)
+    mask[0, :block_n] = True   # batch 0: only the second block of this kernel has valid keys
+    other_n = 2 * block_n
+    wrong = KeyBlockTable(*kv_block_table(mask, other_n), other_n)
+    assert wrong.index[0, 0] == 0 and wrong.count[0] == 1
+    builds = count_table_builds(monkeypatch)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attention(qg, kg, vg, mask, kv_table=wrong)
+    assert builds == [block_n]
+    grads = torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))
+    assert builds == [block_n]   # backward reuses forward's rebuilt table
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = attention_ref(q64, k64, v64, mask)
+    assert relative_error(out, ref) <= 1e-5
+    for actual, expected in zip(grads, torch.autograd.grad(ref, (q64, k64, v64), torch.ones_like(ref))):
+        assert relative_error(actual, expected) <= 1e-4
+
+
+def test_without_a_table_each_call_builds_one(monkeypatch):
+    """No cache: every call over the same (unchanged) mask builds its table once, shared by its backward,
+    and a mask changed in place between calls is seen."""
+    q, k, v, mask = table_case()
+    builds = count_table_builds(monkeypatch)
+    for calls in range(1, 4):
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        out = attention(qg, kg, vg, mask)
+        torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))
+        assert len(builds) == calls
+    mask[0, 7:] = True   # in place
+    changed = attention(q, k, v, mask)
+    assert len(builds) == 4
     assert relative_error(changed, attention_ref(q.double(), k.double(), v.double(), mask)) <= 1e-5
-    other = mask.clone()   # same values, another object: its own table
-    attention(q, k, v, key_padding_mask=other)
-    assert len(builds) == 3
+
+
+def test_a_table_of_another_mask_shape_raises():
+    q, k, v, mask = table_case()
+    other = key_block_table(torch.zeros(3, 9, dtype=torch.bool), q.dtype)
+    with pytest.raises(ValueError, match="kv_table does not fit"):
+        attention(q, k, v, mask, kv_table=other)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastdetr import box_ops
-from fastdetr.profiling import OpCounter
+from fastdetr.measure.counters import OpCounter
 
 
 def test_conversions_round_trip_and_hand_values():

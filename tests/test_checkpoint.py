@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import fastdetr
-from fastdetr.checkpoint import CheckpointError, atomic_save
+from fastdetr.checkpoint import (
+    FORMAT_VERSION,
+    TRAINING_KEYS,
+    CheckpointError,
+    atomic_save,
+    load_training_state,
+    save_training_state,
+)
 
 
 def _randomised(model):
@@ -135,3 +142,61 @@ def test_atomic_save_gives_the_file_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def _tiny_model():
+    return fastdetr.detr_small(num_classes=1, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
+                               dim_feedforward=64, num_queries=4, backbone_width=8)
+
+
+def _training_state(model):
+    """save_training_state's entries (besides the model) as `train` passes them, after one optimizer step."""
+    from fastdetr.train import StepLR
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for parameter in model.parameters():
+        parameter.grad = torch.full_like(parameter, 0.01)
+    optimizer.step()
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    return dict(optimizer=optimizer, scheduler=StepLR(optimizer, 0.1), scaler=scaler, epoch=2, step=7,
+                train_time_s=1.5, rng=[{"torch": torch.get_rng_state()}], eval_stats=None, world_size=1,
+                categories={1: "a"}, val_transform={"val_size": 64, "max_size": 64}, train_config={"seed": 1})
+
+
+def test_training_state_round_trip_in_the_fixed_layout(tmp_path):
+    model = _tiny_model()
+    entries = _training_state(model)
+    path = save_training_state(tmp_path / "run" / "checkpoint.pth", model, **entries)
+    raw = torch.load(path, weights_only=True)
+    assert list(raw) == ["model", "config", "format_version", "optimizer", "scheduler", "scaler", "epoch", "step",
+                         "train_time_s", "rng", "eval", "world_size", "categories", "val_transform", "train_config"]
+    assert raw["format_version"] == FORMAT_VERSION == 1 and raw["config"] == model.config.to_dict()
+    state = load_training_state(path)
+    assert set(TRAINING_KEYS) <= set(state)
+    assert (state["epoch"], state["step"], state["train_time_s"], state["eval"]) == (2, 7, 1.5, None)
+    assert state["scheduler"] == {"gamma": 0.1, "base_lrs": [1e-4], "drops": 0}
+    assert state["optimizer"]["state"].keys() == entries["optimizer"].state_dict()["state"].keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(state["model"][key], value), key
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pth"]  # written atomically
+
+
+def test_load_training_state_names_the_file_and_what_is_wrong(tmp_path):
+    model = _tiny_model()
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_training_state(tmp_path / "nope.pth")
+    torch.save({"model": model.state_dict()}, tmp_path / "official.pth")  # the official DETR files' layout
+    with pytest.raises(CheckpointError, match=r"official.pth: not a fastdetr training checkpoint.*'format_version'"):
+        load_training_state(tmp_path / "official.pth")
+    path = save_training_state(tmp_path / "future.pth", model, **_training_state(model))
+    torch.save({**torch.load(path, weights_only=True), "format_version": 2}, path)
+    with pytest.raises(CheckpointError, match=r"future.pth: format_version 2, .* version 1"):
+        load_training_state(path)
+    weights = fastdetr.save_checkpoint(tmp_path / "weights.pth", model)
+    with pytest.raises(CheckpointError, match=r"weights.pth: not a training checkpoint, missing 'optimizer', "
+                                              r"'scheduler', .*'rng' \(resuming a run reads model, optimizer"):
+        load_training_state(weights)
+    ddp = {**torch.load(path, weights_only=True), "format_version": 1}
+    ddp["model"] = {f"module.{key}": value for key, value in ddp["model"].items()}
+    torch.save(ddp, tmp_path / "ddp.pth")
+    assert list(load_training_state(tmp_path / "ddp.pth")["model"]) == list(model.state_dict())

@@ -143,3 +143,58 @@ def test_predict_gives_inputs_that_share_a_stem_their_own_outputs(tmp_path, caps
         assert json.loads((out / f"{name}.json").read_text())["image"] == str(image)
         assert f"{image} -> {name}.json, {name}.png: " in printed
     assert len(list(out.iterdir())) == 6
+
+
+# ---- fastdetr bench: the runner lives in the source checkout, not in the installed package ----------------------
+
+def test_bench_without_a_source_checkout_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("fastdetr.cli.SOURCE_ROOT", tmp_path)   # as installed: no benchmarks/ beside the package
+    assert main(["bench", "--list"]) == 2
+    err = capsys.readouterr().err
+    assert "fastdetr bench" in err and "source checkout" in err and "pip install -e ." in err
+
+
+def test_bench_runs_the_checkouts_runner_with_every_argument(tmp_path, monkeypatch, capsys):
+    (tmp_path / "setup.py").write_text("")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "run.py").write_text("def main(argv):\n    print('runner', argv)\n    return 3\n")
+    monkeypatch.setattr("fastdetr.cli.SOURCE_ROOT", tmp_path)
+    assert main(["bench", "--quick", "--out", "x"]) == 3
+    assert "runner ['--quick', '--out', 'x']" in capsys.readouterr().out
+
+
+# ---- the measurement verbs: fastdetr proxies / memory / kernel-report, and their `python -m` aliases -------------
+
+@pytest.mark.parametrize("module, verb, flag", [("fastdetr.proxies", "proxies", "--enc-layers"),
+                                                ("fastdetr.memory", "memory", "--source"),
+                                                ("fastdetr.kernels.report", "kernel-report", "--alignments")])
+def test_measurement_verbs_and_their_module_aliases(module, verb, flag, capsys):
+    import subprocess
+    import sys
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0 and flag in capsys.readouterr().out
+    alias = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+    assert alias.returncode == 0, alias.stderr
+    assert f"usage: fastdetr {verb}" in alias.stdout and flag in alias.stdout
+
+
+def test_measurement_verbs_parse_without_the_training_stack():
+    """They run where only torch and Triton are installed (benchmarks/gpu_suite.sh); the `train` flags need more."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from fastdetr.cli import main\n"
+              "try:\n    main(['memory', '--help'])\nexcept SystemExit:\n    pass\n"
+              "print('fastdetr.train' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_kernel_report_refuses_a_process_that_imported_triton_interpreted(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["kernel-report", "--targets", "90"]) == 2
+    assert "Triton was imported with the interpreter on" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from fastdetr import box_ops
 from fastdetr.config import DETRConfig, preset
 from fastdetr.criterion import LOSSES, BadTargetError, SetCriterion, build_criterion, num_boxes_tensor, total_loss
 from fastdetr.matcher import HungarianMatcher, resolve_solver
-from fastdetr.profiling import OpCounter
+from fastdetr.measure.counters import OpCounter
 
 LAST_KEYS = ["loss_ce", "class_error", "loss_bbox", "loss_giou", "cardinality_error"]
 AUX_KEYS = ["loss_ce", "loss_bbox", "loss_giou", "cardinality_error"]

@@ -20,6 +20,7 @@ from kernel_checks import TOLERANCES, dtype_id, relative_error
 
 from fastdetr.backend import interpreter_enabled, triton_importable
 from fastdetr.kernels import ffn as ffn_module
+from fastdetr.kernels.common import as_rows, unit_last_stride
 from fastdetr.kernels.ffn import aot_configs, ffn_inference, ffn_inference_forward, ffn_inference_ref
 from fastdetr.reference.transformer import TransformerEncoderLayer
 
@@ -248,6 +249,22 @@ def test_empty_rows():
     generator = torch.Generator().manual_seed(15)
     out = ffn_inference(*make_inputs((0, 2), 64, 40, torch.float32, generator))
     assert out.shape == (0, 2, 64)
+
+
+def test_rows_stay_views_unless_int32_offsets_could_overflow():
+    """`as_rows` (the launcher's layout helper, in kernels/common.py): (..., width) -> (M, width) views, copied
+    only for a last stride != 1 or, with max_row_offset, a row stride whose int32 in-tile offsets would wrap."""
+    x = torch.randn(3, 5, 8)
+    assert as_rows(x, 8).data_ptr() == x.data_ptr() and as_rows(x, 8).shape == (15, 8)
+    transposed = torch.randn(8, 15).t()
+    assert as_rows(transposed, 8).stride() == (8, 1) and torch.equal(as_rows(transposed, 8), transposed)
+    assert unit_last_stride(transposed).stride(-1) == 1 and unit_last_stride(x) is x
+    storage = torch.arange(2**25 + 8, dtype=torch.uint8)   # 32 MB: a row stride of 2**25 elements
+    strided = storage.as_strided((2, 8), (2**25, 1))
+    assert as_rows(strided, 8).data_ptr() == strided.data_ptr()
+    assert as_rows(strided, 8, max_row_offset=63).data_ptr() == strided.data_ptr()   # 63 * 2**25 < 2**31
+    copied = as_rows(strided, 8, max_row_offset=64)
+    assert copied.stride() == (8, 1) and torch.equal(copied, strided)
 
 
 def test_bad_inputs_raise():

@@ -74,7 +74,7 @@ def test_images_in_another_dtype_than_the_weights_name_both(model, dtype):
 
 
 def test_mixed_dtypes_are_fine_under_autocast_and_add_no_host_sync(model):
-    from fastdetr.profiling import OpCounter
+    from fastdetr.measure.counters import OpCounter
 
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -11,8 +11,8 @@ import torch
 from test_matcher import random_batch, reference_cost
 
 from fastdetr.backend import interpreter_enabled
-from fastdetr.kernels.matching_cost import aot_configs, matching_cost, matching_cost_ref
-from fastdetr.matcher import HungarianMatcher
+from fastdetr.kernels.matching_cost import aot_configs, matching_cost
+from fastdetr.matcher import HungarianMatcher, matching_cost_ref
 
 needs_interpreter = pytest.mark.skipif(not interpreter_enabled(),
                                        reason="CPU tensors run the kernel only under TRITON_INTERPRET=1")
@@ -75,10 +75,14 @@ def test_the_matcher_with_the_fused_cost_matches_scipy():
 
 
 def test_plain_cpu_runs_the_reference(monkeypatch):
+    """Off the kernel path the matcher's cost is `matching_cost_ref`; the kernel itself says it cannot run."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    logits, boxes, labels, target_boxes, _ = _problem(5, 1, 2, 7, 4, [2, 3])
-    assert torch.equal(matching_cost(logits, boxes, labels, target_boxes),
+    logits, boxes, labels, target_boxes, targets = _problem(5, 1, 2, 7, 4, [2, 3])
+    matcher = HungarianMatcher(backend="auto")
+    assert torch.equal(matcher.cost_blocks(logits, boxes, targets),
                        matching_cost_ref(logits, boxes, labels, target_boxes))
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        matching_cost(logits, boxes, labels, target_boxes)
 
 
 def test_bad_inputs_raise():

@@ -1,4 +1,4 @@
-"""fastdetr.memory: the saved-for-backward counter on hand-built cases, and fused against reference layers.
+"""fastdetr.measure.saved_bytes: the saved-for-backward counter on hand-built cases, and fused against reference layers.
 
 The counter is checked where the answer is known byte for byte (which op saves
 what is autograd's documented formula); the layers run through Triton's
@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdetr.backend import interpreter_enabled, triton_importable
-from fastdetr.memory import (
+from fastdetr.cli import main
+from fastdetr.measure.saved_bytes import (
     DETR_R50,
     LayerShape,
     gpu_dropout,
     layer_saved_bytes,
-    main,
     saved_tensor_bytes,
 )
 
@@ -107,7 +107,7 @@ def test_fused_layer_saves_no_more_than_the_reference(kind, normalize_before):
 
 @needs_interpreter
 def test_command_prints_the_table(capsys):
-    assert main(["--small", "--device", "cpu"]) == 0
+    assert main(["memory", "--small", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for kind in ("encoder", "decoder"):
         for norm in ("post", "pre"):

@@ -1,4 +1,4 @@
-"""fastdetr.proxies: one training step's launches, host syncs and saved bytes, reference vs fused, with bounds.
+"""fastdetr.measure.proxies: one training step's launches, host syncs and saved bytes, reference vs fused, with bounds.
 
 The counts are exact and deterministic (the same every run, and the same at
 other image sizes and query counts: checked below for the reference), so the
@@ -6,14 +6,14 @@ bounds sit just above what was measured: a change that adds a few kernels, a
 host sync or a saved activation breaks them. The measured numbers are written
 next to each bound; they come from
 
-    TRITON_INTERPRET=1 .venv/bin/python -m fastdetr.proxies --quick --verbose
+    TRITON_INTERPRET=1 .venv/bin/fastdetr proxies --quick --verbose
 
 (QUICK_STEP: DETR-R50 widths, 2 encoder + 2 decoder layers, 20 queries, batch
 2 of 64x96 and 96x64 images; torch 2.13 CPU, Triton 3.6 interpreter). Each
 further encoder + decoder layer pair adds the same counts (linear from two
 layers on: 361 launches in the reference, 294 fused), so DETR-R50's 6 + 6
 layers add 4 pairs to these: 2946 / 2539 / 2494 launches, measured with
-`python -m fastdetr.proxies` (about 5 minutes; fastdetr.proxies' docstring) before the
+`fastdetr proxies` (about 5 minutes) before the
 criterion checked its target values (14 launches per step more since, measured at QUICK_STEP).
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from fastdetr.backend import interpreter_enabled, triton_importable
-from fastdetr.profiling import OpCounter, TritonLaunchCounter
-from fastdetr.proxies import CONFIGURATIONS, QUICK_STEP, format_table, main, proxy_rows, step_proxies
+from fastdetr.cli import main
+from fastdetr.measure.counters import OpCounter, TritonLaunchCounter
+from fastdetr.measure.proxies import CONFIGURATIONS, QUICK_STEP, format_table, step_proxies
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,6 +199,7 @@ def test_fused_step_saves_fewer_activation_bytes(measured):
 def test_rows_and_table(measured, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
     from benchmarks import common
+    from benchmarks.proxies import proxy_rows
 
     env = dict(device="cpu", git_sha="test", torch=torch.__version__, triton="test", timestamp="now")
     results = list(measured.values())
@@ -217,9 +219,9 @@ def test_rows_and_table(measured, monkeypatch):
 def test_cli_prints_the_table(measured, monkeypatch, capsys):
     """The command line (measuring itself is what the tests above do): measured results stand in for a run."""
     by_configuration = {(result.provider == "fastdetr", result.matcher): result for result in measured.values()}
-    monkeypatch.setattr("fastdetr.proxies.step_proxies",
+    monkeypatch.setattr("fastdetr.measure.proxies.step_proxies",
                         lambda fused, matcher, shape, device: by_configuration[(fused, matcher)])
-    assert main(["--quick", "--verbose"]) == 0
+    assert main(["proxies", "--quick", "--verbose"]) == 0
     out = capsys.readouterr().out
     assert "2+2 layers, 20 queries" in out
     assert f"| reference | scipy | {measured['reference-scipy'].aten_ops} |" in out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdetr
-from fastdetr.profiling import OpCounter
+from fastdetr.measure.counters import OpCounter
 from fastdetr.reference import FrozenBatchNorm2d, PositionEmbeddingLearned, PositionEmbeddingSine, ResNetBody
 
 FIXTURE = Path(__file__).parent / "fixtures" / "detr_r50_state_dict.txt"

@@ -159,6 +159,49 @@ def test_killed_run_resumes_bit_exact(data_dir, baseline, tmp_path):
         assert final[key] == expected[key], key
 
 
+def first_format(checkpoint: dict) -> dict:
+    """`checkpoint`'s entries in the layout the trainer has written since it was first committed (format_version 1),
+    spelt out here so that a change to the writer cannot move the reader along with it."""
+    (rng,) = checkpoint["rng"]
+    return {
+        "model": checkpoint["model"], "config": checkpoint["config"], "format_version": 1,
+        "optimizer": checkpoint["optimizer"],
+        "scheduler": {key: checkpoint["scheduler"][key] for key in ("gamma", "base_lrs", "drops")},
+        "scaler": checkpoint["scaler"], "epoch": checkpoint["epoch"], "step": checkpoint["step"],
+        "train_time_s": checkpoint["train_time_s"],
+        "rng": [{"torch": rng["torch"],
+                 "numpy": {key: rng["numpy"][key] for key in ("keys", "pos", "has_gauss", "cached_gaussian")},
+                 "python": {key: rng["python"][key] for key in ("version", "state", "gauss_next")}}],
+        "eval": checkpoint["eval"], "world_size": checkpoint["world_size"],
+        "categories": checkpoint["categories"], "val_transform": checkpoint["val_transform"],
+        "train_config": checkpoint["train_config"],
+    }
+
+
+def test_a_checkpoint_in_the_first_format_resumes_bit_exact(data_dir, baseline, tmp_path):
+    """The writer keeps the first format, entry for entry, and a file written in it (plain torch.save, as
+    the first trainer's) still continues exactly."""
+    def kill(info):
+        if info.epoch == 2 and info.batch_index == 0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(config(data_dir, tmp_path, eval_every=0), kill)
+    written = load(tmp_path / "checkpoint.pth")
+    old = first_format(written)
+    assert_identical(written, old, "checkpoint")
+    assert list(baseline["checkpoint"]) == list(old)
+    torch.save(old, tmp_path / "checkpoint.pth")
+
+    summary = run(config(data_dir, tmp_path, eval_every=0, resume="auto"))
+    assert (summary["epochs"], summary["steps"]) == (3, 3 * STEPS_PER_EPOCH)
+    final, expected = load(tmp_path / "checkpoint.pth"), baseline["checkpoint"]
+    for key in ("model", "optimizer", "rng"):
+        assert_identical(final[key], expected[key], key)
+    for key in ("scheduler", "scaler", "epoch", "step", "eval"):
+        assert final[key] == expected[key], key
+
+
 def test_evaluation_does_not_change_training(data_dir, baseline, tmp_path):
     # eval_every=0: only the final evaluation; the baseline also evaluated after epochs 0 and 1
     summary = run(config(data_dir, tmp_path, eval_every=0))

@@ -1,18 +1,19 @@
 """What one DETR training step costs a GPU, counted on a CPU: kernel launches, host syncs, saved bytes.
 
-    python -m fastdetr.proxies [--quick] [--enc-layers N] [--dec-layers N] [--queries Q] [--verbose]
+    fastdetr proxies [--quick] [--enc-layers N] [--dec-layers N] [--queries Q] [--device cpu|cuda] [--verbose]
 
 At DETR's sizes a GPU step is bound by kernel launches and host syncs as much
 as by arithmetic (shared/DESIGN.md), and both are counts: they can be taken
 on a machine without a GPU, with the fused kernels run by Triton's
 interpreter. `step_proxies(fused, matcher)` runs one training step -- model
 forward, SetCriterion with aux losses (`fastdetr.build_criterion`), the
-weighted total, backward -- of a DETR-R50-shaped model (d_model 256, 8 heads,
-FFN 2048, ResNet-50, 91 classes, random weights) and counts:
+weighted total, backward -- of a model with DETR-R50's widths and classes
+(`fastdetr.measure.problem.DETR_R50`: its preset, ResNet-50, random weights)
+and counts:
 
-- ATen ops, views excluded (`fastdetr.profiling.OpCounter`), and among them
-  allocations (`ALLOCATION_OPS`: `empty` and kin, no kernel on a GPU);
-- Triton kernel launches (`fastdetr.profiling.TritonLaunchCounter`); the
+- ATen ops, views excluded (`fastdetr.measure.counters.OpCounter`), and among
+  them allocations (`ALLOCATION_OPS`: `empty` and kin, no kernel on a GPU);
+- Triton kernel launches (`fastdetr.measure.counters.TritonLaunchCounter`); the
   interpreter's own argument copies are not counted as ATen ops;
 - launches = ATen ops - allocations + Triton launches: the kernels a GPU
   would launch, roughly (an ATen op is one kernel, a few are more or none);
@@ -21,9 +22,10 @@ FFN 2048, ResNet-50, 91 classes, random weights) and counts:
   blocks, which a CPU tensor does not make (`.cpu()` of a CPU tensor is the
   tensor itself) and a GPU makes once per step: counted by the solver calls;
 - saved activation bytes: what the forward and the criterion leave for the
-  backward, parameters and inputs excluded (`fastdetr.memory.saved_tensor_bytes`),
-  dropout counted as a GPU keeps it (`fastdetr.memory.gpu_dropout`, also for
-  the op count: one `native_dropout` as on CUDA).
+  backward, parameters and inputs excluded
+  (`fastdetr.measure.saved_bytes.saved_tensor_bytes`), dropout counted as a GPU
+  keeps it (`fastdetr.measure.saved_bytes.gpu_dropout`, also for the op count:
+  one `native_dropout` as on CUDA).
 
 Three configurations (`CONFIGURATIONS`): the reference model with the scipy
 matcher (the original's setting), the fused model (`fastdetr.optimize`) with
@@ -32,29 +34,17 @@ kernel and batched assignment kernel) without its CPU-only status check, the
 path a GPU takes: `resolve_solver("triton", check_invalid=False)`.
 
 Shapes. Op, launch and sync counts do not depend on the image sizes or the
-number of queries (checked for all three configurations: the same counts at
-64x96 / 96x64 and 160x224 / 224x160 images, and at 20 and 100 queries).
-From two decoder layers on they grow linearly with the layers (the first aux
-layer also adds the matcher's stacking of layers): per encoder + decoder
-layer pair, 361 launches in the reference, 294 fused (25 of them Triton).
-Saved bytes grow with everything, the reference's faster: it keeps the
-(B * heads, L, S) attention weights. `DETR_R50_STEP`: batch 2 of 64x96 and
-96x64 images (a 3 x 3 feature map, 9 tokens per image, one padded row or
-column each), 100 queries, 6 + 6 layers. Through the interpreter a fused
-decoder layer at 100 queries costs about 19 s on a 2-core CPU and an encoder
-layer at 9 tokens about 3 s, so a fused step takes about 2.5 minutes; the
-tests use `QUICK_STEP` (2 + 2 layers, 20 queries: about 12 s a fused step),
-which keeps the widths and the aux losses, and whose counts give DETR_R50_STEP's
-by adding 4 layer pairs.
-
-Measured at DETR_R50_STEP (torch 2.13 CPU, Triton 3.6 interpreter), before SetCriterion checked
-the target values where they enter (14 launches per step more since, measured at QUICK_STEP):
-
-| configuration | ATen ops | allocations | Triton launches | launches | host syncs | saved activations |
-|---|---|---|---|---|---|---|
-| reference, scipy matcher | 2946 | 0 | 0 | 2946 | 1 | 63.38 MiB |
-| fastdetr, scipy matcher | 2691 | 390 | 150 | 2451 (0.83x) | 1 | 39.62 MiB (0.63x) |
-| fastdetr, triton matcher | 2649 | 395 | 152 | 2406 (0.82x) | 0 | 39.62 MiB (0.63x) |
+number of queries (tests/test_proxies.py checks it for the reference); from two
+decoder layers on they grow linearly with the layers (the first aux layer also
+adds the matcher's stacking of layers), so a step with fewer layers gives the
+full model's counts by adding layer pairs. Saved bytes grow with everything,
+the reference's faster: it keeps the (B * heads, L, S) attention weights.
+`DETR_R50_STEP`: DETR-R50's layers and queries, batch 2 of small images (a
+3 x 3 feature map, one padded row or column each), so that the interpreter's
+step stays affordable; `QUICK_STEP`, which the tests measure, keeps the widths
+and the aux losses with 2 + 2 layers and 20 queries. The measured counts live
+in the benchmark results (`fastdetr bench --suites proxies`) and, as bounds
+with the values they were set from, in tests/test_proxies.py.
 """
 from __future__ import annotations
 
@@ -66,9 +56,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .criterion import build_criterion, total_loss
-from .memory import SavedBytes, gpu_dropout, saved_tensor_bytes
-from .profiling import ALLOCATION_OPS, OpCounter, TritonLaunchCounter
+from ..criterion import build_criterion, total_loss
+from .counters import ALLOCATION_OPS, OpCounter, TritonLaunchCounter
+from .problem import DETR_R50
+from .saved_bytes import SavedBytes, gpu_dropout, saved_tensor_bytes
 
 MATCHERS = ("scipy", "triton")
 # (provider, fused, matcher): the reference with the original's matcher, then fastdetr with it and with its own
@@ -78,14 +69,14 @@ PHASES = ("forward", "criterion", "backward")
 
 @dataclass(frozen=True)
 class StepShape:
-    """The measured step's problem size; the widths are always DETR-R50's (d 256, 8 heads, FFN 2048).
+    """The measured step's problem size; the widths are always DETR-R50's (`fastdetr.measure.problem.DETR_R50`).
 
     image_sizes: (H, W) per image, padded to the largest of each (DETR's batching);
     num_targets: boxes per image, len(image_sizes) entries.
     """
-    enc_layers: int = 6
-    dec_layers: int = 6
-    num_queries: int = 100
+    enc_layers: int = DETR_R50.enc_layers
+    dec_layers: int = DETR_R50.dec_layers
+    num_queries: int = DETR_R50.queries
     image_sizes: tuple[tuple[int, int], ...] = ((64, 96), (96, 64))
     num_targets: tuple[int, ...] = (4, 7)
 
@@ -138,14 +129,15 @@ class StepProxies:
 
 
 def _batch(shape: StepShape, device: torch.device, seed: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    """Random images (3, H, W) and targets: "labels" (n,) in [0, 91), "boxes" (n, 4) cxcywh inside the image."""
+    """Random images (3, H, W) and targets: "labels" (n,) among DETR-R50's classes, "boxes" (n, 4) cxcywh
+    inside the image."""
     generator = torch.Generator().manual_seed(seed + 1)
     images = [torch.randn(3, h, w, generator=generator).to(device) for h, w in shape.image_sizes]
     targets = []
     for n in shape.num_targets:
         centers = torch.rand(n, 2, generator=generator) * 0.5 + 0.25
         sizes = torch.rand(n, 2, generator=generator) * 0.4 + 0.05
-        targets.append({"labels": torch.randint(0, 91, (n,), generator=generator).to(device),
+        targets.append({"labels": torch.randint(0, DETR_R50.num_classes, (n,), generator=generator).to(device),
                         "boxes": torch.cat([centers, sizes], dim=1).to(device)})
     return images, targets
 
@@ -166,7 +158,7 @@ class _HostSolverCopies:
 
 def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R50_STEP,
                  device: torch.device | str = "cpu", seed: int = 0, gpu_dropout_on_cpu: bool = True) -> StepProxies:
-    """Count one training step of a DETR-R50-shaped model (module docstring), reference or fused.
+    """Count one training step of a model with DETR-R50's widths (module docstring), reference or fused.
 
     fused: apply `fastdetr.optimize` (same weights). matcher: "scipy" or "triton";
     "triton" runs without the status check that reads the tensor on a CPU, as on
@@ -178,6 +170,7 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
     import fastdetr
     from fastdetr.backend import interpreter_enabled
     from fastdetr.matcher import resolve_solver
+    from fastdetr.models import build_model
 
     if matcher not in MATCHERS:
         raise ValueError(f"step_proxies: matcher must be one of {MATCHERS}, got {matcher!r}")
@@ -187,8 +180,8 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
                            "set TRITON_INTERPRET=1 before fastdetr's kernels are imported")
 
     torch.manual_seed(seed)
-    model = fastdetr.detr_resnet50(num_classes=91, enc_layers=shape.enc_layers, dec_layers=shape.dec_layers,
-                                   num_queries=shape.num_queries).to(device).train()
+    model = build_model(DETR_R50.preset, num_classes=DETR_R50.num_classes, enc_layers=shape.enc_layers,
+                        dec_layers=shape.dec_layers, num_queries=shape.num_queries).to(device).train()
     if fused:
         fastdetr.optimize(model)
     criterion = build_criterion(model.config, backend=matcher).to(device).train()
@@ -244,36 +237,8 @@ def measure(shape: StepShape = DETR_R50_STEP, device: torch.device | str = "cpu"
     return [step_proxies(fused, matcher, shape, device) for _, fused, matcher in configurations]
 
 
-# long-format metrics: (metric, unit, value)
-def _metrics(result: StepProxies) -> list[tuple[str, str, int]]:
-    return [("aten_ops", "count", result.aten_ops), ("allocations", "count", result.allocations),
-            ("triton_launches", "count", result.triton_launches), ("launches", "count", result.launches),
-            ("host_syncs", "count", result.host_syncs),
-            ("saved_activation_bytes", "bytes", result.saved_activation_bytes)]
-
-
-def proxy_rows(env: dict, results: Sequence[StepProxies] | None = None, shape: StepShape = DETR_R50_STEP,
-               device: torch.device | str = "cpu") -> list[dict]:
-    """Rows of the benchmarks' long-format table (benchmarks/common.py COLUMNS), one per configuration and metric.
-
-    env: the environment columns (device, git_sha, torch, triton, timestamp), as
-    `benchmarks.common.environment("cpu")` returns them. results: measured
-    already (`measure`), or None to measure `shape` on `device` now (on a CPU
-    the process must have started with TRITON_INTERPRET=1; DETR_R50_STEP takes
-    minutes there). case "detr_r50_step_proxies", provider
-    "<reference|fastdetr>-<matcher>", mode "train_step", p50 = p20 = p80 = the count.
-    """
-    results = measure(shape, device) if results is None else results
-    rows = []
-    for result in results:
-        for metric, unit, value in _metrics(result):
-            rows.append(dict(case="detr_r50_step_proxies", provider=result.name, mode="train_step", metric=metric,
-                             unit=unit, shape=result.shape.describe(), p50=value, p20=value, p80=value, **env))
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------
-# Command line
+# The report `fastdetr proxies` prints
 # ---------------------------------------------------------------------------------------------
 
 def format_table(results: Sequence[StepProxies]) -> str:
@@ -293,43 +258,24 @@ def format_table(results: Sequence[StepProxies]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    import dataclasses
-    import os
+def run_report(shape: StepShape, device: torch.device | str = "cpu", verbose: bool = False) -> int:
+    """`fastdetr proxies`: measure every configuration at `shape` and print the table.
 
-    parser = argparse.ArgumentParser(prog="python -m fastdetr.proxies", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"the tests' shape ({QUICK_STEP.describe()}) instead of {DETR_R50_STEP.describe()}")
-    parser.add_argument("--enc-layers", type=int, help="override the shape's encoder layers")
-    parser.add_argument("--dec-layers", type=int, help="override the shape's decoder layers")
-    parser.add_argument("--queries", type=int, help="override the shape's number of queries")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu (default; the fused kernels through Triton's interpreter) or cuda")
-    parser.add_argument("--verbose", action="store_true",
-                        help="also list the launches per kernel, the sync ops, and the ATen ops that differ")
-    args = parser.parse_args(argv)
-
-    if args.device == "cpu" and "TRITON_INTERPRET" not in os.environ:
-        # must precede the first import of a kernel module: triton.jit reads it at decoration time
-        os.environ["TRITON_INTERPRET"] = "1"
-    shape = QUICK_STEP if args.quick else DETR_R50_STEP
-    overrides = {name: value for name, value in (("enc_layers", args.enc_layers), ("dec_layers", args.dec_layers),
-                                                 ("num_queries", args.queries)) if value is not None}
-    shape = dataclasses.replace(shape, **overrides)
-
+    On a CPU the caller sets TRITON_INTERPRET=1 before the first kernel module is imported (fastdetr.cli
+    does). verbose: also list the launches per kernel, the sync ops, and the ATen ops that differ.
+    """
     print(f"one training step (forward, SetCriterion with aux losses, backward), train mode, dropout 0.1: "
-          f"{shape.describe()}, {args.device}", flush=True)
+          f"{shape.describe()}, {device}", flush=True)
     results = []
     for _, fused, matcher in CONFIGURATIONS:
-        result = step_proxies(fused, matcher, shape, args.device)
+        result = step_proxies(fused, matcher, shape, device)
         results.append(result)
         print(f"  {result.name}: measured in {result.seconds:.1f} s", flush=True)
     print()
     print(format_table(results))
     print("launches = ATen ops (views excluded) - allocations + Triton launches. Host syncs include the scipy "
           "matcher's one copy of the cost blocks to the host, which a GPU makes and a CPU tensor does not.")
-    if args.verbose:
+    if verbose:
         for result in results:
             print(f"\n{result.name}: Triton launches {dict(sorted(result.launch_counts.items()))}")
             print(f"{result.name}: host syncs {list(result.sync_ops)}")
@@ -340,7 +286,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, before, after in changed:
             print(f"  {name:<40} {before:>5} -> {after:>5}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

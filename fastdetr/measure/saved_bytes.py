@@ -1,7 +1,7 @@
 """What autograd keeps for backward: a saved-tensor report, and the fused layers against the reference ones.
 
-    python -m fastdetr.memory [--small] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                              [--batch B] [--source S] [--queries Q] [--verbose]
+    fastdetr memory [--small] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+                    [--batch B] [--source S] [--queries Q] [--verbose]
 
 A training step's activation memory is what the forward saves for the backward.
 `saved_tensor_bytes(fn, ...)` runs `fn` under `torch.autograd.graph.saved_tensors_hooks`
@@ -30,20 +30,20 @@ Shapes. Saved bytes grow linearly with the batch at fixed sequence lengths, and
 the fused layers' also linearly with the tokens; the reference's do not: its
 nn.MultiheadAttention keeps the (B * heads, L, S) attention weights (softmax
 output, dropout mask, dropped weights), so its bytes per token grow with S. On
-a GPU the command measures DETR-R50's shapes (batch 8, S = 25 x 38 = 950, 100
-queries). On the CPU the fused kernels run through Triton's interpreter, which
-takes minutes per layer there (about 2 minutes for one image's encoder layer at
-S = 950), so the CPU default keeps DETR-R50's widths (d 256, 8 heads, FFN 2048,
-100 queries) with one image of fewer tokens (a 12 x 19 feature map, S = 228;
-about a minute). The fused encoder's bytes per token carry over to S = 950;
-the reference's, and the decoder's (which keeps keys and values of the
-memory), grow with S. `--source 950 --batch 1` measures DETR-R50's exact
-per-image figures on the CPU (about 5 minutes); batch 8 keeps 8 times the activations.
+a GPU the command measures DETR-R50's problem (`DETR_R50`, from
+`fastdetr.measure.problem.DETR_R50`). On the CPU the fused kernels run through
+Triton's interpreter, slowly, so the CPU default (`CPU_DEFAULT`) keeps DETR-R50's
+widths and queries with one image of fewer tokens (a 12 x 19 feature map). The
+fused encoder's bytes per token carry over to DETR-R50's S; the reference's, and
+the decoder's (which keeps keys and values of the memory), grow with S.
+`--source` and `--batch` override the tokens and the batch (DETR-R50's S on the
+CPU, say). The README holds the measured figures.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .problem import DETR_R50 as _R50_PROBLEM
 
 KINDS = ("encoder", "decoder")
 
@@ -209,13 +211,16 @@ def gpu_dropout() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class LayerShape:
-    """One layer's problem size: widths, and tokens S (encoder sequence / decoder memory) and queries Q."""
-    d_model: int = 256
-    nhead: int = 8
-    dim_feedforward: int = 2048
-    source: int = 950
-    queries: int = 100
-    batch: int = 8
+    """One layer's problem size: widths, and tokens S (encoder sequence / decoder memory) and queries Q.
+
+    The defaults are DETR-R50's (`fastdetr.measure.problem.DETR_R50`).
+    """
+    d_model: int = _R50_PROBLEM.d_model
+    nhead: int = _R50_PROBLEM.heads
+    dim_feedforward: int = _R50_PROBLEM.dim_feedforward
+    source: int = _R50_PROBLEM.tokens
+    queries: int = _R50_PROBLEM.queries
+    batch: int = _R50_PROBLEM.batch
 
     def tokens(self, kind: str) -> int:
         """Rows the layer transforms: S * B for the encoder, Q * B for the decoder."""
@@ -226,8 +231,8 @@ class LayerShape:
                 f"S {self.source}, Q {self.queries}, batch {self.batch}")
 
 
-DETR_R50 = LayerShape()                                         # 25 x 38 tokens of an 800 x 1216 batch
-CPU_DEFAULT = LayerShape(source=12 * 19, batch=1)               # DETR-R50 widths, one image, ~1/4 of the tokens
+DETR_R50 = LayerShape()                                         # fastdetr.measure.problem.DETR_R50
+CPU_DEFAULT = LayerShape(source=12 * 19, batch=1)               # DETR-R50 widths, one image, fewer tokens
 SMALL = LayerShape(d_model=64, nhead=2, dim_feedforward=128, source=24, queries=5, batch=2)
 
 
@@ -295,8 +300,9 @@ def layer_saved_bytes(kind: str, shape: LayerShape = DETR_R50, normalize_before:
     dropout as CUDA saves it (see `gpu_dropout`).
     """
     import fastdetr.nn as fnn
-    from fastdetr.profiling import TorchFunctionCounter
     from fastdetr.reference import transformer as reference
+
+    from .counters import TorchFunctionCounter
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -323,7 +329,7 @@ def layer_saved_bytes(kind: str, shape: LayerShape = DETR_R50, normalize_before:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# The report `fastdetr memory` prints
 # ---------------------------------------------------------------------------------------------
 
 def _mib(nbytes: int) -> str:
@@ -346,34 +352,14 @@ def format_table(reports: Iterable[LayerReport]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import dataclasses
-    import os
-    import time
+def run_report(shape: LayerShape, dtype: torch.dtype, device: torch.device, verbose: bool = False) -> int:
+    """`fastdetr memory`: measure both layer kinds, post- and pre-norm, at `shape`, and print the table.
 
-    parser = argparse.ArgumentParser(prog="python -m fastdetr.memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--small", action="store_true",
-                        help=f"tiny shapes ({SMALL.describe()}), for a quick check")
-    parser.add_argument("--batch", type=int, help="override the preset's batch")
-    parser.add_argument("--source", type=int, help="override the preset's token count S")
-    parser.add_argument("--queries", type=int, help="override the preset's query count Q")
-    parser.add_argument("--verbose", action="store_true", help="list every saved storage")
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
-        # must precede the first import of a kernel module: triton.jit reads it at decoration time
-        os.environ["TRITON_INTERPRET"] = "1"
-    shape = SMALL if args.small else DETR_R50 if device.type == "cuda" else CPU_DEFAULT
-    overrides = {name: getattr(args, name) for name in ("batch", "source", "queries") if getattr(args, name)}
-    shape = dataclasses.replace(shape, **overrides)
-    dtype = getattr(torch, args.dtype)
-
+    On a CPU the caller sets TRITON_INTERPRET=1 before the first kernel module is imported (fastdetr.cli does).
+    verbose: also list every saved storage.
+    """
     print(f"saved for backward, one layer forward, train mode, dropout 0.1: {shape.describe()}, "
-          f"{args.dtype}, {device}", flush=True)
+          f"{str(dtype).removeprefix('torch.')}, {device}", flush=True)
     reports = []
     for normalize_before in (False, True):
         for kind in KINDS:
@@ -382,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             reports.append(report)
             print(f"  {kind}, {'pre' if normalize_before else 'post'}-norm: measured in "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
-            if args.verbose:
+            if verbose:
                 for path, saved in (("reference", report.reference), ("fused", report.fused)):
                     for storage in saved.storages:
                         print(f"    {path:<9} {storage.kind:<10} {_mib(storage.nbytes):>9} MiB "
@@ -392,12 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     print("token = source token (encoder, S * B rows) or query (decoder, Q * B rows; its bytes include "
           "the memory-side keys and values, which grow with S). The reference keeps (B * heads, L, S) "
           "attention weights, so its bytes per token grow with S; the fused layers' do not.")
-    if device.type == "cpu":
-        print("dropout counted as CUDA keeps it (bool masks), see fastdetr.memory.gpu_dropout.")
+    if torch.device(device).type == "cpu":
+        print("dropout counted as CUDA keeps it (bool masks), see fastdetr.measure.saved_bytes.gpu_dropout.")
     if any(report.fused_fallback for report in reports):
         print("'fell back to reference': the fused class ran nn.MultiheadAttention's forward for that layer.")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,11 +1,13 @@
-"""`fastdetr.optimize(model)`: switch a DETR model's transformer layers to the fused ones, in place.
+"""`fastdetr.optimize(model)`: switch a DETR model's transformer layers and stacks to the fused ones, in place.
 
-Layers are recognised by structure, not by class, so the original DETR
+Modules are recognised by structure, not by class, so the original DETR
 repository's layers (same attribute names) are converted as well as
 `fastdetr.reference`'s. A conversion assigns `__class__` (to
-`fastdetr.nn.TransformerEncoderLayer` / `TransformerDecoderLayer`): the same
-module object, the same Parameter objects (optimizer state stays valid), the
-same state_dict keys. The fused forward reads only the attributes checked here.
+`fastdetr.nn.TransformerEncoderLayer` / `TransformerDecoderLayer`, and the
+stacks holding them to `fastdetr.nn.TransformerEncoder` / `TransformerDecoder`):
+the same module object, the same Parameter objects (optimizer state stays
+valid), the same state_dict keys. The fused forwards read only the attributes
+checked here.
 """
 from __future__ import annotations
 
@@ -13,9 +15,14 @@ import logging
 
 from torch import nn
 
-from fastdetr.nn.transformer import TransformerDecoderLayer, TransformerEncoderLayer
+from fastdetr.nn.transformer import (
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fastdetr.optimize")
 
 _SHARED = {
     "self_attn": nn.MultiheadAttention, "linear1": nn.Linear, "linear2": nn.Linear,
@@ -41,6 +48,18 @@ def _target_class(module: nn.Module) -> type | None:
     return None
 
 
+def _stack_class(module: nn.Module) -> type | None:
+    """The fused stack class `module` can become: a `layers` ModuleList of fused layers of one kind, a `norm`."""
+    layers = getattr(module, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or not hasattr(module, "norm"):
+        return None
+    if all(isinstance(layer, TransformerDecoderLayer) for layer in layers) and hasattr(module, "return_intermediate"):
+        return TransformerDecoder
+    if all(isinstance(layer, TransformerEncoderLayer) for layer in layers):
+        return TransformerEncoder
+    return None
+
+
 def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
     """Convert, in place, every DETR encoder / decoder layer in `model` to its fused class; returns `model`.
 
@@ -63,6 +82,12 @@ def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
             continue
         module.__class__ = target
         converted += 1
+    # then the stacks: their forward builds each key padding mask's block table once for all their layers
+    for module in model.modules():
+        if not isinstance(module, (TransformerEncoder, TransformerDecoder)):
+            target = _stack_class(module)
+            if target is not None:
+                module.__class__ = target
     logger.debug("fastdetr.optimize: converted %d transformer layers", converted)
     if inference:
         model.eval()
