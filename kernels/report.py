@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 # Kernel modules with an `aot_configs()`; a new kernel module is added here.
 KERNEL_MODULES = ("fastdetr.kernels.attention", "fastdetr.kernels.assignment", "fastdetr.kernels.linear_layernorm",
                   "fastdetr.kernels.linear_relu", "fastdetr.kernels.in_projection", "fastdetr.kernels.ffn",
-                  "fastdetr.kernels.matching_cost")
+                  "fastdetr.kernels.matching_cost", "fastdetr.kernels.deformable_attention")
 
 
 @dataclass

@@ -209,3 +209,27 @@ def test_only_functional_asks_the_backend_in_the_nn_modules_and_the_matcher():
         assert not below, (relative, below)
         source = (ROOT / relative).read_text()
         assert "from .backend" not in source and "from ..backend" not in source, relative
+
+
+def test_ms_deform_attn_takes_the_kernel_where_it_can_and_the_reference_elsewhere(monkeypatch):
+    import fastdetr.kernels.deformable_attention as kernel
+    from fastdetr.reference.deformable_attention import ms_deform_attn as reference
+
+    generator = torch.Generator().manual_seed(5)
+    shapes = torch.tensor([[3, 4], [1, 2]])
+    starts = torch.tensor([0, 12])
+    value = torch.randn(2, 14, 2, 16, generator=generator)
+    locations = torch.rand(2, 5, 2, 2, 3, 2, generator=generator)
+    weights = torch.rand(2, 5, 2, 2, 3, generator=generator)
+    launches = []
+    original = kernel.ms_deform_attn_forward
+    monkeypatch.setattr(kernel, "ms_deform_attn_forward", lambda *a: launches.append(1) or original(*a))
+    expected = reference(value.double(), shapes, starts, locations.double(), weights.double())
+    out = functional.ms_deform_attn(value, shapes, starts, locations, weights)
+    assert len(launches) == int(interpreter_enabled())
+    assert relative_error(out, expected) <= 1e-5
+    out64 = functional.ms_deform_attn(value.double(), shapes, starts, locations.double(), weights.double())
+    assert torch.equal(out64, expected) and len(launches) == int(interpreter_enabled())   # float64: the reference
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert torch.equal(functional.ms_deform_attn(value, shapes, starts, locations, weights),
+                       reference(value, shapes, starts, locations, weights))

@@ -7,7 +7,8 @@ is the one place they (and the matcher) call kernels from and decide when;
 """
 from . import functional
 from .attention import MultiheadAttention
+from .deformable_attention import MultiScaleDeformableAttention
 from .transformer import TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer
 
-__all__ = ["functional", "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
-           "TransformerEncoder", "TransformerDecoder"]
+__all__ = ["functional", "MultiheadAttention", "MultiScaleDeformableAttention", "TransformerEncoderLayer",
+           "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder"]

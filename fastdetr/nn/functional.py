@@ -311,6 +311,34 @@ def ffn(layer: nn.Module, x: Tensor, residual: Tensor, norm: nn.LayerNorm | None
 
 
 # ---------------------------------------------------------------------------------------------
+# Multi-scale deformable attention
+# ---------------------------------------------------------------------------------------------
+
+def msda_kernel_supported(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> bool:
+    """Whether the MSDA kernel takes these inputs: tensors `use_triton` takes, dtypes and head dim within
+    `fastdetr.kernels.deformable_attention`'s `DTYPES` and `MAX_HEAD_DIM`."""
+    if not use_triton(value, sampling_locations, attention_weights):
+        return False
+    from fastdetr.kernels.deformable_attention import DTYPES, MAX_HEAD_DIM
+
+    return (all(t.dtype in DTYPES for t in (value, sampling_locations, attention_weights))
+            and value.dim() == 4 and value.shape[-1] <= MAX_HEAD_DIM)
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                   attention_weights: Tensor) -> Tensor:
+    """Multi-scale deformable attention, (N, Lq, M * D): the Triton kernel where `msda_kernel_supported`,
+    else `fastdetr.reference.deformable_attention.ms_deform_attn` (grid_sample per level). Same semantics."""
+    if msda_kernel_supported(value, sampling_locations, attention_weights):
+        from fastdetr.kernels.deformable_attention import ms_deform_attn as kernel
+
+        return kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    from fastdetr.reference.deformable_attention import ms_deform_attn as reference
+
+    return reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+# ---------------------------------------------------------------------------------------------
 # The matcher (called after `matcher_kernels` said yes)
 # ---------------------------------------------------------------------------------------------
 

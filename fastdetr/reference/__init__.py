@@ -4,6 +4,7 @@ Built only from torch.nn.MultiheadAttention, nn.Linear, nn.LayerNorm and
 nn.Conv2d (plus the ops between them); module and parameter names follow the
 original DETR so its checkpoints load unchanged.
 """
+from . import deformable_attention
 from .backbone import Backbone, FrozenBatchNorm2d, Joiner, ResNetBody
 from .detr import DETR, MLP, PostProcess
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
@@ -16,7 +17,7 @@ from .transformer import (
 )
 
 __all__ = [
-    "Backbone", "FrozenBatchNorm2d", "Joiner", "ResNetBody", "DETR", "MLP", "PostProcess",
+    "deformable_attention", "Backbone", "FrozenBatchNorm2d", "Joiner", "ResNetBody", "DETR", "MLP", "PostProcess",
     "PositionEmbeddingLearned", "PositionEmbeddingSine", "Transformer", "TransformerDecoder",
     "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
 ]

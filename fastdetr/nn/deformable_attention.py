@@ -1,0 +1,169 @@
+"""`MultiScaleDeformableAttention`: Deformable DETR's `MSDeformAttn` module, with no CUDA extension to build.
+
+The same constructor `(d_model=256, n_levels=4, n_heads=8, n_points=4)`, parameters
+(`sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`), state_dict,
+initialisation and forward signature as `models/ops/modules/ms_deform_attn.py` of
+fundamentalvision/Deformable-DETR, so its checkpoints load unchanged. Each query
+predicts, per head, P sampling offsets and P attention weights on each of the L
+levels; the points are placed around its reference point, sampled bilinearly from
+the projected value maps and summed (`fastdetr.reference.deformable_attention`
+states the sampling core's semantics):
+
+    value      = value_proj(input_flatten), zero where input_padding_mask is True    (N, S, M, D)
+    offsets    = sampling_offsets(query)                                           (N, Lq, M, L, P, 2)
+    weights    = softmax over the L * P points of attention_weights(query)         (N, Lq, M, L, P)
+    locations  = reference_points + offsets / (W_l, H_l)             2-d reference points (x, y)
+               = (x, y) + offsets / P * (w, h) / 2                   4-d reference boxes (x, y, w, h)
+    output     = output_proj(MSDA(value, locations, weights))                      (N, Lq, d_model)
+
+with N the batch, Lq the queries, S = sum of H_l * W_l the value tokens (the levels
+flattened and stacked in order), M heads of D = d_model / M channels, locations in
+[0, 1] over each level's map (top-left (0, 0); outside allowed, sampling zeros).
+
+How it differs from the official module:
+- the sampling core (`_core`) is `fastdetr.kernels.deformable_attention` on CUDA
+  tensors (or on the CPU under TRITON_INTERPRET=1) in fp32, fp16 or bf16, installed
+  with pip, with a deterministic backward on request; plain PyTorch (grid_sample
+  per level) anywhere else (`fastdetr.nn.functional.ms_deform_attn` decides). The
+  official op is a CUDA extension to build, fp32/fp64 only, atomicAdd in backward;
+- no `im2col_step` (a CUDA batching knob) and no warning for head dims that are not
+  a power of two (the official warns because its kernel prefers them);
+- bad inputs raise ValueError naming the argument, where the official asserts or
+  fails inside the kernel; the token count against input_spatial_shapes is checked
+  here when that tensor is on the CPU (on a GPU it would cost a host sync per call,
+  and the core checks it);
+- the offsets' bias is initialised in place (the official assigns a new Parameter):
+  same values, and the parameter keeps its device and dtype.
+
+Padding mask polarity is Deformable DETR's: True on padding (RT-DETR's and
+transformers' value masks are True on valid tokens).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fastdetr.nn import functional
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Multi-scale deformable attention (module docstring): (N, Lq, d_model) -> (N, Lq, d_model).
+
+    d_model: channels of query, input_flatten and the output; n_levels: feature levels L;
+    n_heads: heads M (d_model % n_heads == 0); n_points: sampling points P per head and level.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model must be divisible by n_heads, but got {d_model} and {n_heads}")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """The official initialisation: offsets start from a fixed pattern, weights uniform, projections xavier.
+
+        Head m's points start in direction 2*pi*m/M, scaled so that the larger of |dx|, |dy| is 1 (a point
+        on the unit square), and point p at p + 1 times that, the same on every level (in pixels of the level
+        for 2-d reference points). The offsets' weight and the attention logits start at zero, so every query
+        starts with this pattern and equal weights 1 / (L * P).
+        """
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        directions = torch.stack([thetas.cos(), thetas.sin()], -1)                       # (M, 2) as (x, y)
+        directions = directions / directions.abs().max(-1, keepdim=True).values
+        scales = torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, self.n_points, 1)
+        pattern = directions.view(self.n_heads, 1, 1, 2) * scales                         # (M, 1, P, 2)
+        pattern = pattern.expand(self.n_heads, self.n_levels, self.n_points, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(pattern.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"
+
+    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, input_spatial_shapes: Tensor,
+                input_level_start_index: Tensor, input_padding_mask: Tensor | None = None) -> Tensor:
+        """query (N, Lq, d_model); reference_points (N, Lq, L, 2) as (x, y) or (N, Lq, L, 4) as (x, y, w, h),
+        in [0, 1] of each level, top-left (0, 0), bottom-right (1, 1), padding area included;
+        input_flatten (N, S, d_model), the L levels' tokens stacked in order, S = sum of H_l * W_l;
+        input_spatial_shapes (L, 2) integer (H_l, W_l); input_level_start_index (L,) each level's first token;
+        input_padding_mask (N, S) bool, True on padding, or None. Returns (N, Lq, d_model).
+        """
+        self._check_inputs(query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
+                           input_padding_mask)
+        batch, queries, _ = query.shape
+        tokens = input_flatten.shape[1]
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(batch, tokens, heads, self.d_model // heads)
+        offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
+        weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: divide by its (W, H)
+            normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)                  # (L, 2) as (W, H)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[:, None, :]
+        else:
+            # offsets are in units of the box: the P-th point reaches its edge at the initial pattern's scale
+            centres, sizes = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
+            locations = centres + offsets / points * sizes * 0.5
+        return self.output_proj(self._core(value, input_spatial_shapes, input_level_start_index, locations,
+                                           weights))
+
+    def _core(self, value: Tensor, shapes: Tensor, starts: Tensor, locations: Tensor, weights: Tensor) -> Tensor:
+        """The sampling core: value (N, S, M, D), shapes (L, 2), starts (L,), locations (N, Lq, M, L, P, 2),
+        weights (N, Lq, M, L, P) -> (N, Lq, M * D); the Triton kernel where `fastdetr.nn.functional` can
+        run it, else the reference."""
+        return functional.ms_deform_attn(value, shapes, starts, locations, weights)
+
+    def _check_inputs(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor,
+                      input_spatial_shapes: Tensor, input_level_start_index: Tensor,
+                      input_padding_mask: Tensor | None) -> None:
+        """ValueError naming the argument, from shapes and dtypes (and, on the CPU, the spatial shapes' values)."""
+        name = type(self).__name__
+        if query.dim() != 3 or query.shape[-1] != self.d_model:
+            raise ValueError(f"{name}: query must be (N, Lq, d_model={self.d_model}); got {tuple(query.shape)}")
+        batch, queries, _ = query.shape
+        if input_flatten.dim() != 3 or input_flatten.shape[0] != batch or input_flatten.shape[-1] != self.d_model:
+            raise ValueError(f"{name}: input_flatten must be (N={batch}, S, d_model={self.d_model}); "
+                             f"got {tuple(input_flatten.shape)}")
+        if (reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != (batch, queries, self.n_levels)
+                or reference_points.shape[-1] not in (2, 4)):
+            raise ValueError(f"{name}: reference_points must be (N={batch}, Lq={queries}, n_levels={self.n_levels}, "
+                             f"2 or 4); got {tuple(reference_points.shape)} (the last dim is (x, y) or (x, y, w, h))")
+        if tuple(input_spatial_shapes.shape) != (self.n_levels, 2):
+            raise ValueError(f"{name}: input_spatial_shapes must be (n_levels={self.n_levels}, 2) as (H, W); "
+                             f"got {tuple(input_spatial_shapes.shape)}")
+        if input_spatial_shapes.dtype.is_floating_point or input_spatial_shapes.dtype == torch.bool:
+            raise ValueError(f"{name}: input_spatial_shapes must be integers; got {input_spatial_shapes.dtype}")
+        if tuple(input_level_start_index.shape) != (self.n_levels,):
+            raise ValueError(f"{name}: input_level_start_index must be (n_levels={self.n_levels},); "
+                             f"got {tuple(input_level_start_index.shape)}")
+        tokens = input_flatten.shape[1]
+        if input_padding_mask is not None:
+            if tuple(input_padding_mask.shape) != (batch, tokens) or input_padding_mask.dtype != torch.bool:
+                raise ValueError(f"{name}: input_padding_mask must be bool (N={batch}, S={tokens}), True on padding; "
+                                 f"got {input_padding_mask.dtype} {tuple(input_padding_mask.shape)}")
+        if input_spatial_shapes.device.type == "cpu":
+            held = int(input_spatial_shapes.prod(-1).sum())
+            if held != tokens:
+                raise ValueError(f"{name}: input_flatten has {tokens} tokens, input_spatial_shapes "
+                                 f"{input_spatial_shapes.tolist()} hold {held}")

@@ -1,0 +1,478 @@
+"""Multi-scale deformable attention (MSDA) in Triton: forward and backward, fp32 / fp16 / bf16, no build step.
+
+What is computed: the official Deformable-DETR op's sampling core. For each
+query q of image n and head m, P points on each of L levels are sampled
+bilinearly from that level's value map and summed with their attention weights,
+
+    out[n, q, m, :] = sum_{l, p} A[n, q, m, l, p] * bilinear(value_l[n, :, m, :], loc[n, q, m, l, p])
+
+with grid_sample's semantics (bilinear, zeros padding, align_corners=False):
+pixel coordinate (x * W_l - 0.5, y * H_l - 0.5), corners outside the map read as
+zero. The plain-PyTorch definition is `fastdetr.reference.deformable_attention.
+ms_deform_attn`; `fastdetr.nn.functional.ms_deform_attn` chooses between the two.
+
+Forward (one kernel): a program owns BLOCK_Q (batch, query) rows of one head and
+the whole head dim (BLOCK_D >= D, masked); it walks the L x P samples, loads the
+four corner rows of value (masked loads: a corner outside the map is never
+read), and accumulates in fp32; only the output is written.
+
+Backward (one kernel, the same programs): reloads the corners, and from the
+output gradient g computes dA = <g, sample>, dloc from the bilinear weights'
+derivatives (times W_l, H_l), both written once per sample (no reduction
+across programs), and dvalue, which is a scatter: a value row is read by any
+number of samples. Two ways to reduce it:
+- default: fp32 `atomic_add` into an fp32 buffer (one pass; the order of the
+  additions, and so the last bits of dvalue, can change from run to run);
+- deterministic (`deterministic=True`, or `torch.use_deterministic_algorithms(True)`):
+  the kernel writes each sample corner's (value row, coefficient) instead; a
+  stable sort groups them by value row, and a gather kernel sums each row's
+  entries in that fixed order: bit-identical across runs, at the price of the
+  sort and 16 bytes per sample corner (N * Lq * M * L * P * 4 entries).
+
+Limits, as constants other modules import: head dim D <= `MAX_HEAD_DIM` (any
+D, masked to a power of two >= 16); any L, P, H_l x W_l (1 x 1 included); q and
+value dtypes in `DTYPES`, math in fp32, output in value's dtype; value's last
+stride must be 1 (anything else is copied once), locations and weights are made
+contiguous once. Locations far outside [0, 1] are clamped before the integer
+conversion (their corners are all outside: zero). Block sizes were picked for no
+register spills on sm_80 / sm_90 (`aot_configs()`), not tuned on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdetr.backend import use_triton
+from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, aot_signature, unit_last_stride
+
+# limits (module docstring)
+DTYPES = tuple(TRITON_DTYPE_NAMES)
+MAX_HEAD_DIM = 256
+_BLOCK_D_CHOICES = (16, 32, 64, 128, 256)
+_CORNERS = 4
+
+
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+    """Shape and dtype checks from metadata only (never a tensor's values: no host sync)."""
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be (N, S, M, D); got {tuple(value.shape)}")
+    batch, _, heads, head_dim = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(f"ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2); "
+                         f"got {tuple(sampling_locations.shape)}")
+    n, queries, m, levels, points, _ = sampling_locations.shape
+    if (n, m) != (batch, heads):
+        raise ValueError(f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} disagree with "
+                         f"value {tuple(value.shape)} on N or M")
+    if tuple(attention_weights.shape) != (batch, queries, heads, levels, points):
+        raise ValueError(f"ms_deform_attn: attention_weights must be {(batch, queries, heads, levels, points)}; "
+                         f"got {tuple(attention_weights.shape)}")
+    if tuple(spatial_shapes.shape) != (levels, 2) or tuple(level_start_index.shape) != (levels,):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be ({levels}, 2) and level_start_index "
+                         f"({levels},); got {tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
+    for name, tensor in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+            raise ValueError(f"ms_deform_attn: {name} must be integers; got {tensor.dtype}")
+    for name, tensor in (("value", value), ("sampling_locations", sampling_locations),
+                         ("attention_weights", attention_weights)):
+        if tensor.dtype not in DTYPES:
+            raise ValueError(f"ms_deform_attn: {name} must be one of {DTYPES}; got {tensor.dtype}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"ms_deform_attn: head dim {head_dim} (value {tuple(value.shape)}) exceeds "
+                         f"MAX_HEAD_DIM = {MAX_HEAD_DIM}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+def _block_d(head_dim: int) -> int:
+    return next(block for block in _BLOCK_D_CHOICES if block >= head_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _configs() -> dict:
+    """Launch config by (kernel, BLOCK_D): BLOCK_Q rows x BLOCK_D columns per program, fp32 accumulators.
+
+    The backward holds the output-gradient tile and four corner tiles at once, so
+    it takes half the forward's rows. The gather kernel (deterministic dvalue)
+    owns one value row and walks its entries BLOCK_E at a time.
+    """
+    configs = {}
+    for block_d in _BLOCK_D_CHOICES:
+        # 512 tile elements per forward program (4 per thread of 4 warps), 256 per backward one over 8
+        # warps: the unaligned variants gather every element with its own 64-bit address and predicate;
+        # twice these tiles spilled (sm_90 forward, sm_80 deterministic backward), and so did the 16-bit
+        # atomic backward at 4 warps on sm_80 (ptxas capped it at 96 registers and used the stack)
+        configs[("fwd", block_d)] = dict(BLOCK_Q=max(2, 512 // block_d), num_warps=4, num_stages=1)
+        # (at D 256 two rows over 4 warps: 8 warps used the stack on sm_90 in the deterministic variant)
+        configs[("bwd", block_d)] = dict(BLOCK_Q=max(2, 256 // block_d), num_warps=4 if block_d == 256 else 8,
+                                         num_stages=1)
+        configs[("gather", block_d)] = dict(BLOCK_E=max(8, min(64, 4096 // block_d)), num_warps=4, num_stages=1)
+    return configs
+
+
+def block_config(kernel: str, head_dim: int) -> dict:
+    """Launch config of `kernel` ("fwd", "bwd" or "gather") for head dim `head_dim`, with its BLOCK_D."""
+    block_d = _block_d(head_dim)
+    return dict(_configs()[(kernel, block_d)], BLOCK_D=block_d)
+
+
+@triton.jit
+def _sample_point(Loc_ptr, Attn_ptr, sample, row_ok, height, width):
+    """One sample of each row: (attention weight, x0, y0 (int32, clamped), fx, fy) in fp32.
+
+    Pixel coordinate x = loc_x * W - 0.5 (grid_sample, align_corners=False);
+    x0 = floor(x), fx = x - x0. Coordinates are clamped to [-2, W + 1] before the
+    int32 conversion: any corner that far out lies outside the map either way.
+    """
+    loc_x = tl.load(Loc_ptr + 2 * sample, mask=row_ok, other=0.0).to(tl.float32)
+    loc_y = tl.load(Loc_ptr + 2 * sample + 1, mask=row_ok, other=0.0).to(tl.float32)
+    weight = tl.load(Attn_ptr + sample, mask=row_ok, other=0.0).to(tl.float32)
+    x = loc_x * width.to(tl.float32) - 0.5
+    y = loc_y * height.to(tl.float32) - 0.5
+    x_floor = tl.floor(x)
+    y_floor = tl.floor(y)
+    fx = x - x_floor
+    fy = y - y_floor
+    x0 = tl.minimum(tl.maximum(x_floor, -2.0), width.to(tl.float32) + 1.0).to(tl.int32)
+    y0 = tl.minimum(tl.maximum(y_floor, -2.0), height.to(tl.float32) + 1.0).to(tl.int32)
+    return weight, x0, y0, fx, fy
+
+
+@triton.jit
+def _corner_rows(xi, yi, height, width, start, row_ok):
+    """(token index within the image, inside) of corner (xi, yi) of each row: the row is read only if inside."""
+    inside = row_ok & (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+    return start + yi * width + xi, inside
+
+
+@triton.jit
+def _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok):
+    """(BLOCK_Q, BLOCK_D) fp32 corner values; rows outside the map are never loaded (zeros)."""
+    ptrs = Value_ptr + value_rows[:, None] + token.to(tl.int64)[:, None] * stride_v_s + offs_d[None, :]
+    return tl.load(ptrs, mask=inside[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _msda_fwd_kernel(
+    Value_ptr,                                # (N, S, M, D), last stride 1
+    Shapes_ptr, Starts_ptr,                   # (L, 2) int32 (H, W), (L,) int32 first token of each level
+    Loc_ptr,                                  # (N, Lq, M, L, P, 2) contiguous, (x, y)
+    Attn_ptr,                                 # (N, Lq, M, L, P) contiguous
+    Out_ptr,                                  # (N, Lq, M, D) contiguous, value's dtype
+    stride_v_n, stride_v_s, stride_v_m,
+    num_rows, num_queries, num_heads, head_dim, num_levels, num_points,   # num_rows = N * Lq
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < num_rows
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    value_rows = (rows64 // num_queries) * stride_v_n + head * stride_v_m     # (BLOCK_Q,) base of image n, head m
+    row_head = rows64 * num_heads + head                                        # index of (n, q, m)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for level in range(0, num_levels):
+        height = tl.load(Shapes_ptr + 2 * level)
+        width = tl.load(Shapes_ptr + 2 * level + 1)
+        start = tl.load(Starts_ptr + level)
+        for point in range(0, num_points):
+            sample = (row_head * num_levels + level) * num_points + point
+            weight, x0, y0, fx, fy = _sample_point(Loc_ptr, Attn_ptr, sample, row_ok, height, width)
+            token, inside = _corner_rows(x0, y0, height, width, start, row_ok)
+            v = _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
+            sampled = v * ((1.0 - fx) * (1.0 - fy))[:, None]
+            token, inside = _corner_rows(x0 + 1, y0, height, width, start, row_ok)
+            v = _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
+            sampled += v * (fx * (1.0 - fy))[:, None]
+            token, inside = _corner_rows(x0, y0 + 1, height, width, start, row_ok)
+            v = _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
+            sampled += v * ((1.0 - fx) * fy)[:, None]
+            token, inside = _corner_rows(x0 + 1, y0 + 1, height, width, start, row_ok)
+            v = _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
+            sampled += v * (fx * fy)[:, None]
+            acc += sampled * weight[:, None]
+    tl.store(Out_ptr + row_head[:, None] * head_dim + offs_d[None, :], acc.to(Out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry, value_rows, image_tokens, token,
+                  inside, corner_weight, weight, grad, row_ok, stride_v_s, offs_d, d_ok, head_dim, num_heads, head,
+                  DETERMINISTIC: tl.constexpr):
+    """One corner's share of the backward: returns <g, corner value> (BLOCK_Q,) and reduces its dvalue.
+
+    dvalue[corner] += weight * corner_weight * g: fp32 `atomic_add`, or with
+    DETERMINISTIC the (value row key, coefficient) pair of this sample corner
+    written at `entry` (key -1 outside the map) for the sort-and-gather pass.
+    """
+    v = _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
+    coef = weight * corner_weight
+    key = (image_tokens + token.to(tl.int64)) * num_heads + head   # (n * S + token) * M + m: a row of (N*S*M, D)
+    if DETERMINISTIC:
+        tl.store(Keys_ptr + entry, tl.where(inside, key, -1), mask=row_ok)
+        tl.store(Coefs_ptr + entry, coef, mask=row_ok)
+    else:
+        tl.atomic_add(GradValue_ptr + key[:, None] * head_dim + offs_d[None, :], coef[:, None] * grad,
+                      mask=inside[:, None] & d_ok[None, :])
+    return tl.sum(v * grad, 1)
+
+
+@triton.jit
+def _msda_bwd_kernel(
+    Value_ptr, Shapes_ptr, Starts_ptr, Loc_ptr, Attn_ptr,   # as in forward
+    GradOut_ptr,                              # (N, Lq, M, D) contiguous
+    GradValue_ptr,                            # (N, S, M, D) fp32 contiguous, zeroed (atomic path)
+    GradLoc_ptr, GradAttn_ptr,                # like Loc and Attn, fp32
+    Keys_ptr, Coefs_ptr,                      # (N * Lq * M * L * P * 4,) int64 / fp32 (DETERMINISTIC)
+    stride_v_n, stride_v_s, stride_v_m,
+    num_rows, num_queries, num_heads, head_dim, num_levels, num_points, num_tokens,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < num_rows
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    image = rows64 // num_queries
+    value_rows = image * stride_v_n + head * stride_v_m
+    row_head = rows64 * num_heads + head
+    grad = tl.load(GradOut_ptr + row_head[:, None] * head_dim + offs_d[None, :],
+                   mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    for level in range(0, num_levels):
+        height = tl.load(Shapes_ptr + 2 * level)
+        width = tl.load(Shapes_ptr + 2 * level + 1)
+        start = tl.load(Starts_ptr + level)
+        for point in range(0, num_points):
+            sample = (row_head * num_levels + level) * num_points + point
+            weight, x0, y0, fx, fy = _sample_point(Loc_ptr, Attn_ptr, sample, row_ok, height, width)
+            key_base = image * num_tokens   # n * S
+            entry = sample * 4
+            token, inside = _corner_rows(x0, y0, height, width, start, row_ok)
+            g00 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry, value_rows, key_base,
+                                token, inside, (1.0 - fx) * (1.0 - fy), weight, grad, row_ok, stride_v_s,
+                                offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
+            token, inside = _corner_rows(x0 + 1, y0, height, width, start, row_ok)
+            g10 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry + 1, value_rows, key_base,
+                                token, inside, fx * (1.0 - fy), weight, grad, row_ok, stride_v_s,
+                                offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
+            token, inside = _corner_rows(x0, y0 + 1, height, width, start, row_ok)
+            g01 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry + 2, value_rows, key_base,
+                                token, inside, (1.0 - fx) * fy, weight, grad, row_ok, stride_v_s,
+                                offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
+            token, inside = _corner_rows(x0 + 1, y0 + 1, height, width, start, row_ok)
+            g11 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry + 3, value_rows, key_base,
+                                token, inside, fx * fy, weight, grad, row_ok, stride_v_s,
+                                offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
+            # dA = <g, sample>; dloc from the bilinear weights' derivatives, times the map size
+            grad_weight = (1.0 - fx) * (1.0 - fy) * g00 + fx * (1.0 - fy) * g10 + (1.0 - fx) * fy * g01 + fx * fy * g11
+            grad_x = ((1.0 - fy) * (g10 - g00) + fy * (g11 - g01)) * weight * width.to(tl.float32)
+            grad_y = ((1.0 - fx) * (g01 - g00) + fx * (g11 - g10)) * weight * height.to(tl.float32)
+            tl.store(GradAttn_ptr + sample, grad_weight, mask=row_ok)
+            tl.store(GradLoc_ptr + 2 * sample, grad_x, mask=row_ok)
+            tl.store(GradLoc_ptr + 2 * sample + 1, grad_y, mask=row_ok)
+
+
+@triton.jit
+def _msda_value_grad_gather_kernel(
+    Order_ptr,                                # (E,) int64: entries sorted by value row key (stable)
+    SegStart_ptr,                             # (N * S * M + 1,) int64: row r owns Order[SegStart[r]:SegStart[r+1]]
+    Coefs_ptr,                                # (E,) fp32 coefficients, by entry
+    GradOut_ptr,                              # (N, Lq, M, D) contiguous
+    GradValue_ptr,                            # (N, S, M, D) contiguous, value's dtype
+    head_dim, entries_per_row_head,           # L * P * 4: entry // that = (n, q, m)
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)      # (n * S + token) * M + m
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    first = tl.load(SegStart_ptr + row)
+    last = tl.load(SegStart_ptr + row + 1)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for chunk in range(first, last, BLOCK_E):
+        offs_e = chunk + tl.arange(0, BLOCK_E)
+        e_ok = offs_e < last
+        entry = tl.load(Order_ptr + offs_e, mask=e_ok, other=0)
+        coef = tl.load(Coefs_ptr + entry, mask=e_ok, other=0.0)
+        source = entry // entries_per_row_head                                    # the (n, q, m) row of g
+        grad = tl.load(GradOut_ptr + source[:, None] * head_dim + offs_d[None, :],
+                       mask=e_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(coef[:, None] * grad, 0)
+    tl.store(GradValue_ptr + row * head_dim + offs_d, acc.to(GradValue_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _int32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.int32).contiguous()   # a device op: no host sync
+
+
+def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Launch the forward kernel; shapes as `ms_deform_attn`. Returns (N, Lq, M * D) in value's dtype."""
+    value = unit_last_stride(value)
+    batch, tokens, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    out = torch.empty(batch, queries, heads, head_dim, dtype=value.dtype, device=value.device)
+    if out.numel() == 0:
+        return out.view(batch, queries, heads * head_dim)
+    if levels * points == 0 or tokens == 0:
+        return out.zero_().view(batch, queries, heads * head_dim)
+    config = block_config("fwd", head_dim)
+    grid = (triton.cdiv(batch * queries, config["BLOCK_Q"]), heads)
+    _msda_fwd_kernel[grid](
+        value, _int32(spatial_shapes), _int32(level_start_index), sampling_locations.contiguous(),
+        attention_weights.contiguous(), out,
+        value.stride(0), value.stride(1), value.stride(2),
+        batch * queries, queries, heads, head_dim, levels, points,
+        BLOCK_Q=config["BLOCK_Q"], BLOCK_D=config["BLOCK_D"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out.view(batch, queries, heads * head_dim)
+
+
+def ms_deform_attn_backward(grad_out, value, spatial_shapes, level_start_index, sampling_locations,
+                            attention_weights, deterministic=False):
+    """Launch the backward: (dvalue, dlocations, dweights), each in its input's dtype.
+
+    grad_out: (N, Lq, M * D). deterministic: reduce dvalue by sort and gather
+    instead of fp32 atomics (module docstring): bit-identical across runs.
+    """
+    value = unit_last_stride(value)
+    batch, tokens, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    device = value.device
+    grad_out = grad_out.reshape(batch, queries, heads, head_dim).contiguous()
+    grad_loc = torch.zeros(sampling_locations.shape, dtype=torch.float32, device=device)
+    grad_attn = torch.zeros(attention_weights.shape, dtype=torch.float32, device=device)
+    if grad_out.numel() == 0 or levels * points == 0 or tokens == 0:
+        return (torch.zeros_like(value), grad_loc.to(sampling_locations.dtype),
+                grad_attn.to(attention_weights.dtype))
+    config = block_config("bwd", head_dim)
+    entries = batch * queries * heads * levels * points * _CORNERS
+    if deterministic:
+        grad_value = torch.empty(batch, tokens, heads, head_dim, dtype=torch.float32, device=device)  # unused
+        keys = torch.empty(entries, dtype=torch.int64, device=device)
+        coefs = torch.empty(entries, dtype=torch.float32, device=device)
+    else:
+        grad_value = torch.zeros(batch, tokens, heads, head_dim, dtype=torch.float32, device=device)
+        keys = torch.empty(1, dtype=torch.int64, device=device)      # never read
+        coefs = torch.empty(1, dtype=torch.float32, device=device)
+    grid = (triton.cdiv(batch * queries, config["BLOCK_Q"]), heads)
+    _msda_bwd_kernel[grid](
+        value, _int32(spatial_shapes), _int32(level_start_index), sampling_locations.contiguous(),
+        attention_weights.contiguous(), grad_out, grad_value, grad_loc, grad_attn, keys, coefs,
+        value.stride(0), value.stride(1), value.stride(2),
+        batch * queries, queries, heads, head_dim, levels, points, tokens,
+        BLOCK_Q=config["BLOCK_Q"], BLOCK_D=config["BLOCK_D"], DETERMINISTIC=deterministic,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    if deterministic:
+        grad_value = _gather_value_grad(keys, coefs, grad_out, value, levels * points * _CORNERS)
+    return grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype), grad_attn.to(attention_weights.dtype)
+
+
+def _gather_value_grad(keys, coefs, grad_out, value, entries_per_row_head):
+    """dvalue from the recorded (key, coefficient) entries: stable sort by key, then one program per value row."""
+    batch, tokens, heads, head_dim = value.shape
+    num_value_rows = batch * tokens * heads
+    keys = torch.where(keys < 0, num_value_rows, keys)          # outside the map: sorted past every row
+    sorted_keys, order = torch.sort(keys, stable=True)
+    boundaries = torch.arange(num_value_rows + 1, dtype=torch.int64, device=keys.device)
+    seg_start = torch.searchsorted(sorted_keys, boundaries)
+    grad_value = torch.empty(batch, tokens, heads, head_dim, dtype=value.dtype, device=value.device)
+    config = block_config("gather", head_dim)
+    _msda_value_grad_gather_kernel[(num_value_rows,)](
+        order, seg_start, coefs, grad_out, grad_value, head_dim, entries_per_row_head,
+        BLOCK_E=config["BLOCK_E"], BLOCK_D=config["BLOCK_D"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return grad_value
+
+
+_POINTER_TYPES = {"Shapes_ptr": "*i32", "Starts_ptr": "*i32", "GradValue_ptr": "*fp32", "GradLoc_ptr": "*fp32",
+                  "GradAttn_ptr": "*fp32", "Keys_ptr": "*i64", "Coefs_ptr": "*fp32", "Order_ptr": "*i64",
+                  "SegStart_ptr": "*i64"}
+
+
+def aot_configs() -> list[KernelConfig]:
+    """Every variant the launchers can choose: 3 dtypes x 5 BLOCK_D x (forward, backward with atomics,
+    backward deterministic, gather). One dtype for value, locations and weights (the modules' case)."""
+    configs = []
+    for dtype_name in TRITON_DTYPE_NAMES.values():
+        for block_d in _BLOCK_D_CHOICES:
+            fwd, bwd, gather = (block_config(kernel, block_d) for kernel in ("fwd", "bwd", "gather"))
+            configs.append(KernelConfig(_msda_fwd_kernel, aot_signature(_msda_fwd_kernel, dtype_name, _POINTER_TYPES),
+                                        dict(BLOCK_Q=fwd["BLOCK_Q"], BLOCK_D=block_d),
+                                        dict(num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])))
+            for deterministic in (False, True):
+                configs.append(KernelConfig(
+                    _msda_bwd_kernel, aot_signature(_msda_bwd_kernel, dtype_name, _POINTER_TYPES),
+                    dict(BLOCK_Q=bwd["BLOCK_Q"], BLOCK_D=block_d, DETERMINISTIC=deterministic),
+                    dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"])))
+            gather_types = dict(_POINTER_TYPES, GradValue_ptr="*" + dtype_name)
+            configs.append(KernelConfig(
+                _msda_value_grad_gather_kernel,
+                aot_signature(_msda_value_grad_gather_kernel, dtype_name, gather_types),
+                dict(BLOCK_E=gather["BLOCK_E"], BLOCK_D=block_d),
+                dict(num_warps=gather["num_warps"], num_stages=gather["num_stages"])))
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+class MSDeformAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                deterministic):
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        ctx.deterministic = deterministic
+        return ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
+                                      attention_weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        deterministic = ctx.deterministic
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        grad_value, grad_loc, grad_attn = ms_deform_attn_backward(
+            grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            deterministic)
+        return grad_value, None, None, grad_loc, grad_attn, None
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                   deterministic=None):
+    """Multi-scale deformable attention by the Triton kernels (module docstring): (N, Lq, M * D).
+
+    value (N, S, M, D); spatial_shapes (L, 2) integer (H, W); level_start_index
+    (L,); sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1] of each
+    level (outside allowed: zeros); attention_weights (N, Lq, M, L, P); float
+    tensors in `DTYPES`, output in value's dtype. Gradients for value,
+    sampling_locations and attention_weights. deterministic: None (default)
+    follows `torch.are_deterministic_algorithms_enabled()` at backward time;
+    True / False force the sort-and-gather or the atomic dvalue. The tensors
+    must be ones Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1):
+    `fastdetr.nn.functional.ms_deform_attn` picks this or the reference.
+    level_start_index must match spatial_shapes (not checked: that would read
+    them on the host).
+    """
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if not use_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        raise RuntimeError("ms_deform_attn: the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); "
+                           f"got value on {value.device}. fastdetr.reference.deformable_attention.ms_deform_attn "
+                           "is the plain-PyTorch op")
+    return MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations,
+                                      attention_weights, deterministic)
