@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from msda_oracle import ms_deform_attn_oracle, random_msda_inputs
 
 from fastdetr.backend import interpreter_enabled, triton_importable
