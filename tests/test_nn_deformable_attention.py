@@ -335,3 +335,22 @@ def test_the_kernel_path_matches_the_reference_path_forward_and_backward(boxes, 
     for fused_grad, plain_grad in zip(fused_grads, plain_grads):
         assert not torch.isnan(fused_grad).any()
         assert ((fused_grad - plain_grad).norm() / plain_grad.norm().clamp_min(1e-30)).item() < 1e-4
+
+
+def test_the_kernel_path_saves_fewer_activation_bytes_than_the_reference(monkeypatch):
+    """The op saves its inputs only; grid_sample per level saves reshaped value copies and the sampled values."""
+    from fastdetr.backend import interpreter_enabled
+    from fastdetr.measure.saved_bytes import saved_tensor_bytes
+    from fastdetr.nn import functional
+
+    if not interpreter_enabled():
+        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
+    module = _module(256, 2, 4, 2).float()
+    query, reference_points, flat, shapes, starts, mask = _inputs("head-dim-128", boxes=False, padded=True)
+    inputs = dict(query=query.float().requires_grad_(), reference_points=reference_points.float(),
+                  input_flatten=flat.float().requires_grad_(), input_spatial_shapes=shapes,
+                  input_level_start_index=starts, input_padding_mask=mask)
+    fused = saved_tensor_bytes(module, **inputs)
+    monkeypatch.setattr(functional, "msda_kernel_supported", lambda *args: False)
+    plain = saved_tensor_bytes(module, **inputs)
+    assert 0 < fused.activation_bytes < plain.activation_bytes
