@@ -18,6 +18,9 @@
 #   bench-layers      45    ... layers     (the 6+6-layer transformer, reference vs fastdetr)
 #   bench-model       60    ... model      (DETR-R50 inference and training step, batch 2)
 #   bench-matcher     20    ... matcher    (a training step's matching, DETR scale)
+#   bench-deformable_attention
+#                     40    ... deformable_attention  (MSDA op and module vs grid_sample and, where it imports,
+#                         the CUDA op; --quick: the Deformable-DETR encoder and the RT-DETR decoder)
 #                         each adds its rows to RESULTS_DIR/results.csv, redraws results.md and headline.txt,
 #                         draws its plots/
 #   pytest           140  the GPU correctness tests (GPU_TESTS below), TRITON_INTERPRET=0, with pytest-timeout's
@@ -27,14 +30,14 @@
 #                         what the budget has left, at most 200 s -> RESULTS_DIR/convergence/
 #   memory            45  python -m fastdetr.memory --device cuda (saved-for-backward bytes, DETR-R50 shapes)
 #   report            60  python -m fastdetr.kernels.report (ahead-of-time compiles; the same as CI's)
-# The whole suite stays within --budget (default 450 s; the bench steps and pytest take 385 s at most): a
+# The whole suite stays within --budget (default 450 s; the bench steps and pytest take 425 s at most): a
 # step gets min(its limit, what is left), and is recorded as "skipped" when under 15 s are left. The Triton
 # JIT compiles inside each step's limit (its cache, ~/.triton/cache, carries over from step to step).
 # The full convergence benchmark (two ~5-minute trainings) and torch.compile's providers (--full) need a
 # session of their own. The CPU proxies are not run: they mean the same on any machine and run in make test.
 #
 # --smoke is the dry run `make test` does (tests/test_gpu_suite.py), on a CPU: the same steps at tiny shapes
-# through Triton's interpreter (TRITON_INTERPRET=1, FASTDETR_GPU_TESTS_ON_CPU=1) -- the six bench steps as one
+# through Triton's interpreter (TRITON_INTERPRET=1, FASTDETR_GPU_TESTS_ON_CPU=1) -- the seven bench steps as one
 # `bench` step (one process), one of the GPU tests, convergence.py --cpu-check for one step.
 #
 # PYTHON overrides the interpreter (default: .venv/bin/python when present, else python3, else python). The
@@ -277,13 +280,14 @@ cat "$results/suite.txt"
 pack
 
 run_step environment $((15 * scale)) bash -c environment
-BENCH_SUITES=(ceiling ops attention layers model matcher)
+BENCH_SUITES=(ceiling ops attention layers model matcher deformable_attention)
 if [[ "$mode" == smoke ]]; then   # one process: each would spend more on importing torch than on its suite
     run_step bench $((60 * scale)) "$PYTHON" benchmarks/run.py --smoke --suites "${BENCH_SUITES[@]}" --out "$results"
 else
     for suite in "${BENCH_SUITES[@]}"; do
         case $suite in
-            ceiling|matcher) limit=20 ;; attention) limit=40 ;; ops|layers) limit=45 ;; model) limit=60 ;;
+            ceiling|matcher) limit=20 ;; attention|deformable_attention) limit=40 ;; ops|layers) limit=45 ;;
+            model) limit=60 ;;
         esac
         run_step "bench-$suite" $((limit * scale)) "$PYTHON" benchmarks/run.py "${bench_level[@]}" \
             --suites "$suite" --append --out "$results"

@@ -32,6 +32,8 @@ COMPARISONS = (
     ("transformer", "fwd+bwd", "fastdetr", "reference"),
     ("transformer", "fwd+bwd", "fastdetr", "reference+torch.compile"),
     ("encoder_pad25", "fwd+bwd", "fastdetr", "sdpa"),
+    ("msda_deformable_detr_encoder", "fwd+bwd", "fastdetr-bf16", "grid_sample-bf16"),
+    ("msda_deformable_detr_encoder", "fwd+bwd", "fastdetr-fp32", "cuda-op-fp32"),
     ("detr", "step", "fastdetr-triton", "original"),
     ("dino", "step", "fastdetr-triton", "original"),
 )

@@ -21,6 +21,9 @@ Suites (each is also a script of its own in benchmarks/):
   eager reference and torch.compile of it;
 - attention (GPU): benchmarks/attention.py, the flash-attention kernel vs SDPA
   vs nn.MultiheadAttention;
+- deformable_attention (GPU): benchmarks/deformable_attention.py, the multi-scale
+  deformable attention op (fp32, bf16, deterministic) and module vs grid_sample and,
+  where it imports, the official CUDA op, at Deformable-DETR, RT-DETR and DINO shapes;
 - layers (GPU): benchmarks/layers.py, encoder/decoder/transformer, reference
   eager vs torch.compile vs fastdetr;
 - model (GPU): benchmarks/model.py, DETR-R50 inference and training step;
@@ -73,6 +76,8 @@ SUITES = (
     Suite("ceiling", True, "bf16 matmul TFLOP/s and device copy GB/s, measured in the same run"),
     Suite("ops", True, "each GEMM-epilogue kernel vs its eager and torch.compile reference (benchmarks/ops.py)"),
     Suite("attention", True, "flash-attention kernel vs SDPA vs nn.MultiheadAttention (benchmarks/attention.py)"),
+    Suite("deformable_attention", True, "multi-scale deformable attention op and module vs grid_sample vs the "
+          "CUDA op (benchmarks/deformable_attention.py)"),
     Suite("layers", True, "encoder/decoder/transformer: reference vs torch.compile vs fastdetr (benchmarks/layers.py)"),
     Suite("model", True, "DETR-R50 inference and training step (benchmarks/model.py)"),
     Suite("matcher", False, "a step's matching: original loop vs fastdetr backends (benchmarks/matcher.py)"),
@@ -147,6 +152,20 @@ def run_attention(env: dict, level: str) -> list[dict]:
     return rows
 
 
+def run_deformable_attention(env: dict, level: str) -> list[dict]:
+    from benchmarks import deformable_attention as msda
+
+    rows = []
+    if level == "smoke":
+        for case in msda.SMOKE_CASES:
+            rows += msda.measure(case, "cpu", env, timer=_smoke_timer, memory=None)
+        return rows
+    for case in msda.CASES:
+        if level == "full" or case.name in msda.QUICK_CASES:
+            rows += msda.measure(case, torch.device("cuda"), env, timer=_cuda_timer(level))
+    return rows
+
+
 def run_layers(env: dict, level: str) -> list[dict]:
     from benchmarks import layers
 
@@ -209,7 +228,8 @@ def run_proxies(env: dict, level: str) -> list[dict]:
 
 
 RUNNERS: dict[str, Callable[[dict, str], list[dict]]] = {
-    "ceiling": run_ceiling, "ops": run_ops, "attention": run_attention, "layers": run_layers, "model": run_model,
+    "ceiling": run_ceiling, "ops": run_ops, "attention": run_attention,
+    "deformable_attention": run_deformable_attention, "layers": run_layers, "model": run_model,
     "matcher": run_matcher, "proxies": run_proxies,
 }
 
@@ -222,6 +242,8 @@ def _suite_of(row: dict) -> str:
         return "ceiling"
     if case == "detr_r50":
         return "model"
+    if case.startswith("msda_"):
+        return "deformable_attention"
     if case in ("detr", "dino", "smoke"):
         return "matcher"
     if "proxies" in case:
@@ -234,7 +256,7 @@ def _suite_of(row: dict) -> str:
 
 
 def summary_markdown(rows: Sequence[dict], skipped: Sequence[str] = ()) -> str:
-    from benchmarks import attention, layers, matcher, model, ops
+    from benchmarks import attention, deformable_attention, layers, matcher, model, ops
 
     if not rows:
         return "# fastdetr benchmarks\n\nNo results.\n"
@@ -251,8 +273,8 @@ def summary_markdown(rows: Sequence[dict], skipped: Sequence[str] = ()) -> str:
         out.append("\n# Ceilings\n\n" + markdown_table(
             ["measure", "p50", "unit"], [[r["provider"], f"{r['p50']:.1f}", r["unit"]] for r in ceiling.values()]))
     summaries = {"ops": ops.summary_markdown, "attention": attention.summary_markdown,
-                 "layers": layers.summary_markdown, "model": model.summary_markdown,
-                 "matcher": matcher.summary_markdown}
+                 "deformable_attention": deformable_attention.summary_markdown, "layers": layers.summary_markdown,
+                 "model": model.summary_markdown, "matcher": matcher.summary_markdown}
     for suite, summarise in summaries.items():
         if suite in by_suite:
             out.append("\n" + summarise(by_suite[suite]))
@@ -346,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for suite in SUITES:
-            print(f"{suite.name:<10} {'GPU' if suite.needs_gpu else 'any':<4} {suite.describe}")
+            print(f"{suite.name:<20} {'GPU' if suite.needs_gpu else 'any':<4} {suite.describe}")
         return 0
     if args.out is None:
         parser.error("--out is required")
