@@ -34,6 +34,7 @@ setup(
             "onnxruntime",
             "matplotlib",
             "ruff",
+            "transformers",  # tests/test_convert_deformable.py builds its Deformable DETR and RT-DETR models
         ],
     },
     entry_points={"console_scripts": ["fastdetr=fastdetr.cli:main"]},

@@ -36,7 +36,8 @@ GEMM_KERNELS = ("_linear_layernorm_fwd_kernel", "_linear_relu_fwd_kernel", "_in_
 def test_every_kernel_config_compiles_without_spills(tmp_path, target, alignments):
     code, output, rows = _report("--targets", target, "--alignments", *alignments, tmp_path=tmp_path)
     assert code == 0, output
-    modules = {"attention", "assignment", "linear_layernorm", "linear_relu", "in_projection", "ffn", "matching_cost"}
+    modules = {"attention", "assignment", "linear_layernorm", "linear_relu", "in_projection", "ffn", "matching_cost",
+               "deformable_attention"}
     assert {row["module"] for row in rows} == modules
     assert {row["target"] for row in rows} == {f"sm_{target}"}
     # "generic": what an odd shape compiles to; "aligned": what DETR's aligned tensors get
