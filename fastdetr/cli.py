@@ -260,6 +260,8 @@ def _add_memory(sub) -> None:
     parser.add_argument("--source", type=int, help="override the preset's token count S")
     parser.add_argument("--queries", type=int, help="override the preset's query count Q")
     parser.add_argument("--verbose", action="store_true", help="list every saved storage")
+    parser.add_argument("--no-msda", dest="msda", action="store_false",
+                        help="leave out the multi-scale deformable attention module's row")
     parser.set_defaults(func=_memory)
 
 
@@ -272,8 +274,12 @@ def _memory(args: argparse.Namespace) -> int:
     shape = saved_bytes.SMALL if args.small else saved_bytes.DETR_R50 if device.type == "cuda" \
         else saved_bytes.CPU_DEFAULT
     overrides = {name: getattr(args, name) for name in ("batch", "source", "queries") if getattr(args, name)}
+    msda_shape = None
+    if args.msda:
+        msda_shape = saved_bytes.MSDA_SMALL if args.small else saved_bytes.MSDA_DEFORMABLE_DETR \
+            if device.type == "cuda" else saved_bytes.MSDA_CPU_DEFAULT
     return saved_bytes.run_report(dataclasses.replace(shape, **overrides), getattr(torch, args.dtype), device,
-                                  args.verbose)
+                                  args.verbose, msda_shape)
 
 
 def _add_kernel_report(sub) -> None:

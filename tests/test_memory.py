@@ -121,3 +121,22 @@ def test_fused_layer_saves_less_at_detr_r50_shapes_on_a_gpu(kind):
     report = layer_saved_bytes(kind, DETR_R50, dtype=torch.bfloat16, device="cuda")
     assert not report.fused_fallback
     assert report.fused.activation_bytes < report.reference.activation_bytes
+
+
+@needs_interpreter
+def test_the_msda_op_saves_less_than_grid_sample():
+    from fastdetr.measure.saved_bytes import MSDA_SMALL, msda_saved_bytes
+
+    report = msda_saved_bytes(MSDA_SMALL)
+    assert not report.fused_fallback
+    assert 0 < report.fused.activation_bytes < report.reference.activation_bytes
+
+
+@needs_interpreter
+def test_command_prints_the_msda_row_unless_asked_not_to(capsys):
+    assert main(["memory", "--small", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| MultiScaleDeformableAttention | 30 | 10 | grid_sample |" in out
+    assert "| MultiScaleDeformableAttention | 30 | 10 | fastdetr op |" in out
+    assert main(["memory", "--small", "--device", "cpu", "--no-msda"]) == 0
+    assert "MultiScaleDeformableAttention" not in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """What autograd keeps for backward: a saved-tensor report, and the fused layers against the reference ones.
 
     fastdetr memory [--small] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                    [--batch B] [--source S] [--queries Q] [--verbose]
+                    [--batch B] [--source S] [--queries Q] [--verbose] [--no-msda]
 
 A training step's activation memory is what the forward saves for the backward.
 `saved_tensor_bytes(fn, ...)` runs `fn` under `torch.autograd.graph.saved_tensors_hooks`
@@ -10,6 +10,11 @@ saved as views of one (L, B, 3E) projection count once, as the allocator holds
 them), split into the call's parameters, its inputs, and activations, which are
 what a fused kernel can save on. Only storages still held by the graph when `fn`
 returns are counted; a branch whose result was dropped keeps nothing alive.
+
+`msda_saved_bytes(...)` measures one `fastdetr.nn.MultiScaleDeformableAttention`
+forward with the grid_sample core against the Triton op (`MSDAShape`: Deformable
+DETR's widths, levels from an image size; the command prints it after the layers
+unless `--no-msda`).
 
 `layer_saved_bytes(...)` measures one DETR encoder or decoder layer: the
 reference (`fastdetr.reference.transformer`) and the fused one
@@ -329,6 +334,120 @@ def layer_saved_bytes(kind: str, shape: LayerShape = DETR_R50, normalize_before:
 
 
 # ---------------------------------------------------------------------------------------------
+# Multi-scale deformable attention
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MSDAShape:
+    """One `MultiScaleDeformableAttention` call: Deformable DETR's widths, its levels from an image size.
+
+    Level l is the image at stride `strides[l]` (ceil division, as a ResNet rounds); S = sum of H_l * W_l.
+    """
+    d_model: int = 256
+    heads: int = 8
+    points: int = 4
+    image: tuple[int, int] = (800, 1333)       # (H, W) of the padded batch
+    strides: tuple[int, ...] = (8, 16, 32, 64)
+    queries: int = 300                         # the decoder's; the encoder's are its S tokens
+    batch: int = 2
+
+    def level_shapes(self) -> list[tuple[int, int]]:
+        height, width = self.image
+        return [(-(-height // stride), -(-width // stride)) for stride in self.strides]
+
+    def tokens(self) -> int:
+        return sum(height * width for height, width in self.level_shapes())
+
+    def describe(self) -> str:
+        return (f"d {self.d_model}, {self.heads} heads, {len(self.strides)} levels x {self.points} points, "
+                f"{self.image[0]}x{self.image[1]} (S = {self.tokens()}), Q {self.queries}, batch {self.batch}")
+
+
+MSDA_DEFORMABLE_DETR = MSDAShape()                                       # the decoder of Deformable-DETR-R50
+MSDA_CPU_DEFAULT = MSDAShape(image=(128, 192), queries=100, batch=1)     # its widths, fewer tokens and queries
+MSDA_SMALL = MSDAShape(d_model=64, heads=2, points=2, image=(32, 48), strides=(8, 16), queries=10, batch=2)
+
+
+@dataclass(frozen=True)
+class MSDAReport:
+    """Saved-for-backward bytes of one MultiScaleDeformableAttention forward: grid_sample core against the
+    Triton op (same parameters, same inputs). fused_fallback: the fused module ran grid_sample anyway."""
+    shape: MSDAShape
+    dtype: torch.dtype
+    device: torch.device
+    reference: SavedBytes
+    fused: SavedBytes
+    fused_fallback: bool
+
+    @property
+    def activation_ratio(self) -> float:
+        return self.fused.activation_bytes / max(self.reference.activation_bytes, 1)
+
+
+def msda_saved_bytes(shape: MSDAShape = MSDA_CPU_DEFAULT, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu", seed: int = 0) -> MSDAReport:
+    """Saved bytes of `fastdetr.nn.MultiScaleDeformableAttention` with the grid_sample core and with the op.
+
+    Random parameters (offsets of a few pixels, non-uniform weights), query and
+    input_flatten requiring grad as inside a training step, 2-d reference points,
+    no padding mask. On a CPU the op runs only under TRITON_INTERPRET=1.
+    """
+    from fastdetr.nn.deformable_attention import MultiScaleDeformableAttention
+    from fastdetr.reference import deformable_attention as reference
+
+    from .counters import TorchFunctionCounter
+
+    class GridSampleCore(MultiScaleDeformableAttention):
+        def _core(self, value, shapes, starts, locations, weights):
+            return reference.ms_deform_attn(value, shapes, starts, locations, weights)
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    levels = len(shape.strides)
+    fused = MultiScaleDeformableAttention(shape.d_model, levels, shape.heads, shape.points)
+    with torch.no_grad():
+        fused.sampling_offsets.weight.normal_(0, 2 / shape.d_model ** 0.5)
+        fused.attention_weights.weight.normal_(0, 1 / shape.d_model ** 0.5)
+    fused = fused.to(device, dtype)
+    grid_sample = GridSampleCore(shape.d_model, levels, shape.heads, shape.points).to(device, dtype)
+    grid_sample.load_state_dict(fused.state_dict())
+    level_shapes = torch.tensor(shape.level_shapes(), dtype=torch.int64)
+    sizes = level_shapes.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+
+    def randn(*size, requires_grad=False):
+        return torch.randn(*size, generator=generator).to(device, dtype).requires_grad_(requires_grad)
+
+    inputs = dict(query=randn(shape.batch, shape.queries, shape.d_model, requires_grad=True),
+                  reference_points=torch.rand(shape.batch, shape.queries, levels, 2, generator=generator).to(
+                      device, dtype),
+                  input_flatten=randn(shape.batch, shape.tokens(), shape.d_model, requires_grad=True),
+                  input_spatial_shapes=level_shapes.to(device), input_level_start_index=starts.to(device))
+    reference_bytes = saved_tensor_bytes(grid_sample, **inputs)
+    with TorchFunctionCounter() as calls:
+        fused_bytes = saved_tensor_bytes(fused, **inputs)
+    return MSDAReport(shape=shape, dtype=dtype, device=device, reference=reference_bytes, fused=fused_bytes,
+                      fused_fallback=calls.ran("grid_sample"))
+
+
+def format_msda_table(reports: Iterable[MSDAReport]) -> str:
+    """A markdown table: the grid_sample core against the op, per MSDA shape."""
+    header = ("| module | S (tokens) | Q | path | activations MiB | activation B/query | tensors saved "
+              "| op / grid_sample |\n|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for report in reports:
+        rows = report.shape.queries * report.shape.batch
+        for path, saved in (("grid_sample", report.reference), ("fastdetr op", report.fused)):
+            label = path + (" (fell back to grid_sample)" if path == "fastdetr op" and report.fused_fallback else "")
+            ratio = f"{report.activation_ratio:.2f}" if path == "fastdetr op" else ""
+            lines.append(f"| MultiScaleDeformableAttention | {report.shape.tokens()} | {report.shape.queries} "
+                         f"| {label} | {_mib(saved.activation_bytes)} | {saved.activation_bytes / rows:,.0f} "
+                         f"| {saved.count} | {ratio} |")
+    return header + "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # The report `fastdetr memory` prints
 # ---------------------------------------------------------------------------------------------
 
@@ -352,8 +471,10 @@ def format_table(reports: Iterable[LayerReport]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def run_report(shape: LayerShape, dtype: torch.dtype, device: torch.device, verbose: bool = False) -> int:
-    """`fastdetr memory`: measure both layer kinds, post- and pre-norm, at `shape`, and print the table.
+def run_report(shape: LayerShape, dtype: torch.dtype, device: torch.device, verbose: bool = False,
+               msda_shape: MSDAShape | None = None) -> int:
+    """`fastdetr memory`: measure both layer kinds, post- and pre-norm, at `shape`, and print the table;
+    with `msda_shape`, also one MultiScaleDeformableAttention forward (`msda_saved_bytes`).
 
     On a CPU the caller sets TRITON_INTERPRET=1 before the first kernel module is imported (fastdetr.cli does).
     verbose: also list every saved storage.
@@ -382,4 +503,12 @@ def run_report(shape: LayerShape, dtype: torch.dtype, device: torch.device, verb
         print("dropout counted as CUDA keeps it (bool masks), see fastdetr.measure.saved_bytes.gpu_dropout.")
     if any(report.fused_fallback for report in reports):
         print("'fell back to reference': the fused class ran nn.MultiheadAttention's forward for that layer.")
+    if msda_shape is not None:
+        start = time.perf_counter()
+        msda = msda_saved_bytes(msda_shape, dtype, device)
+        print(f"\nmulti-scale deformable attention, one module forward: {msda_shape.describe()} "
+              f"(measured in {time.perf_counter() - start:.1f} s)\n")
+        print(format_msda_table([msda]))
+        print("grid_sample per level keeps per-level value copies, grids and the sampled (N * heads, D, Q, L * P) "
+              "values; the op keeps its inputs only.")
     return 0
