@@ -31,7 +31,9 @@ How it differs from the official module:
 - bad inputs raise ValueError naming the argument, where the official asserts or
   fails inside the kernel; the token count against input_spatial_shapes is checked
   here when that tensor is on the CPU (on a GPU it would cost a host sync per call,
-  and the core checks it);
+  and the core checks it), and not while tracing (`torch.jit.trace`, `torch.onnx.export`),
+  where the graph takes the sizes as traced values and the check would be a constant of
+  the example;
 - the offsets' bias is initialised in place (the official assigns a new Parameter):
   same values, and the parameter keeps its device and dtype.
 
@@ -41,11 +43,13 @@ transformers' value masks are True on valid tokens).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 from fastdetr.nn import functional
+from fastdetr.reference.deformable_attention import tracing
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -104,8 +108,14 @@ class MultiScaleDeformableAttention(nn.Module):
         input_spatial_shapes (L, 2) integer (H_l, W_l); input_level_start_index (L,) each level's first token;
         input_padding_mask (N, S) bool, True on padding, or None. Returns (N, Lq, d_model).
         """
-        self._check_inputs(query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
-                           input_padding_mask)
+        with warnings.catch_warnings():
+            if tracing():
+                # the checks and the choice of 2-d points or 4-d boxes read the example's sizes: static facts
+                # of the graph, not recorded in the trace
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            self._check_inputs(query, reference_points, input_flatten, input_spatial_shapes,
+                               input_level_start_index, input_padding_mask)
+            points_2d = bool(reference_points.shape[-1] == 2)
         batch, queries, _ = query.shape
         tokens = input_flatten.shape[1]
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
@@ -117,7 +127,7 @@ class MultiScaleDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
-        if reference_points.shape[-1] == 2:
+        if points_2d:
             # offsets are in pixels of each level: divide by its (W, H)
             normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)                  # (L, 2) as (W, H)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[:, None, :]
@@ -137,7 +147,8 @@ class MultiScaleDeformableAttention(nn.Module):
     def _check_inputs(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor,
                       input_spatial_shapes: Tensor, input_level_start_index: Tensor,
                       input_padding_mask: Tensor | None) -> None:
-        """ValueError naming the argument, from shapes and dtypes (and, on the CPU, the spatial shapes' values)."""
+        """ValueError naming the argument, from shapes and dtypes (and, on the CPU and not while tracing, the
+        spatial shapes' values)."""
         name = type(self).__name__
         if query.dim() != 3 or query.shape[-1] != self.d_model:
             raise ValueError(f"{name}: query must be (N, Lq, d_model={self.d_model}); got {tuple(query.shape)}")
@@ -162,7 +173,7 @@ class MultiScaleDeformableAttention(nn.Module):
             if tuple(input_padding_mask.shape) != (batch, tokens) or input_padding_mask.dtype != torch.bool:
                 raise ValueError(f"{name}: input_padding_mask must be bool (N={batch}, S={tokens}), True on padding; "
                                  f"got {input_padding_mask.dtype} {tuple(input_padding_mask.shape)}")
-        if input_spatial_shapes.device.type == "cpu":
+        if input_spatial_shapes.device.type == "cpu" and not tracing():
             held = int(input_spatial_shapes.prod(-1).sum())
             if held != tokens:
                 raise ValueError(f"{name}: input_flatten has {tokens} tokens, input_spatial_shapes "

@@ -328,14 +328,17 @@ def msda_kernel_supported(value: Tensor, sampling_locations: Tensor, attention_w
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
                    attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention, (N, Lq, M * D): the Triton kernel where `msda_kernel_supported`,
-    else `fastdetr.reference.deformable_attention.ms_deform_attn` (grid_sample per level). Same semantics."""
-    if msda_kernel_supported(value, sampling_locations, attention_weights):
+    else `fastdetr.reference.deformable_attention.ms_deform_attn` (grid_sample per level). Same semantics.
+
+    A trace (`torch.jit.trace`, `torch.onnx.export`) always records the reference, with the level sizes as
+    traced values: a kernel launch is not an op a trace or an ONNX graph can hold."""
+    from fastdetr.reference import deformable_attention as reference
+
+    if not reference.tracing() and msda_kernel_supported(value, sampling_locations, attention_weights):
         from fastdetr.kernels.deformable_attention import ms_deform_attn as kernel
 
         return kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    from fastdetr.reference.deformable_attention import ms_deform_attn as reference
-
-    return reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return reference.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,20 @@ level_start_index (L,) the first token of each level; sampling_locations
 (N, Lq, M, L, P, 2) as (x, y); attention_weights (N, Lq, M, L, P). Returns
 (N, Lq, M * D) in value's dtype. The shapes are read on the host (a sync for
 CUDA tensors): this is the reference, not the hot path.
+
+While tracing (`torch.jit.trace`, or `torch.onnx.export`'s TorchScript-based
+exporter) the shapes are not read on the host, where the trace would fix them
+to the example's feature-map sizes: each level's H_l, W_l and first token are
+0-d tensors taken from spatial_shapes and level_start_index (`unbind`), which
+the tracer records in the slice and the reshape, and the number of levels L is
+sampling_locations' static dim. The values' checks (positive sizes, token count,
+level starts) are then skipped: they would be constants of the trace. With
+opset >= 16 grid_sample exports as ONNX GridSample.
 """
 from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,17 +68,31 @@ def check_ms_deform_attn_inputs(value: Tensor, spatial_shapes: Tensor, level_sta
             raise ValueError(f"ms_deform_attn: {name} must be floating point; got {tensor.dtype}")
 
 
+def tracing() -> bool:
+    """Whether this call is being traced (`torch.jit.trace`, or `torch.onnx.export`'s TorchScript exporter)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
                    attention_weights: Tensor) -> Tensor:
     """MSDA by grid_sample, one level at a time (module docstring): (N, Lq, M * D) in value's dtype.
 
     level_start_index is checked against spatial_shapes (its levels must be
     stacked in order, as the kernel reads them); the sampling math itself uses
-    the shapes only.
+    the shapes only, and the level starts only while tracing.
     """
+    if tracing():
+        with warnings.catch_warnings():
+            # the metadata checks compare the example's sizes, true of the example and not recorded
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                                        attention_weights)
+        shapes = [tuple(shape.unbind(0)) for shape in spatial_shapes.unbind(0)]   # 0-d (H_l, W_l), traced
+        starts = list(level_start_index.unbind(0))                               # 0-d, traced
+        return _sample_levels(value, shapes, starts, sampling_locations, attention_weights)
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    batch, tokens, heads, head_dim = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
+    tokens = value.shape[1]
+    levels = sampling_locations.shape[3]
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     if any(h < 1 or w < 1 for h, w in shapes):
         # a product of two negative sizes could still add up to value's token count
@@ -78,6 +104,14 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     if level_start_index.tolist() != starts:
         raise ValueError(f"ms_deform_attn: level_start_index {level_start_index.tolist()} does not match "
                          f"spatial_shapes {shapes} (expected {starts})")
+    return _sample_levels(value, shapes, starts, sampling_locations, attention_weights)
+
+
+def _sample_levels(value: Tensor, shapes: Sequence[tuple[int | Tensor, int | Tensor]], starts: Sequence[int | Tensor],
+                   sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """The sampling math, given each level's (H_l, W_l) and first token as ints or (while tracing) 0-d tensors."""
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
     grids = 2 * sampling_locations.to(value.dtype) - 1                            # (N, Lq, M, L, P, 2)
     sampled = []
     for level, ((height, width), start) in enumerate(zip(shapes, starts)):
