@@ -48,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     peak_memory_mib,
     time_ms,
+    timed_rows,
     write_results,
 )
 from fastdetr.measure.problem import DETR_R50 as R50  # noqa: E402
@@ -260,21 +261,7 @@ def measure(case: Case, scale: Scale, device, env: dict, dtype=torch.bfloat16,
     """Rows of the results table for `case`: time (ms) and, with `memory`, peak memory (MiB) per provider and mode."""
     benches = build(case, scale, device, dtype)
     check_agreement(benches)
-    rows = []
-    for provider, bench in benches.items():
-        for mode in MODES:
-            fn = bench.forward if mode == "fwd" else bench.train_step
-            grads = bench.grads if mode == "fwd+bwd" else None
-            metrics = [("time", "ms", timer(fn, grad_to_none=grads))]
-            if memory is not None:
-                for tensor in bench.grads:
-                    tensor.grad = None
-                peak = memory(fn)
-                metrics.append(("peak_memory", "MiB", (peak, peak, peak)))
-            for metric, unit, (p50, p20, p80) in metrics:
-                rows.append(dict(case=case.name, provider=provider, mode=mode, metric=metric, unit=unit,
-                                 shape=case.shape(scale), p50=p50, p20=p20, p80=p80, **env))
-    return rows
+    return timed_rows(case.name, case.shape(scale), benches, MODES, env, timer, memory)
 
 
 def summary_markdown(rows: Sequence[dict]) -> str:

@@ -73,6 +73,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     peak_memory_mib,
     time_ms,
+    timed_rows,
     write_results,
 )
 
@@ -400,20 +401,7 @@ def measure(case: Case, device, env: dict, providers: Sequence[Provider] = PROVI
     nan = float("nan")
     rows = [dict(case=case.name, provider=name, mode="fwd", metric="unavailable", unit=why, shape=shape,
                  p50=nan, p20=nan, p80=nan, **env) for name, why in unavailable.items()]
-    for provider, bench in benches.items():
-        for mode in MODES:
-            fn = bench.forward if mode == "fwd" else bench.train_step
-            grads = bench.grads if mode == "fwd+bwd" else None
-            metrics = [("time", "ms", timer(fn, grad_to_none=grads))]
-            if memory is not None:
-                for tensor in bench.grads:
-                    tensor.grad = None
-                peak = memory(fn)
-                metrics.append(("peak_memory", "MiB", (peak, peak, peak)))
-            for metric, unit, (p50, p20, p80) in metrics:
-                rows.append(dict(case=case.name, provider=provider, mode=mode, metric=metric, unit=unit, shape=shape,
-                                 p50=p50, p20=p20, p80=p80, **env))
-    return rows
+    return rows + timed_rows(case.name, shape, benches, MODES, env, timer, memory)
 
 
 # ---- the summary -------------------------------------------------------------------------------

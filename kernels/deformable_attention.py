@@ -158,6 +158,16 @@ def _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
 
 
 @triton.jit
+def _program_rows(num_rows, head_dim, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's head and (batch, query) rows, as the forward and backward kernels split the work:
+    (head, rows (BLOCK_Q,) int64, row_ok, offs_d (BLOCK_D,), d_ok)."""
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    return head, rows.to(tl.int64), rows < num_rows, offs_d, offs_d < head_dim
+
+
+@triton.jit
 def _msda_fwd_kernel(
     Value_ptr,                                # (N, S, M, D), last stride 1
     Shapes_ptr, Starts_ptr,                   # (L, 2) int32 (H, W), (L,) int32 first token of each level
@@ -168,13 +178,7 @@ def _msda_fwd_kernel(
     num_rows, num_queries, num_heads, head_dim, num_levels, num_points,   # num_rows = N * Lq
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
-    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    row_ok = rows < num_rows
-    rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    head, rows64, row_ok, offs_d, d_ok = _program_rows(num_rows, head_dim, BLOCK_Q, BLOCK_D)
     value_rows = (rows64 // num_queries) * stride_v_n + head * stride_v_m     # (BLOCK_Q,) base of image n, head m
     row_head = rows64 * num_heads + head                                        # index of (n, q, m)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
@@ -235,13 +239,7 @@ def _msda_bwd_kernel(
     num_rows, num_queries, num_heads, head_dim, num_levels, num_points, num_tokens,
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
-    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    row_ok = rows < num_rows
-    rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    head, rows64, row_ok, offs_d, d_ok = _program_rows(num_rows, head_dim, BLOCK_Q, BLOCK_D)
     image = rows64 // num_queries
     value_rows = image * stride_v_n + head * stride_v_m
     row_head = rows64 * num_heads + head
