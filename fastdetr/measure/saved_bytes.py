@@ -275,11 +275,17 @@ def _padding_mask(batch: int, source: int, device) -> Tensor:
     return mask.to(device)
 
 
-def _layer_inputs(kind: str, shape: LayerShape, dtype, device, generator) -> dict[str, Tensor]:
-    """Keyword arguments of one layer call, as inside a training step (see the module docstring)."""
-    def randn(*size, requires_grad):
+def _random(generator: torch.Generator, device, dtype):
+    """randn(*size, requires_grad=False): fresh normal values drawn on the CPU from `generator`, then moved."""
+    def randn(*size, requires_grad=False):
         return torch.randn(*size, generator=generator).to(device, dtype).requires_grad_(requires_grad)
 
+    return randn
+
+
+def _layer_inputs(kind: str, shape: LayerShape, dtype, device, generator) -> dict[str, Tensor]:
+    """Keyword arguments of one layer call, as inside a training step (see the module docstring)."""
+    randn = _random(generator, device, dtype)
     batch, d_model = shape.batch, shape.d_model
     tokens = randn(shape.source, batch, d_model, requires_grad=True)
     pos = randn(shape.source, batch, d_model, requires_grad=False)
@@ -416,9 +422,7 @@ def msda_saved_bytes(shape: MSDAShape = MSDA_CPU_DEFAULT, dtype: torch.dtype = t
     sizes = level_shapes.prod(1)
     starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
 
-    def randn(*size, requires_grad=False):
-        return torch.randn(*size, generator=generator).to(device, dtype).requires_grad_(requires_grad)
-
+    randn = _random(generator, device, dtype)
     inputs = dict(query=randn(shape.batch, shape.queries, shape.d_model, requires_grad=True),
                   reference_points=torch.rand(shape.batch, shape.queries, levels, 2, generator=generator).to(
                       device, dtype),
