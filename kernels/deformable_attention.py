@@ -350,15 +350,15 @@ def ms_deform_attn_backward(grad_out, value, spatial_shapes, level_start_index, 
     _, queries, _, levels, points, _ = sampling_locations.shape
     device = value.device
     grad_out = grad_out.reshape(batch, queries, heads, head_dim).contiguous()
-    grad_loc = torch.zeros(sampling_locations.shape, dtype=torch.float32, device=device)
-    grad_attn = torch.zeros(attention_weights.shape, dtype=torch.float32, device=device)
     if grad_out.numel() == 0 or levels * points == 0 or tokens == 0:
-        return (torch.zeros_like(value), grad_loc.to(sampling_locations.dtype),
-                grad_attn.to(attention_weights.dtype))
+        return (torch.zeros_like(value), torch.zeros_like(sampling_locations), torch.zeros_like(attention_weights))
+    # every sample's dA and dloc are written by the kernel: no zero fill
+    grad_loc = torch.empty(sampling_locations.shape, dtype=torch.float32, device=device)
+    grad_attn = torch.empty(attention_weights.shape, dtype=torch.float32, device=device)
     config = block_config("bwd", head_dim)
     entries = batch * queries * heads * levels * points * _CORNERS
     if deterministic:
-        grad_value = torch.empty(batch, tokens, heads, head_dim, dtype=torch.float32, device=device)  # unused
+        grad_value = torch.empty(1, dtype=torch.float32, device=device)      # never read: no atomics
         keys = torch.empty(entries, dtype=torch.int64, device=device)
         coefs = torch.empty(entries, dtype=torch.float32, device=device)
     else:
@@ -434,6 +434,9 @@ class MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                 deterministic):
+        # the layouts the launchers read, made once: backward reuses them instead of copying again
+        value = unit_last_stride(value)
+        sampling_locations, attention_weights = sampling_locations.contiguous(), attention_weights.contiguous()
         ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         ctx.deterministic = deterministic
         return ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,

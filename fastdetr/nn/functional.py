@@ -116,6 +116,9 @@ def layer_fusable(layer: nn.Module, norms: Sequence[nn.LayerNorm], attns: Sequen
     3-D, in the compute dtype (autocast's, or the parameters'), bool masks, and
     tensors `use_triton` takes.
     """
+    present = [t for t in tensors if t is not None]
+    if not use_triton(*present, *masks, layer.linear1.weight):   # first: the CPU reference path asks nothing else
+        return False
     if layer.activation is not F.relu:
         return False
     if not all(_layer_attention_ok(attn) for attn in attns):
@@ -124,13 +127,10 @@ def layer_fusable(layer: nn.Module, norms: Sequence[nn.LayerNorm], attns: Sequen
         return False
     if any(norm.weight is None or norm.bias is None for norm in norms):
         return False
-    present = [t for t in tensors if t is not None]
     dtype = autocast_dtype(layer.linear1.weight) or layer.linear1.weight.dtype
     if any(t.dim() != 3 or (t.dtype != dtype and not autocast_dtype(t)) for t in present):
         return False
-    if any(mask is not None and mask.dtype != torch.bool for mask in masks):
-        return False
-    return use_triton(*present, *masks, layer.linear1.weight)
+    return not any(mask is not None and mask.dtype != torch.bool for mask in masks)
 
 
 def ffn_on_chip(x: Tensor, training: bool, needs_grad: bool) -> bool:
