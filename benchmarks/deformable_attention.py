@@ -33,8 +33,15 @@ Providers (the dtype ends the name):
 - "fastdetr-deterministic-fp32": the same op with deterministic=True (the
   sort-and-gather value gradient; its forward is the op's);
 - "fastdetr-module-fp32" / "-bf16": the whole `fastdetr.nn.MultiScaleDeformableAttention`
-  (projections, offsets, softmax, the op, output projection) on query and
-  input_flatten, gradients of both and of the parameters in fwd+bwd;
+  as it runs by default: value projection with the padding fill in its epilogue,
+  offsets and logits from one GEMM, softmax and locations inside the query-side
+  kernel, output projection; on query and input_flatten (the last image padded
+  on its last eighth of tokens), gradients of both and of the parameters in fwd+bwd;
+- "module-unfused-fp32" / "-bf16": the same module with `fuse_query_side` and
+  `fuse_value_side` off (separate projections, softmax, location arithmetic and
+  masked_fill around the sampling op): what the two fusions buy;
+- "module-grid_sample-bf16": that unfused module with the grid_sample core (the
+  plain-PyTorch module, as RT-DETR-style code runs it);
 - "cuda-op-fp32": the official `MultiScaleDeformableAttention` CUDA extension
   (Deformable DETR's models/ops), called as its MSDeformAttnFunction calls it,
   when it imports on the machine; otherwise each case gets an "unavailable" row
@@ -151,7 +158,7 @@ SMOKE_CASES = (
 
 @dataclass(frozen=True)
 class Provider:
-    kind: str      # "grid_sample", "fastdetr", "fastdetr-deterministic", "fastdetr-module", "cuda-op"
+    kind: str      # "grid_sample", "fastdetr", "fastdetr-deterministic", a MODULE_KINDS key, "cuda-op"
     dtype: str     # a key of DTYPES
 
     @property
@@ -164,8 +171,15 @@ PROVIDERS = (
     Provider("fastdetr", "fp32"), Provider("fastdetr", "bf16"),
     Provider("fastdetr-deterministic", "fp32"),
     Provider("fastdetr-module", "fp32"), Provider("fastdetr-module", "bf16"),
+    Provider("module-unfused", "fp32"), Provider("module-unfused", "bf16"),
+    Provider("module-grid_sample", "bf16"),
     Provider("cuda-op", "fp32"),
 )
+MODULE_KINDS = {   # kind: (fuse_query_side and fuse_value_side, the sampling core)
+    "fastdetr-module": (True, "kernel"),
+    "module-unfused": (False, "kernel"),
+    "module-grid_sample": (False, "grid_sample"),
+}
 OP_KINDS = ("grid_sample", "fastdetr", "fastdetr-deterministic", "cuda-op")   # the sampling core alone
 
 
@@ -187,6 +201,9 @@ TARGETS = (
     Target("at least the official CUDA op's speed, fp32", "time", MODES, "fastdetr", "cuda-op", ("fp32",), 1.0),
     Target("peak memory at most 0.2x grid_sample's, same dtype", "peak_memory", MODES, "fastdetr", "grid_sample",
            ("fp32", "bf16"), 0.2),
+    # what the fusions around the op buy (a goal of ours: the fused module no slower than its parts)
+    Target("fused query and value sides at least as fast as the module with them unfused", "time", MODES,
+           "fastdetr-module", "module-unfused", ("fp32", "bf16"), 1.0),
 )
 
 
@@ -302,8 +319,9 @@ def _op_bench(op: Callable, inputs: OpInputs) -> Bench:
     return Bench(forward, train_step, [])
 
 
-def _module_bench(case: Case, inputs: OpInputs, dtype: str, device) -> Bench:
+def _module_bench(case: Case, inputs: OpInputs, dtype: str, device, kind: str = "fastdetr-module") -> Bench:
     import fastdetr.nn as fnn
+    from fastdetr.reference.deformable_attention import ms_deform_attn as reference
 
     torch.manual_seed(0)
     module = fnn.MultiScaleDeformableAttention(case.d_model, case.levels, case.heads, case.points)
@@ -311,6 +329,10 @@ def _module_bench(case: Case, inputs: OpInputs, dtype: str, device) -> Bench:
         module.sampling_offsets.weight.normal_(0, 0.02)
         module.attention_weights.weight.normal_(0, 0.02)
     module = module.to(device, DTYPES[dtype])
+    fused_sides, core = MODULE_KINDS[kind]
+    module.fuse_query_side = module.fuse_value_side = fused_sides
+    if core == "grid_sample":
+        module._core = reference                       # an instance attribute: the module calls it with 5 tensors
     generator = torch.Generator().manual_seed(1)
     query = torch.randn(case.batch, case.num_queries, case.d_model, generator=generator).to(device, DTYPES[dtype])
     flatten = torch.randn(case.batch, case.tokens, case.d_model, generator=generator).to(device, DTYPES[dtype])
@@ -318,15 +340,19 @@ def _module_bench(case: Case, inputs: OpInputs, dtype: str, device) -> Bench:
     # (N, Lq, L, 2 or 4): the same point (or box) on every level, as with valid ratios of 1
     references = inputs.references[:, :, None, :].expand(-1, -1, case.levels, -1).contiguous()
     leaves = [query.detach().requires_grad_(), flatten.detach().requires_grad_()]
+    # the last image padded on its last eighth of tokens: the value projection's fill has work to do
+    padding = torch.zeros(case.batch, case.tokens, dtype=torch.bool)
+    padding[-1, case.tokens - case.tokens // 8:] = True
+    padding = padding.to(device)
 
     def forward():
         module.eval()
         with torch.no_grad():
-            return module(query, references, flatten, inputs.shapes, inputs.starts)
+            return module(query, references, flatten, inputs.shapes, inputs.starts, padding)
 
     def train_step():
         module.train()
-        module(leaves[0], references, leaves[1], inputs.shapes, inputs.starts).backward(grad_out)
+        module(leaves[0], references, leaves[1], inputs.shapes, inputs.starts, padding).backward(grad_out)
 
     return Bench(forward, train_step, leaves + list(module.parameters()))
 
@@ -347,8 +373,8 @@ def build(case: Case, device, providers: Sequence[Provider] = PROVIDERS,
             benches[provider.name] = _op_bench(kernel, given)
         elif provider.kind == "fastdetr-deterministic":
             benches[provider.name] = _op_bench(lambda *args: kernel(*args, deterministic=True), given)
-        elif provider.kind == "fastdetr-module":
-            benches[provider.name] = _module_bench(case, given, provider.dtype, device)
+        elif provider.kind in MODULE_KINDS:
+            benches[provider.name] = _module_bench(case, given, provider.dtype, device, provider.kind)
         elif provider.kind == "cuda-op":
             extension, why = official_extension(device)
             if extension is None:
@@ -374,8 +400,9 @@ def check_agreement(benches: dict[str, Bench], inputs: dict[str, OpInputs],
         if provider.name not in benches or provider.kind == "grid_sample":
             continue
         given = inputs[provider.dtype]
-        if provider.kind == "fastdetr-module":
-            if not functional.msda_kernel_supported(given.value, given.locations, given.weights):
+        if provider.kind in MODULE_KINDS:
+            if provider.kind != "module-grid_sample" and \
+                    not functional.msda_kernel_supported(given.value, given.locations, given.weights):
                 raise RuntimeError(f"{provider.name} would run grid_sample, not the kernel, on "
                                    f"{given.value.device} {given.value.dtype}")
             continue

@@ -42,46 +42,50 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, aot_signature, unit_last_stride
+from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, aot_signature, as_rows, unit_last_stride
 
 # limits (module docstring)
 DTYPES = tuple(TRITON_DTYPE_NAMES)
 MAX_HEAD_DIM = 256
+QUERY_SIDE_MAX_HEAD_DIM = 128   # the fused query side's backward spilled at 256 in every tile tried
 _BLOCK_D_CHOICES = (16, 32, 64, 128, 256)
 _CORNERS = 4
 
 
-def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
-    """Shape and dtype checks from metadata only (never a tensor's values: no host sync)."""
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                  names=("ms_deform_attn", "sampling_locations", "attention_weights")) -> None:
+    """Shape and dtype checks from metadata only (never a tensor's values: no host sync). names: the caller
+    and its names for the locations and weights, for the messages."""
+    caller, loc_name, weight_name = names
     if value.dim() != 4:
-        raise ValueError(f"ms_deform_attn: value must be (N, S, M, D); got {tuple(value.shape)}")
+        raise ValueError(f"{caller}: value must be (N, S, M, D); got {tuple(value.shape)}")
     batch, _, heads, head_dim = value.shape
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError(f"ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2); "
+        raise ValueError(f"{caller}: {loc_name} must be (N, Lq, M, L, P, 2); "
                          f"got {tuple(sampling_locations.shape)}")
     n, queries, m, levels, points, _ = sampling_locations.shape
     if (n, m) != (batch, heads):
-        raise ValueError(f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} disagree with "
+        raise ValueError(f"{caller}: {loc_name} {tuple(sampling_locations.shape)} disagree with "
                          f"value {tuple(value.shape)} on N or M")
     if tuple(attention_weights.shape) != (batch, queries, heads, levels, points):
-        raise ValueError(f"ms_deform_attn: attention_weights must be {(batch, queries, heads, levels, points)}; "
+        raise ValueError(f"{caller}: {weight_name} must be {(batch, queries, heads, levels, points)}; "
                          f"got {tuple(attention_weights.shape)}")
     if tuple(spatial_shapes.shape) != (levels, 2) or tuple(level_start_index.shape) != (levels,):
-        raise ValueError(f"ms_deform_attn: spatial_shapes must be ({levels}, 2) and level_start_index "
+        raise ValueError(f"{caller}: spatial_shapes must be ({levels}, 2) and level_start_index "
                          f"({levels},); got {tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
     for name, tensor in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-            raise ValueError(f"ms_deform_attn: {name} must be integers; got {tensor.dtype}")
-    for name, tensor in (("value", value), ("sampling_locations", sampling_locations),
-                         ("attention_weights", attention_weights)):
+            raise ValueError(f"{caller}: {name} must be integers; got {tensor.dtype}")
+    for name, tensor in (("value", value), (loc_name, sampling_locations), (weight_name, attention_weights)):
         if tensor.dtype not in DTYPES:
-            raise ValueError(f"ms_deform_attn: {name} must be one of {DTYPES}; got {tensor.dtype}")
+            raise ValueError(f"{caller}: {name} must be one of {DTYPES}; got {tensor.dtype}")
     if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"ms_deform_attn: head dim {head_dim} (value {tuple(value.shape)}) exceeds "
+        raise ValueError(f"{caller}: head dim {head_dim} (value {tuple(value.shape)}) exceeds "
                          f"MAX_HEAD_DIM = {MAX_HEAD_DIM}")
 
 
@@ -112,26 +116,28 @@ def _configs() -> dict:
         configs[("bwd", block_d)] = dict(BLOCK_Q=max(2, 256 // block_d), num_warps=4 if block_d == 256 else 8,
                                          num_stages=1)
         configs[("gather", block_d)] = dict(BLOCK_E=max(8, min(64, 4096 // block_d)), num_warps=4, num_stages=1)
+        # the query side (up to QUERY_SIDE_MAX_HEAD_DIM): the forward's tile over 8 warps, at most 16 rows (at 4
+        # warps sm_90 used 8-16 bytes of stack at D 16, 64 and 128, and so did 32 rows of D 16 on sm_80); its
+        # backward takes the backward's config
+        configs[("query_fwd", block_d)] = dict(BLOCK_Q=max(2, min(16, 512 // block_d)), num_warps=8, num_stages=1)
     return configs
 
 
 def block_config(kernel: str, head_dim: int) -> dict:
-    """Launch config of `kernel` ("fwd", "bwd" or "gather") for head dim `head_dim`, with its BLOCK_D."""
+    """Launch config of `kernel` ("fwd", "bwd", "gather" or "query_fwd") for head dim `head_dim`, with its
+    BLOCK_D."""
     block_d = _block_d(head_dim)
     return dict(_configs()[(kernel, block_d)], BLOCK_D=block_d)
 
 
 @triton.jit
-def _sample_point(Loc_ptr, Attn_ptr, sample, row_ok, height, width):
-    """One sample of each row: (attention weight, x0, y0 (int32, clamped), fx, fy) in fp32.
+def _pixel_coords(loc_x, loc_y, height, width):
+    """(x0, y0 (int32, clamped), fx, fy) in fp32 of locations (x, y) on a height x width map.
 
     Pixel coordinate x = loc_x * W - 0.5 (grid_sample, align_corners=False);
     x0 = floor(x), fx = x - x0. Coordinates are clamped to [-2, W + 1] before the
     int32 conversion: any corner that far out lies outside the map either way.
     """
-    loc_x = tl.load(Loc_ptr + 2 * sample, mask=row_ok, other=0.0).to(tl.float32)
-    loc_y = tl.load(Loc_ptr + 2 * sample + 1, mask=row_ok, other=0.0).to(tl.float32)
-    weight = tl.load(Attn_ptr + sample, mask=row_ok, other=0.0).to(tl.float32)
     x = loc_x * width.to(tl.float32) - 0.5
     y = loc_y * height.to(tl.float32) - 0.5
     x_floor = tl.floor(x)
@@ -140,6 +146,16 @@ def _sample_point(Loc_ptr, Attn_ptr, sample, row_ok, height, width):
     fy = y - y_floor
     x0 = tl.minimum(tl.maximum(x_floor, -2.0), width.to(tl.float32) + 1.0).to(tl.int32)
     y0 = tl.minimum(tl.maximum(y_floor, -2.0), height.to(tl.float32) + 1.0).to(tl.int32)
+    return x0, y0, fx, fy
+
+
+@triton.jit
+def _sample_point(Loc_ptr, Attn_ptr, sample, row_ok, height, width):
+    """One sample of each row, read from the locations and weights: (attention weight, x0, y0, fx, fy)."""
+    loc_x = tl.load(Loc_ptr + 2 * sample, mask=row_ok, other=0.0).to(tl.float32)
+    loc_y = tl.load(Loc_ptr + 2 * sample + 1, mask=row_ok, other=0.0).to(tl.float32)
+    weight = tl.load(Attn_ptr + sample, mask=row_ok, other=0.0).to(tl.float32)
+    x0, y0, fx, fy = _pixel_coords(loc_x, loc_y, height, width)
     return weight, x0, y0, fx, fy
 
 
@@ -155,6 +171,23 @@ def _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
     """(BLOCK_Q, BLOCK_D) fp32 corner values; rows outside the map are never loaded (zeros)."""
     ptrs = Value_ptr + value_rows[:, None] + token.to(tl.int64)[:, None] * stride_v_s + offs_d[None, :]
     return tl.load(ptrs, mask=inside[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _bilinear(Value_ptr, value_rows, x0, y0, fx, fy, height, width, start, row_ok, stride_v_s, offs_d, d_ok):
+    """(BLOCK_Q, BLOCK_D) fp32 bilinear sample at (x0 + fx, y0 + fy) of each row: four masked corner loads."""
+    token, inside = _corner_rows(x0, y0, height, width, start, row_ok)
+    sampled = _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok) * \
+        ((1.0 - fx) * (1.0 - fy))[:, None]
+    token, inside = _corner_rows(x0 + 1, y0, height, width, start, row_ok)
+    sampled += _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok) * \
+        (fx * (1.0 - fy))[:, None]
+    token, inside = _corner_rows(x0, y0 + 1, height, width, start, row_ok)
+    sampled += _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok) * \
+        ((1.0 - fx) * fy)[:, None]
+    token, inside = _corner_rows(x0 + 1, y0 + 1, height, width, start, row_ok)
+    sampled += _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok) * (fx * fy)[:, None]
+    return sampled
 
 
 @triton.jit
@@ -189,18 +222,8 @@ def _msda_fwd_kernel(
         for point in range(0, num_points):
             sample = (row_head * num_levels + level) * num_points + point
             weight, x0, y0, fx, fy = _sample_point(Loc_ptr, Attn_ptr, sample, row_ok, height, width)
-            token, inside = _corner_rows(x0, y0, height, width, start, row_ok)
-            v = _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
-            sampled = v * ((1.0 - fx) * (1.0 - fy))[:, None]
-            token, inside = _corner_rows(x0 + 1, y0, height, width, start, row_ok)
-            v = _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
-            sampled += v * (fx * (1.0 - fy))[:, None]
-            token, inside = _corner_rows(x0, y0 + 1, height, width, start, row_ok)
-            v = _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
-            sampled += v * ((1.0 - fx) * fy)[:, None]
-            token, inside = _corner_rows(x0 + 1, y0 + 1, height, width, start, row_ok)
-            v = _load_corner(Value_ptr, value_rows, token, inside, stride_v_s, offs_d, d_ok)
-            sampled += v * (fx * fy)[:, None]
+            sampled = _bilinear(Value_ptr, value_rows, x0, y0, fx, fy, height, width, start, row_ok, stride_v_s,
+                                offs_d, d_ok)
             acc += sampled * weight[:, None]
     tl.store(Out_ptr + row_head[:, None] * head_dim + offs_d[None, :], acc.to(Out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
@@ -229,6 +252,35 @@ def _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry, value_ro
 
 
 @triton.jit
+def _bilinear_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry, value_rows, image_tokens, x0, y0, fx, fy,
+                    weight, grad, height, width, start, row_ok, stride_v_s, offs_d, d_ok, head_dim, num_heads, head,
+                    DETERMINISTIC: tl.constexpr):
+    """One sample's backward from the output gradient g: reduces its four corners' dvalue (`_corner_grads`,
+    entries entry .. entry + 3) and returns (dA, dloc_x, dloc_y) (BLOCK_Q,) fp32 for attention weight `weight`:
+    dA = <g, sample>, dloc from the bilinear weights' derivatives, times the map size."""
+    token, inside = _corner_rows(x0, y0, height, width, start, row_ok)
+    g00 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry, value_rows, image_tokens,
+                        token, inside, (1.0 - fx) * (1.0 - fy), weight, grad, row_ok, stride_v_s,
+                        offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
+    token, inside = _corner_rows(x0 + 1, y0, height, width, start, row_ok)
+    g10 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry + 1, value_rows, image_tokens,
+                        token, inside, fx * (1.0 - fy), weight, grad, row_ok, stride_v_s,
+                        offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
+    token, inside = _corner_rows(x0, y0 + 1, height, width, start, row_ok)
+    g01 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry + 2, value_rows, image_tokens,
+                        token, inside, (1.0 - fx) * fy, weight, grad, row_ok, stride_v_s,
+                        offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
+    token, inside = _corner_rows(x0 + 1, y0 + 1, height, width, start, row_ok)
+    g11 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry + 3, value_rows, image_tokens,
+                        token, inside, fx * fy, weight, grad, row_ok, stride_v_s,
+                        offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
+    grad_weight = (1.0 - fx) * (1.0 - fy) * g00 + fx * (1.0 - fy) * g10 + (1.0 - fx) * fy * g01 + fx * fy * g11
+    grad_x = ((1.0 - fy) * (g10 - g00) + fy * (g11 - g01)) * weight * width.to(tl.float32)
+    grad_y = ((1.0 - fx) * (g01 - g00) + fx * (g11 - g10)) * weight * height.to(tl.float32)
+    return grad_weight, grad_x, grad_y
+
+
+@triton.jit
 def _msda_bwd_kernel(
     Value_ptr, Shapes_ptr, Starts_ptr, Loc_ptr, Attn_ptr,   # as in forward
     GradOut_ptr,                              # (N, Lq, M, D) contiguous
@@ -252,31 +304,186 @@ def _msda_bwd_kernel(
         for point in range(0, num_points):
             sample = (row_head * num_levels + level) * num_points + point
             weight, x0, y0, fx, fy = _sample_point(Loc_ptr, Attn_ptr, sample, row_ok, height, width)
-            key_base = image * num_tokens   # n * S
-            entry = sample * 4
-            token, inside = _corner_rows(x0, y0, height, width, start, row_ok)
-            g00 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry, value_rows, key_base,
-                                token, inside, (1.0 - fx) * (1.0 - fy), weight, grad, row_ok, stride_v_s,
-                                offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
-            token, inside = _corner_rows(x0 + 1, y0, height, width, start, row_ok)
-            g10 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry + 1, value_rows, key_base,
-                                token, inside, fx * (1.0 - fy), weight, grad, row_ok, stride_v_s,
-                                offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
-            token, inside = _corner_rows(x0, y0 + 1, height, width, start, row_ok)
-            g01 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry + 2, value_rows, key_base,
-                                token, inside, (1.0 - fx) * fy, weight, grad, row_ok, stride_v_s,
-                                offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
-            token, inside = _corner_rows(x0 + 1, y0 + 1, height, width, start, row_ok)
-            g11 = _corner_grads(Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, entry + 3, value_rows, key_base,
-                                token, inside, fx * fy, weight, grad, row_ok, stride_v_s,
-                                offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
-            # dA = <g, sample>; dloc from the bilinear weights' derivatives, times the map size
-            grad_weight = (1.0 - fx) * (1.0 - fy) * g00 + fx * (1.0 - fy) * g10 + (1.0 - fx) * fy * g01 + fx * fy * g11
-            grad_x = ((1.0 - fy) * (g10 - g00) + fy * (g11 - g01)) * weight * width.to(tl.float32)
-            grad_y = ((1.0 - fx) * (g01 - g00) + fx * (g11 - g10)) * weight * height.to(tl.float32)
+            grad_weight, grad_x, grad_y = _bilinear_grads(
+                Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, sample * 4, value_rows, image * num_tokens, x0, y0,
+                fx, fy, weight, grad, height, width, start, row_ok, stride_v_s, offs_d, d_ok, head_dim, num_heads,
+                head, DETERMINISTIC)
             tl.store(GradAttn_ptr + sample, grad_weight, mask=row_ok)
             tl.store(GradLoc_ptr + 2 * sample, grad_x, mask=row_ok)
             tl.store(GradLoc_ptr + 2 * sample + 1, grad_y, mask=row_ok)
+
+
+# ---- the query side fused: softmax and locations in the kernel ---------------------------------------------
+
+@triton.jit
+def _reciprocal(x):
+    """1 / x in fp32 by the approximate division (2 ulp): the IEEE one is a called subroutine on NVIDIA GPUs,
+    whose call frame showed up as 8-16 bytes of stack in the report."""
+    return tl.fdiv(tl.full(x.shape, 1.0, tl.float32), x, ieee_rounding=False)
+
+
+@triton.jit
+def _level_reference(Ref_ptr, ref_rows, level, height, width, num_points, row_ok, BOX: tl.constexpr):
+    """Each row's reference on `level` and the scale that turns offsets into locations, (BLOCK_Q,) fp32:
+    (ref_x, ref_y, scale_x, scale_y). 2-d points: scale 1 / (W_l, H_l) (offsets in the level's pixels);
+    4-d boxes (x, y, w, h): scale (w, h) / (2 P) (offsets in units of the box)."""
+    if BOX:
+        base = Ref_ptr + ref_rows + 4 * level
+        ref_x = tl.load(base, mask=row_ok, other=0.0).to(tl.float32)
+        ref_y = tl.load(base + 1, mask=row_ok, other=0.0).to(tl.float32)
+        ref_w = tl.load(base + 2, mask=row_ok, other=0.0).to(tl.float32)
+        ref_h = tl.load(base + 3, mask=row_ok, other=0.0).to(tl.float32)
+        half_per_point = _reciprocal(tl.zeros_like(ref_x) + 2.0 * num_points.to(tl.float32))
+        scale_x = ref_w * half_per_point
+        scale_y = ref_h * half_per_point
+    else:
+        base = Ref_ptr + ref_rows + 2 * level
+        ref_x = tl.load(base, mask=row_ok, other=0.0).to(tl.float32)
+        ref_y = tl.load(base + 1, mask=row_ok, other=0.0).to(tl.float32)
+        scale_x = _reciprocal(tl.zeros_like(ref_x) + width.to(tl.float32))
+        scale_y = _reciprocal(tl.zeros_like(ref_x) + height.to(tl.float32))
+    return ref_x, ref_y, scale_x, scale_y
+
+
+@triton.jit
+def _query_sample(Off_ptr, off_rows, Logit_ptr, logit_rows, column, ref_x, ref_y, scale_x, scale_y, row_ok):
+    """Sample `column` = (m * L + l) * P + p of each row: (logit, offset x, offset y, location x, location y)."""
+    off_x = tl.load(Off_ptr + off_rows + 2 * column, mask=row_ok, other=0.0).to(tl.float32)
+    off_y = tl.load(Off_ptr + off_rows + 2 * column + 1, mask=row_ok, other=0.0).to(tl.float32)
+    logit = tl.load(Logit_ptr + logit_rows + column, mask=row_ok, other=0.0).to(tl.float32)
+    return logit, off_x, off_y, ref_x + off_x * scale_x, ref_y + off_y * scale_y
+
+
+@triton.jit
+def _softmax_stats(Logit_ptr, logit_rows, first_column, num_samples, row_ok, BLOCK_Q: tl.constexpr):
+    """(max, 1 / sum exp(logit - max)) of each row's num_samples logits from first_column: one online pass."""
+    run_max = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_Q], tl.float32)
+    for column in range(first_column, first_column + num_samples):
+        logit = tl.load(Logit_ptr + logit_rows + column, mask=row_ok, other=0.0).to(tl.float32)
+        new_max = tl.maximum(run_max, logit, propagate_nan=tl.PropagateNan.ALL)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(logit - new_max)
+        run_max = new_max
+    return run_max, _reciprocal(run_sum)
+
+
+@triton.jit
+def _msda_query_fwd_kernel(
+    Value_ptr, Shapes_ptr, Starts_ptr,        # as in _msda_fwd_kernel
+    Off_ptr,                                  # (N * Lq, >= M * L * P * 2) rows of stride_off, (m, l, p, xy) order
+    Logit_ptr,                                # (N * Lq, >= M * L * P) rows of stride_logit, (m, l, p) order
+    Ref_ptr,                                  # (N * Lq, L, 2) points (x, y) or (N * Lq, L, 4) boxes, contiguous
+    Out_ptr,                                  # (N, Lq, M, D) contiguous, value's dtype
+    stride_v_n, stride_v_s, stride_v_m, stride_off, stride_logit,
+    num_rows, num_queries, num_heads, head_dim, num_levels, num_points,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BOX: tl.constexpr,
+):
+    head, rows64, row_ok, offs_d, d_ok = _program_rows(num_rows, head_dim, BLOCK_Q, BLOCK_D)
+    value_rows = (rows64 // num_queries) * stride_v_n + head * stride_v_m
+    off_rows = rows64 * stride_off
+    logit_rows = rows64 * stride_logit
+    ref_rows = rows64 * num_levels * (4 if BOX else 2)
+    # the softmax over the head's L * P logits is taken online (flash attention's rescaling): one pass
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    run_max = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_Q], tl.float32)
+    for level in range(0, num_levels):
+        height = tl.load(Shapes_ptr + 2 * level)
+        width = tl.load(Shapes_ptr + 2 * level + 1)
+        start = tl.load(Starts_ptr + level)
+        ref_x, ref_y, scale_x, scale_y = _level_reference(Ref_ptr, ref_rows, level, height, width,
+                                                                num_points, row_ok, BOX)
+        for point in range(0, num_points):
+            column = (head * num_levels + level) * num_points + point
+            logit, _, _, loc_x, loc_y = _query_sample(Off_ptr, off_rows, Logit_ptr, logit_rows, column, ref_x,
+                                                      ref_y, scale_x, scale_y, row_ok)
+            x0, y0, fx, fy = _pixel_coords(loc_x, loc_y, height, width)
+            sampled = _bilinear(Value_ptr, value_rows, x0, y0, fx, fy, height, width, start, row_ok, stride_v_s,
+                                offs_d, d_ok)
+            new_max = tl.maximum(run_max, logit, propagate_nan=tl.PropagateNan.ALL)
+            rescale = tl.exp(run_max - new_max)
+            weight = tl.exp(logit - new_max)
+            acc = acc * rescale[:, None] + sampled * weight[:, None]
+            run_sum = run_sum * rescale + weight
+            run_max = new_max
+    out = acc * _reciprocal(run_sum)[:, None]
+    tl.store(Out_ptr + (rows64 * num_heads + head)[:, None] * head_dim + offs_d[None, :],
+             out.to(Out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _msda_query_bwd_kernel(
+    Value_ptr, Shapes_ptr, Starts_ptr, Off_ptr, Logit_ptr, Ref_ptr,   # as in _msda_query_fwd_kernel
+    GradOut_ptr,                              # (N, Lq, M, D) contiguous
+    GradValue_ptr,                            # (N, S, M, D) fp32 contiguous, zeroed (atomic path)
+    GradOff_ptr,                              # (N * Lq, M * L * P * 2) fp32 rows of stride_grad_off
+    GradLogit_ptr,                            # (N * Lq, M * L * P) fp32 rows of stride_grad_logit
+    GradRef_ptr,                              # (N * Lq, M, L, 2 or 4) fp32: each head's share (summed by torch)
+    Keys_ptr, Coefs_ptr,                      # as in _msda_bwd_kernel (DETERMINISTIC)
+    stride_v_n, stride_v_s, stride_v_m, stride_off, stride_logit, stride_grad_off, stride_grad_logit,
+    num_rows, num_queries, num_heads, head_dim, num_levels, num_points, num_tokens,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BOX: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):
+    head, rows64, row_ok, offs_d, d_ok = _program_rows(num_rows, head_dim, BLOCK_Q, BLOCK_D)
+    image = rows64 // num_queries
+    value_rows = image * stride_v_n + head * stride_v_m
+    off_rows = rows64 * stride_off
+    logit_rows = rows64 * stride_logit
+    ref_width = 4 if BOX else 2
+    ref_rows = rows64 * num_levels * ref_width
+    row_head = rows64 * num_heads + head
+    samples = num_levels * num_points
+    grad = tl.load(GradOut_ptr + row_head[:, None] * head_dim + offs_d[None, :],
+                   mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    half_per_point = _reciprocal(tl.zeros([BLOCK_Q], tl.float32) + 2.0 * num_points.to(tl.float32))   # boxes
+    run_max, inv_sum = _softmax_stats(Logit_ptr, logit_rows, head * samples, samples, row_ok, BLOCK_Q)
+    grad_off_rows = rows64 * stride_grad_off
+    grad_logit_rows = rows64 * stride_grad_logit
+    weighted = tl.zeros([BLOCK_Q], tl.float32)        # sum over samples of A * dA, for the softmax backward
+    for level in range(0, num_levels):
+        height = tl.load(Shapes_ptr + 2 * level)
+        width = tl.load(Shapes_ptr + 2 * level + 1)
+        start = tl.load(Starts_ptr + level)
+        ref_x, ref_y, scale_x, scale_y = _level_reference(Ref_ptr, ref_rows, level, height, width,
+                                                                num_points, row_ok, BOX)
+        grad_ref_x = tl.zeros([BLOCK_Q], tl.float32)
+        grad_ref_y = tl.zeros([BLOCK_Q], tl.float32)
+        grad_ref_w = tl.zeros([BLOCK_Q], tl.float32)
+        grad_ref_h = tl.zeros([BLOCK_Q], tl.float32)
+        for point in range(0, num_points):
+            column = (head * num_levels + level) * num_points + point
+            logit, off_x, off_y, loc_x, loc_y = _query_sample(Off_ptr, off_rows, Logit_ptr, logit_rows, column,
+                                                              ref_x, ref_y, scale_x, scale_y, row_ok)
+            weight = tl.exp(logit - run_max) * inv_sum
+            x0, y0, fx, fy = _pixel_coords(loc_x, loc_y, height, width)
+            grad_weight, grad_x, grad_y = _bilinear_grads(
+                Value_ptr, GradValue_ptr, Keys_ptr, Coefs_ptr, (row_head * samples + level * num_points + point) * 4,
+                value_rows, image * num_tokens, x0, y0, fx, fy, weight, grad, height, width, start, row_ok,
+                stride_v_s, offs_d, d_ok, head_dim, num_heads, head, DETERMINISTIC)
+            weighted += weight * grad_weight
+            # dA for now; the pass below turns it into the logit's gradient A * (dA - sum A dA)
+            tl.store(GradLogit_ptr + grad_logit_rows + column, grad_weight, mask=row_ok)
+            tl.store(GradOff_ptr + grad_off_rows + 2 * column, grad_x * scale_x, mask=row_ok)
+            tl.store(GradOff_ptr + grad_off_rows + 2 * column + 1, grad_y * scale_y, mask=row_ok)
+            grad_ref_x += grad_x
+            grad_ref_y += grad_y
+            if BOX:
+                # location = centre + offset * size / (2 P): d size = d location * offset / (2 P)
+                grad_ref_w += grad_x * off_x * half_per_point
+                grad_ref_h += grad_y * off_y * half_per_point
+        grad_ref = GradRef_ptr + (row_head * num_levels + level) * ref_width
+        tl.store(grad_ref, grad_ref_x, mask=row_ok)
+        tl.store(grad_ref + 1, grad_ref_y, mask=row_ok)
+        if BOX:
+            tl.store(grad_ref + 2, grad_ref_w, mask=row_ok)
+            tl.store(grad_ref + 3, grad_ref_h, mask=row_ok)
+    # the dA above were stored by other threads of this program: make them visible before reading them back
+    tl.debug_barrier()
+    for column in range(head * samples, head * samples + samples):
+        logit = tl.load(Logit_ptr + logit_rows + column, mask=row_ok, other=0.0).to(tl.float32)
+        weight = tl.exp(logit - run_max) * inv_sum
+        grad_weight = tl.load(GradLogit_ptr + grad_logit_rows + column, mask=row_ok, other=0.0)
+        tl.store(GradLogit_ptr + grad_logit_rows + column, weight * (grad_weight - weighted), mask=row_ok)
 
 
 @triton.jit
@@ -356,15 +563,8 @@ def ms_deform_attn_backward(grad_out, value, spatial_shapes, level_start_index, 
     grad_loc = torch.empty(sampling_locations.shape, dtype=torch.float32, device=device)
     grad_attn = torch.empty(attention_weights.shape, dtype=torch.float32, device=device)
     config = block_config("bwd", head_dim)
-    entries = batch * queries * heads * levels * points * _CORNERS
-    if deterministic:
-        grad_value = torch.empty(1, dtype=torch.float32, device=device)      # never read: no atomics
-        keys = torch.empty(entries, dtype=torch.int64, device=device)
-        coefs = torch.empty(entries, dtype=torch.float32, device=device)
-    else:
-        grad_value = torch.zeros(batch, tokens, heads, head_dim, dtype=torch.float32, device=device)
-        keys = torch.empty(1, dtype=torch.int64, device=device)      # never read
-        coefs = torch.empty(1, dtype=torch.float32, device=device)
+    grad_value, keys, coefs = _value_grad_buffers(value, batch * queries * heads * levels * points * _CORNERS,
+                                                  deterministic)
     grid = (triton.cdiv(batch * queries, config["BLOCK_Q"]), heads)
     _msda_bwd_kernel[grid](
         value, _int32(spatial_shapes), _int32(level_start_index), sampling_locations.contiguous(),
@@ -377,6 +577,19 @@ def ms_deform_attn_backward(grad_out, value, spatial_shapes, level_start_index, 
     if deterministic:
         grad_value = _gather_value_grad(keys, coefs, grad_out, value, levels * points * _CORNERS)
     return grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype), grad_attn.to(attention_weights.dtype)
+
+
+def _value_grad_buffers(value, entries, deterministic):
+    """(grad_value, keys, coefs) for the backward kernels: a zeroed fp32 dvalue for the atomics, or the
+    (key, coefficient) record of `entries` sample corners for sort and gather (the unused ones one element)."""
+    device = value.device
+    if deterministic:
+        return (torch.empty(1, dtype=torch.float32, device=device),       # never read: no atomics
+                torch.empty(entries, dtype=torch.int64, device=device),
+                torch.empty(entries, dtype=torch.float32, device=device))
+    return (torch.zeros(value.shape, dtype=torch.float32, device=device),
+            torch.empty(1, dtype=torch.int64, device=device),            # never read
+            torch.empty(1, dtype=torch.float32, device=device))
 
 
 def _gather_value_grad(keys, coefs, grad_out, value, entries_per_row_head):
@@ -397,14 +610,83 @@ def _gather_value_grad(keys, coefs, grad_out, value, entries_per_row_head):
     return grad_value
 
 
+def ms_deform_attn_query_forward(value, spatial_shapes, level_start_index, offsets, logits, reference_points):
+    """Launch the query-side forward: `ms_deform_attn_query`'s shapes, offsets and logits as (N * Lq, ...)
+    rows with unit inner stride (`as_rows`), reference_points contiguous. Returns (N, Lq, M * D) in value's dtype."""
+    value = unit_last_stride(value)
+    batch, tokens, heads, head_dim = value.shape
+    queries, levels = reference_points.shape[1], reference_points.shape[2]
+    points = logits.shape[1] // (heads * levels) if heads * levels else 0
+    out = torch.empty(batch, queries, heads, head_dim, dtype=value.dtype, device=value.device)
+    if out.numel() == 0:
+        return out.view(batch, queries, heads * head_dim)
+    if levels * points == 0 or tokens == 0:
+        return out.zero_().view(batch, queries, heads * head_dim)
+    config = block_config("query_fwd", head_dim)
+    grid = (triton.cdiv(batch * queries, config["BLOCK_Q"]), heads)
+    _msda_query_fwd_kernel[grid](
+        value, _int32(spatial_shapes), _int32(level_start_index), offsets, logits, reference_points, out,
+        value.stride(0), value.stride(1), value.stride(2), offsets.stride(0), logits.stride(0),
+        batch * queries, queries, heads, head_dim, levels, points,
+        BLOCK_Q=config["BLOCK_Q"], BLOCK_D=config["BLOCK_D"], BOX=reference_points.shape[-1] == 4,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out.view(batch, queries, heads * head_dim)
+
+
+def ms_deform_attn_query_backward(grad_out, value, spatial_shapes, level_start_index, offsets, logits,
+                                  reference_points, deterministic=False, grad_offsets=None, grad_logits=None):
+    """Launch the query-side backward: (dvalue, doffsets, dlogits, dreference_points).
+
+    doffsets and dlogits are fp32 (N * Lq, ...) rows, written into grad_offsets and
+    grad_logits when given (rows with unit inner stride, e.g. two slices of one
+    buffer laid out like the GEMM's output), else into fresh ones; dvalue and
+    dreference_points are in their input's dtype.
+    """
+    value = unit_last_stride(value)
+    batch, tokens, heads, head_dim = value.shape
+    queries, levels, ref_width = reference_points.shape[1:]
+    samples = logits.shape[1] // heads if heads else 0
+    points = samples // levels if levels else 0
+    device = value.device
+    grad_out = grad_out.reshape(batch, queries, heads, head_dim).contiguous()
+    # every entry of these is written by the kernel: no zero fill
+    if grad_offsets is None:
+        grad_offsets = torch.empty(batch * queries, heads * samples * 2, dtype=torch.float32, device=device)
+    if grad_logits is None:
+        grad_logits = torch.empty(batch * queries, heads * samples, dtype=torch.float32, device=device)
+    if grad_out.numel() == 0 or samples == 0 or tokens == 0:
+        return (torch.zeros_like(value), grad_offsets.zero_(), grad_logits.zero_(),
+                torch.zeros_like(reference_points))
+    grad_ref = torch.empty(batch, queries, heads, levels, ref_width, dtype=torch.float32, device=device)
+    grad_value, keys, coefs = _value_grad_buffers(value, batch * queries * heads * samples * _CORNERS,
+                                                  deterministic)
+    config = block_config("bwd", head_dim)
+    grid = (triton.cdiv(batch * queries, config["BLOCK_Q"]), heads)
+    _msda_query_bwd_kernel[grid](
+        value, _int32(spatial_shapes), _int32(level_start_index), offsets, logits, reference_points, grad_out,
+        grad_value, grad_offsets, grad_logits, grad_ref, keys, coefs,
+        value.stride(0), value.stride(1), value.stride(2), offsets.stride(0), logits.stride(0),
+        grad_offsets.stride(0), grad_logits.stride(0),
+        batch * queries, queries, heads, head_dim, levels, points, tokens,
+        BLOCK_Q=config["BLOCK_Q"], BLOCK_D=config["BLOCK_D"], BOX=ref_width == 4, DETERMINISTIC=deterministic,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    if deterministic:
+        grad_value = _gather_value_grad(keys, coefs, grad_out, value, samples * _CORNERS)
+    return grad_value.to(value.dtype), grad_offsets, grad_logits, grad_ref.sum(2).to(reference_points.dtype)
+
 _POINTER_TYPES = {"Shapes_ptr": "*i32", "Starts_ptr": "*i32", "GradValue_ptr": "*fp32", "GradLoc_ptr": "*fp32",
                   "GradAttn_ptr": "*fp32", "Keys_ptr": "*i64", "Coefs_ptr": "*fp32", "Order_ptr": "*i64",
-                  "SegStart_ptr": "*i64"}
+                  "SegStart_ptr": "*i64", "Ref_ptr": "*fp32", "GradOff_ptr": "*fp32", "GradLogit_ptr": "*fp32",
+                  "GradRef_ptr": "*fp32"}
 
 
 def aot_configs() -> list[KernelConfig]:
     """Every variant the launchers can choose: 3 dtypes x 5 BLOCK_D x (forward, backward with atomics,
-    backward deterministic, gather). One dtype for value, locations and weights (the modules' case)."""
+    backward deterministic, gather; and up to QUERY_SIDE_MAX_HEAD_DIM the query side's forward and two
+    backwards for 2-d points and for 4-d boxes). One dtype for value, locations, weights, offsets and logits
+    (the modules' case), fp32 reference points (they are, under autocast)."""
     configs = []
     for dtype_name in TRITON_DTYPE_NAMES.values():
         for block_d in _BLOCK_D_CHOICES:
@@ -417,6 +699,19 @@ def aot_configs() -> list[KernelConfig]:
                     _msda_bwd_kernel, aot_signature(_msda_bwd_kernel, dtype_name, _POINTER_TYPES),
                     dict(BLOCK_Q=bwd["BLOCK_Q"], BLOCK_D=block_d, DETERMINISTIC=deterministic),
                     dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"])))
+            if block_d <= QUERY_SIDE_MAX_HEAD_DIM:
+                query_fwd = block_config("query_fwd", block_d)
+                for box in (False, True):
+                    configs.append(KernelConfig(
+                        _msda_query_fwd_kernel, aot_signature(_msda_query_fwd_kernel, dtype_name, _POINTER_TYPES),
+                        dict(BLOCK_Q=query_fwd["BLOCK_Q"], BLOCK_D=block_d, BOX=box),
+                        dict(num_warps=query_fwd["num_warps"], num_stages=query_fwd["num_stages"])))
+                    for deterministic in (False, True):
+                        configs.append(KernelConfig(
+                            _msda_query_bwd_kernel,
+                            aot_signature(_msda_query_bwd_kernel, dtype_name, _POINTER_TYPES),
+                            dict(BLOCK_Q=bwd["BLOCK_Q"], BLOCK_D=block_d, BOX=box, DETERMINISTIC=deterministic),
+                            dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"])))
             gather_types = dict(_POINTER_TYPES, GradValue_ptr="*" + dtype_name)
             configs.append(KernelConfig(
                 _msda_value_grad_gather_kernel,
@@ -477,3 +772,176 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                            "is the plain-PyTorch op")
     return MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations,
                                       attention_weights, deterministic)
+
+
+def _check_query_inputs(value, spatial_shapes, level_start_index, sampling_offsets, attention_logits,
+                        reference_points) -> None:
+    """`ms_deform_attn_query`'s shape and dtype checks, from metadata only."""
+    if reference_points.dim() != 4 or reference_points.shape[-1] not in (2, 4):
+        raise ValueError(f"ms_deform_attn_query: reference_points must be (N, Lq, L, 2) points or (N, Lq, L, 4) "
+                         f"boxes; got {tuple(reference_points.shape)}")
+    if sampling_offsets.dim() != 6:
+        raise ValueError(f"ms_deform_attn_query: sampling_offsets must be (N, Lq, M, L, P, 2); "
+                         f"got {tuple(sampling_offsets.shape)}")
+    # the offsets stand where the sampling core's locations do: the same checks
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_offsets, attention_logits,
+                  ("ms_deform_attn_query", "sampling_offsets", "attention_logits"))
+    batch, queries, _, levels = sampling_offsets.shape[:4]
+    if tuple(reference_points.shape[:3]) != (batch, queries, levels):
+        raise ValueError(f"ms_deform_attn_query: reference_points {tuple(reference_points.shape)} disagree with "
+                         f"sampling_offsets {tuple(sampling_offsets.shape)} on N, Lq or L")
+    if reference_points.dtype not in DTYPES:
+        raise ValueError(f"ms_deform_attn_query: reference_points must be one of {DTYPES}; "
+                         f"got {reference_points.dtype}")
+    if value.shape[-1] > QUERY_SIDE_MAX_HEAD_DIM:
+        raise ValueError(f"ms_deform_attn_query: head dim {value.shape[-1]} exceeds QUERY_SIDE_MAX_HEAD_DIM = "
+                         f"{QUERY_SIDE_MAX_HEAD_DIM}; ms_deform_attn (the sampling core alone) takes up to "
+                         f"{MAX_HEAD_DIM}")
+
+
+class MSDeformAttnQueryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_offsets, attention_logits,
+                reference_points, deterministic):
+        value = unit_last_stride(value)
+        batch, queries, heads, levels, points, _ = sampling_offsets.shape
+        offsets = as_rows(sampling_offsets, heads * levels * points * 2)
+        logits = as_rows(attention_logits, heads * levels * points)
+        reference_points = reference_points.contiguous()
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, offsets, logits, reference_points)
+        ctx.deterministic = deterministic
+        ctx.inputs = (sampling_offsets.shape, sampling_offsets.dtype), (attention_logits.shape, attention_logits.dtype)
+        return ms_deform_attn_query_forward(value, spatial_shapes, level_start_index, offsets, logits,
+                                            reference_points)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        value, spatial_shapes, level_start_index, offsets, logits, reference_points = ctx.saved_tensors
+        deterministic = ctx.deterministic
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        grad_value, grad_off, grad_logit, grad_ref = ms_deform_attn_query_backward(
+            grad_out, value, spatial_shapes, level_start_index, offsets, logits, reference_points, deterministic)
+        (offsets_shape, offsets_dtype), (logits_shape, logits_dtype) = ctx.inputs
+        return (grad_value, None, None, grad_off.view(offsets_shape).to(offsets_dtype),
+                grad_logit.view(logits_shape).to(logits_dtype), grad_ref, None)
+
+
+def ms_deform_attn_query(value, spatial_shapes, level_start_index, sampling_offsets, attention_logits,
+                         reference_points, deterministic=None):
+    """Multi-scale deformable attention from the query side's raw outputs, by the Triton kernels: (N, Lq, M * D).
+
+    What `MultiScaleDeformableAttention` computes between its projections, in one
+    kernel: the softmax of attention_logits (N, Lq, M, L, P) over each head's
+    L * P points, the locations from reference_points and sampling_offsets
+    (N, Lq, M, L, P, 2) -- (N, Lq, L, 2) points (x, y): point + offset / (W_l,
+    H_l); (N, Lq, L, 4) boxes (x, y, w, h): centre + offset / P * (w, h) / 2 --
+    and the sampling (`ms_deform_attn`). Neither the weights nor the locations
+    are written: the forward writes the output only, the backward recomputes both
+    from what it saved (value, offsets, logits, reference points). Offsets and
+    logits are typically slices of one GEMM's output (`fastdetr.nn.
+    functional.ms_deform_attn_query`): read in place, no copy. Gradients for
+    value, offsets, logits and reference points; deterministic as in
+    `ms_deform_attn`. The plain-PyTorch definition is `fastdetr.reference.
+    deformable_attention.ms_deform_attn_query`.
+    """
+    _check_query_inputs(value, spatial_shapes, level_start_index, sampling_offsets, attention_logits,
+                        reference_points)
+    if not use_triton(value, spatial_shapes, level_start_index, sampling_offsets, attention_logits,
+                      reference_points):
+        raise RuntimeError("ms_deform_attn_query: the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); "
+                           f"got value on {value.device}. fastdetr.reference.deformable_attention."
+                           "ms_deform_attn_query is the plain-PyTorch op")
+    return MSDeformAttnQueryFunction.apply(value, spatial_shapes, level_start_index, sampling_offsets,
+                                           attention_logits, reference_points, deterministic)
+
+
+def _stacked(offsets_weight, offsets_bias, logits_weight, logits_bias, dtype):
+    """The offsets' and logits' Linears as one (weight, bias) in `dtype`: made afresh from the Parameters."""
+    return (torch.cat([offsets_weight, logits_weight]).to(dtype), torch.cat([offsets_bias, logits_bias]).to(dtype))
+
+
+class MSDeformAttnProjectedFunction(torch.autograd.Function):
+    """The query side whole: one GEMM for offsets and logits, then the query-side kernel; backward recomputes
+    the GEMM instead of saving its output (it saves the query, which the weight gradient needs anyway)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, query, offsets_weight, offsets_bias, logits_weight,
+                logits_bias, reference_points, dtype, deterministic):
+        value = unit_last_stride(value)
+        reference_points = reference_points.contiguous()
+        weight, bias = _stacked(offsets_weight, offsets_bias, logits_weight, logits_bias, dtype)
+        both = as_rows(F.linear(query.to(dtype), weight, bias), weight.shape[0])
+        split = offsets_weight.shape[0]
+        out = ms_deform_attn_query_forward(value, spatial_shapes, level_start_index, both[:, :split],
+                                           both[:, split:], reference_points)
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, query, offsets_weight, offsets_bias,
+                              logits_weight, logits_bias, reference_points)
+        ctx.dtype, ctx.deterministic = dtype, deterministic
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (value, spatial_shapes, level_start_index, query, offsets_weight, offsets_bias, logits_weight, logits_bias,
+         reference_points) = ctx.saved_tensors
+        deterministic = ctx.deterministic
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        weight, bias = _stacked(offsets_weight, offsets_bias, logits_weight, logits_bias, ctx.dtype)
+        rows = as_rows(query.to(ctx.dtype), query.shape[-1])
+        both = F.linear(rows, weight, bias)                     # recomputed: the same GEMM as the forward's
+        split = offsets_weight.shape[0]
+        grad_both = torch.empty(both.shape, dtype=torch.float32, device=both.device)
+        grad_value, _, _, grad_ref = ms_deform_attn_query_backward(
+            grad_out, value, spatial_shapes, level_start_index, both[:, :split], both[:, split:], reference_points,
+            deterministic, grad_offsets=grad_both[:, :split], grad_logits=grad_both[:, split:])
+        grad_both = grad_both.to(ctx.dtype)
+        grad_query = (grad_both @ weight).view(query.shape).to(query.dtype)
+        grad_weight = grad_both.t() @ rows
+        grad_bias = grad_both.sum(0)
+        return (grad_value, None, None, grad_query,
+                grad_weight[:split].to(offsets_weight.dtype), grad_bias[:split].to(offsets_bias.dtype),
+                grad_weight[split:].to(logits_weight.dtype), grad_bias[split:].to(logits_bias.dtype),
+                grad_ref, None, None)
+
+
+def ms_deform_attn_projected(value, spatial_shapes, level_start_index, query, offsets_weight, offsets_bias,
+                             logits_weight, logits_bias, reference_points, dtype=None, deterministic=None):
+    """`MultiScaleDeformableAttention` from its query on: (N, Lq, M * D), value already projected.
+
+    offsets = query @ offsets_weight^T + offsets_bias (M * L * P * 2 columns, the
+    official (m, l, p, xy) order) and logits = query @ logits_weight^T + logits_bias
+    (M * L * P) as one GEMM, in `dtype` (default query's; autocast's dtype under
+    autocast, as the module passes it), then `ms_deform_attn_query`'s kernel.
+    Saved for backward: value, query and reference points (and the parameters):
+    neither the GEMM's output nor locations nor weights -- backward runs the GEMM
+    again, one (N * Lq, C) x (C, 3 M L P) product, to save M * L * P * 3 values
+    per query. Gradients for value, query, the four parameters and the reference
+    points; deterministic as in `ms_deform_attn`.
+    """
+    dtype = dtype or query.dtype
+    if query.dim() != 3 or offsets_weight.dim() != 2 or offsets_weight.shape[1] != query.shape[-1] \
+            or tuple(logits_weight.shape) != (offsets_weight.shape[0] // 2, query.shape[-1]):
+        raise ValueError(f"ms_deform_attn_projected: query (N, Lq, C), offsets_weight (M*L*P*2, C) and "
+                         f"logits_weight (M*L*P, C) expected; got {tuple(query.shape)}, "
+                         f"{tuple(offsets_weight.shape)}, {tuple(logits_weight.shape)}")
+    if value.dim() != 4 or reference_points.dim() != 4:
+        raise ValueError(f"ms_deform_attn_projected: value (N, S, M, D) and reference_points (N, Lq, L, 2 or 4) "
+                         f"expected; got {tuple(value.shape)} and {tuple(reference_points.shape)}")
+    batch, queries = query.shape[:2]
+    heads, levels = value.shape[2], reference_points.shape[2]
+    points = logits_weight.shape[0] // max(heads * levels, 1)
+    if heads * levels * points != logits_weight.shape[0]:
+        raise ValueError(f"ms_deform_attn_projected: logits_weight has {logits_weight.shape[0]} rows, not "
+                         f"heads {heads} x levels {levels} x points")
+    # the kernel's checks on what the GEMM will produce (shapes and dtypes as metadata)
+    probe = query.new_empty(()).to(dtype).expand(batch, queries, heads, levels, points)
+    _check_query_inputs(value, spatial_shapes, level_start_index, probe[..., None].expand(*probe.shape, 2), probe,
+                        reference_points)
+    if not use_triton(value, spatial_shapes, level_start_index, query, offsets_weight, reference_points):
+        raise RuntimeError("ms_deform_attn_projected: the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the "
+                           f"CPU); got value on {value.device}. fastdetr.reference.deformable_attention."
+                           "ms_deform_attn_query is the plain-PyTorch op, after the two Linears")
+    return MSDeformAttnProjectedFunction.apply(value, spatial_shapes, level_start_index, query, offsets_weight,
+                                               offsets_bias, logits_weight, logits_bias, reference_points, dtype,
+                                               deterministic)

@@ -1,4 +1,4 @@
-"""Linear + ReLU + dropout: DETR's FFN linear1 (d_model 256 -> 2048).
+"""Linear + ReLU + dropout: DETR's FFN linear1 (d_model 256 -> 2048); and linear + row mask.
 
 What is fused: h = dropout(relu(x @ W^T + b)). The reference is
 `linear_relu_dropout_ref` at the bottom of this file: `F.linear`, `F.relu`,
@@ -29,6 +29,11 @@ GPU): plain GEMMs with nothing to fuse in their epilogues.
 Saved for backward: x (M*K), W (N*K) and h (M*N, the output, so no extra
 bytes) -- less than the reference's autograd, which keeps x, W, relu's output
 and an (M, N) dropout mask. The pre-activation is never stored.
+
+The same forward kernel, with the ReLU and dropout left out and a row mask in its
+epilogue, is `linear_masked_rows`: multi-scale deformable attention's value
+projection with the padding-mask fill (`value_proj(x).masked_fill(mask, 0)`),
+one GEMM where the reference writes the projection and then its filled copy.
 
 Limits: x, weight and bias share one dtype in `DTYPES` (fp32, fp16 or bf16;
 others run `linear_relu_dropout_ref`), bias is a tensor (not None), M < 2**31.
@@ -63,24 +68,24 @@ from fastdetr.kernels.common import (
 DTYPES = tuple(TRITON_DTYPE_NAMES)
 
 
-def _check_inputs(x, weight, bias, dropout_p) -> None:
+def _check_inputs(x, weight, bias, dropout_p, name="linear_relu_dropout") -> None:
     """Shape, dtype and range checks that read metadata only."""
     if bias is None:
-        raise ValueError("linear_relu_dropout: bias must be a tensor, not None")
+        raise ValueError(f"{name}: bias must be a tensor, not None")
     if weight.dim() != 2:
-        raise ValueError(f"linear_relu_dropout: weight must be (N, K); got {tuple(weight.shape)}")
+        raise ValueError(f"{name}: weight must be (N, K); got {tuple(weight.shape)}")
     width, inner = weight.shape
     if x.dim() < 1 or x.shape[-1] != inner:
-        raise ValueError(f"linear_relu_dropout: x (..., K={inner}) expected; got {tuple(x.shape)}")
+        raise ValueError(f"{name}: x (..., K={inner}) expected; got {tuple(x.shape)}")
     if tuple(bias.shape) != (width,):
-        raise ValueError(f"linear_relu_dropout: bias must be ({width},); got {tuple(bias.shape)}")
+        raise ValueError(f"{name}: bias must be ({width},); got {tuple(bias.shape)}")
     dtypes = {t.dtype for t in (x, weight, bias)}
     if len(dtypes) != 1:
-        raise ValueError(f"linear_relu_dropout: x, weight and bias must share a dtype; got {sorted(map(str, dtypes))}")
+        raise ValueError(f"{name}: x, weight and bias must share a dtype; got {sorted(map(str, dtypes))}")
     if not x.dtype.is_floating_point:
-        raise ValueError(f"linear_relu_dropout: inputs must be floating point; got {x.dtype}")
+        raise ValueError(f"{name}: inputs must be floating point; got {x.dtype}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"linear_relu_dropout: dropout_p must be in [0, 1); got {dropout_p}")
+        raise ValueError(f"{name}: dropout_p must be in [0, 1); got {dropout_p}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,11 +128,13 @@ def _linear_relu_fwd_kernel(
     W_ptr,                      # (N, K), last stride 1
     Bias_ptr,                   # (N,)
     H_ptr,                      # (M, N) out, input dtype
+    RowMask_ptr,                # (M,) uint8, nonzero where the row is zeroed (ROW_MASK only)
     stride_x_m, stride_w_n, stride_h_m,
     num_rows, num_cols, inner_dim,   # M, N, K
     dropout_p, seed, rng_offset,     # dropout on relu(x W^T + b), off when dropout_p == 0
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    RELU: tl.constexpr = True, ROW_MASK: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -149,10 +156,16 @@ def _linear_relu_fwd_kernel(
                     other=0.0)
         acc += _dot(x, tl.trans(w), DOT_PRECISION, UPCAST_DOT)
 
-    # epilogue: + bias, ReLU, dropout
+    # epilogue: + bias, ReLU, dropout (linear1); or + bias and the masked rows zeroed (the value projection)
     bias = tl.load(Bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
-    # NaN propagates, as in torch.relu (a plain max.f32 on the GPU would return 0)
-    h = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+    h = acc + bias[None, :]
+    if RELU:
+        # NaN propagates, as in torch.relu (a plain max.f32 on the GPU would return 0)
+        h = tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if ROW_MASK:
+        # masked_fill: a masked row is 0 whatever the GEMM gave (NaN and inf included)
+        zeroed = tl.load(RowMask_ptr + offs_m, mask=row_ok, other=0)
+        h = tl.where(zeroed[:, None] != 0, 0.0, h)
     if dropout_p > 0.0:
         row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
         col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
@@ -196,12 +209,13 @@ def _linear_relu_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def linear_relu_forward(x, weight, bias, dropout_p=0.0, seed=0, rng_offset=0):
+def linear_relu_forward(x, weight, bias, dropout_p=0.0, seed=0, rng_offset=0, relu=True, row_mask=None):
     """Launch the forward kernel.
 
     x: (M, K), weight: (N, K), bias: (N,), one dtype; seed, rng_offset: ints in
     [0, 2**31) keying the dropout RNG (kept values scaled by 1 / (1 - dropout_p)).
-    Returns h (M, N) in x's dtype.
+    relu=False leaves the ReLU out; row_mask (M,) bool zeroes the rows where it
+    is True (after everything else). Returns h (M, N) in x's dtype.
     """
     x = as_rows(x, x.shape[-1])
     weight = unit_last_stride(weight)
@@ -213,13 +227,15 @@ def linear_relu_forward(x, weight, bias, dropout_p=0.0, seed=0, rng_offset=0):
     if num_rows == 0 or width == 0:
         return h
     grid = (triton.cdiv(num_rows, config["BLOCK_M"]), triton.cdiv(width, config["BLOCK_N"]))
+    zeroed = h if row_mask is None else row_mask.reshape(num_rows).contiguous().view(torch.uint8)
     _linear_relu_fwd_kernel[grid](
-        x, weight, bias, h,
+        x, weight, bias, h, zeroed,
         x.stride(0), weight.stride(0), h.stride(0),
         num_rows, width, inner,
         float(dropout_p), int(seed), int(rng_offset),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         DOT_PRECISION=config["DOT_PRECISION"], UPCAST_DOT=_upcast_dot(x.dtype),
+        RELU=relu, ROW_MASK=row_mask is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return h
@@ -253,11 +269,12 @@ def linear_relu_backward(grad_h, x, weight, h, dropout_p=0.0):
     return dx, dweight, dbias
 
 
-_POINTER_TYPES = {"dBias_partial_ptr": "*fp32"}
+_POINTER_TYPES = {"dBias_partial_ptr": "*fp32", "RowMask_ptr": "*u8"}
 
 
 def aot_configs() -> list[KernelConfig]:
-    """Every kernel variant the launchers can choose: 2 kernels x 3 dtypes.
+    """Every kernel variant the launchers can choose: the forward twice (linear1's ReLU and dropout, the value
+    projection's row mask) and the backward, x 3 dtypes.
 
     Strides and sizes are typed i32, as the launchers pass them for tensors under
     2**31 elements; UPCAST_DOT is an interpreter-only variant and left out.
@@ -265,11 +282,13 @@ def aot_configs() -> list[KernelConfig]:
     configs = []
     for dtype, dtype_name in TRITON_DTYPE_NAMES.items():
         fwd = block_config("fwd", dtype)
-        configs.append(KernelConfig(
-            _linear_relu_fwd_kernel, aot_signature(_linear_relu_fwd_kernel, dtype_name, _POINTER_TYPES, ("dropout_p",)),
-            dict(BLOCK_M=fwd["BLOCK_M"], BLOCK_N=fwd["BLOCK_N"], BLOCK_K=fwd["BLOCK_K"],
-                 DOT_PRECISION=fwd["DOT_PRECISION"], UPCAST_DOT=False),
-            dict(num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])))
+        for relu, row_mask in ((True, False), (False, True)):   # linear1; the masked value projection
+            configs.append(KernelConfig(
+                _linear_relu_fwd_kernel,
+                aot_signature(_linear_relu_fwd_kernel, dtype_name, _POINTER_TYPES, ("dropout_p",)),
+                dict(BLOCK_M=fwd["BLOCK_M"], BLOCK_N=fwd["BLOCK_N"], BLOCK_K=fwd["BLOCK_K"],
+                     DOT_PRECISION=fwd["DOT_PRECISION"], UPCAST_DOT=False, RELU=relu, ROW_MASK=row_mask),
+                dict(num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])))
         bwd = block_config("bwd", dtype)
         configs.append(KernelConfig(
             _linear_relu_bwd_kernel, aot_signature(_linear_relu_bwd_kernel, dtype_name, _POINTER_TYPES, ("dropout_p",)),
@@ -314,6 +333,46 @@ def linear_relu_dropout(x, weight, bias, dropout_p=0.0):
         return linear_relu_dropout_ref(x, weight, bias, dropout_p)
     seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
     return LinearReluDropoutFunction.apply(x, weight, bias, float(dropout_p), seed, rng_offset)
+
+
+class LinearMaskedRowsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, row_mask):
+        rows = as_rows(x, x.shape[-1])
+        h = linear_relu_forward(rows, weight, bias, relu=False, row_mask=row_mask)
+        ctx.save_for_backward(rows, weight, row_mask)
+        ctx.x_shape = x.shape
+        return h.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        rows, weight, row_mask = ctx.saved_tensors
+        # a zeroed row passes no gradient; the rest is a plain linear's backward (cuBLAS GEMMs on a GPU)
+        grad = as_rows(grad_h, grad_h.shape[-1]).masked_fill(row_mask.reshape(-1, 1), 0.0)
+        return (grad @ weight).view(ctx.x_shape), grad.t() @ rows, grad.sum(0), None
+
+
+def linear_masked_rows(x, weight, bias, row_mask):
+    """x @ weight^T + bias with the rows where row_mask is True set to 0, as one GEMM with a masked epilogue.
+
+    Multi-scale deformable attention's value projection with its padding mask
+    (`value_proj(x).masked_fill(mask[..., None], 0)`): x (..., K), weight (N, K),
+    bias (N,), one dtype; row_mask bool of x's leading shape (...). Returns (..., N).
+    The Triton kernel where `use_triton` says so, else `linear_masked_rows_ref`.
+    Saved for backward: x, weight and the mask (no output, no pre-activation).
+    """
+    _check_inputs(x, weight, bias, 0.0, "linear_masked_rows")
+    if row_mask.dtype != torch.bool or tuple(row_mask.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"linear_masked_rows: row_mask must be bool {tuple(x.shape[:-1])} (x's rows); "
+                         f"got {row_mask.dtype} {tuple(row_mask.shape)}")
+    if x.dtype not in DTYPES or not use_triton(x, weight, bias, row_mask):
+        return linear_masked_rows_ref(x, weight, bias, row_mask)
+    return LinearMaskedRowsFunction.apply(x, weight, bias, row_mask)
+
+
+def linear_masked_rows_ref(x, weight, bias, row_mask):
+    """Plain-PyTorch oracle and fallback of `linear_masked_rows`."""
+    return F.linear(x, weight, bias).masked_fill(row_mask[..., None], 0.0)
 
 
 def linear_relu_dropout_ref(x, weight, bias, dropout_p=0.0):

@@ -33,14 +33,16 @@ FORWARD_TOLERANCE, GRADIENT_TOLERANCE = 1e-5, 1e-4  # fp32, relative (norm-wise)
 
 @pytest.fixture
 def kernel_launches(monkeypatch):
-    """A list that grows by one per MSDA forward kernel launch (None when the kernel cannot run on the CPU)."""
+    """A list that grows by one per MSDA forward kernel launch, the sampling core's or the fused query side's
+    (None when the kernels cannot run on the CPU)."""
     if not (triton_importable() and interpreter_enabled()):
         return None
     import fastdetr.kernels.deformable_attention as kernel
 
     launches = []
-    original = kernel.ms_deform_attn_forward
-    monkeypatch.setattr(kernel, "ms_deform_attn_forward", lambda *args: launches.append(1) or original(*args))
+    for name in ("ms_deform_attn_forward", "ms_deform_attn_query_forward"):
+        original = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *args, _f=original: launches.append(1) or _f(*args))
     return launches
 
 

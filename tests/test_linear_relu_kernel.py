@@ -17,6 +17,8 @@ from kernel_checks import TOLERANCES, dtype_id, relative_error
 from fastdetr.kernels.linear_relu import (
     LinearReluDropoutFunction,
     aot_configs,
+    linear_masked_rows,
+    linear_masked_rows_ref,
     linear_relu_dropout,
     linear_relu_dropout_ref,
     linear_relu_forward,
@@ -203,7 +205,9 @@ def test_nan_input_is_not_hidden():
 def test_aot_configs_cover_every_launch():
     """The launchers choose one config per (kernel, dtype); the report compiles exactly these."""
     configs = aot_configs()
-    assert len(configs) == 6
+    assert len(configs) == 9   # per dtype: the forward with ReLU + dropout and with the row mask; the backward
+    assert {(c.constexprs.get("RELU"), c.constexprs.get("ROW_MASK")) for c in configs} == {
+        (True, False), (False, True), (None, None)}
     kernels = {getattr(c.kernel, "__name__", None) or c.kernel.fn.__name__ for c in configs}
     assert kernels == {"_linear_relu_fwd_kernel", "_linear_relu_bwd_kernel"}
     assert {c.signature["X_ptr"] for c in configs if "X_ptr" in c.signature} == {"*fp32", "*fp16", "*bf16"}
@@ -221,3 +225,57 @@ def test_triton_path_runs_under_the_interpreter(monkeypatch):
     inputs = tuple(t.requires_grad_() for t in make_inputs((7,), 64, 96, torch.float32, generator))
     linear_relu_dropout(*inputs).sum().backward()
     assert calls == ["linear_relu_forward", "linear_relu_backward"]
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_masked_rows: MSDA's value projection with the padding fill in the epilogue
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("lead,inner,width", [((2, 37), 64, 64), ((1, 129), 256, 256), ((3, 5), 48, 96)])
+def test_masked_rows_match_float64(lead, inner, width, dtype):
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    generator = torch.Generator().manual_seed(inner + width)
+    inputs = tuple(t.requires_grad_() for t in make_inputs(lead, inner, width, dtype, generator))
+    row_mask = torch.rand(lead, generator=generator) < 0.3
+    out = linear_masked_rows(*inputs, row_mask)
+    assert out.shape == (*lead, width) and out.dtype == dtype
+    assert (out[row_mask] == 0).all() and (out[~row_mask] != 0).any()
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    inputs64 = tuple(t.detach().double().requires_grad_() for t in inputs)
+    ref = (inputs64[0] @ inputs64[1].t() + inputs64[2]) * (~row_mask)[..., None]
+    ref_grads = torch.autograd.grad(ref, inputs64, grad_out.double())
+    assert relative_error(out, ref) <= fwd_tol
+    for name, grad, ref_grad in zip(NAMES, grads, ref_grads):
+        assert relative_error(grad, ref_grad) <= grad_tol, name
+
+
+def test_masked_rows_run_the_kernel_and_fill_nan_rows_with_zeros(monkeypatch):
+    """A masked row is 0 even where the GEMM gives NaN (masked_fill's semantics); unmasked NaN stays NaN."""
+    from fastdetr.kernels import linear_relu as module
+
+    calls = []
+    launcher = module.linear_relu_forward
+    monkeypatch.setattr(module, "linear_relu_forward", lambda *a, **k: calls.append(k) or launcher(*a, **k))
+    generator = torch.Generator().manual_seed(8)
+    x, weight, bias = make_inputs((2, 6), 32, 40, torch.float32, generator)
+    x[0, 1, 3] = float("nan")
+    x[1, 2, 5] = float("nan")
+    row_mask = torch.zeros(2, 6, dtype=torch.bool)
+    row_mask[0, 1] = True
+    out = linear_masked_rows(x, weight, bias, row_mask)
+    assert len(calls) == 1 and calls[0]["row_mask"] is not None and calls[0]["relu"] is False
+    assert torch.equal(out, linear_masked_rows_ref(x, weight, bias, row_mask)) or \
+        torch.equal(out.isnan(), linear_masked_rows_ref(x, weight, bias, row_mask).isnan())
+    assert (out[0, 1] == 0).all() and out[1, 2].isnan().all()
+
+
+def test_masked_rows_bad_mask():
+    x, weight, bias = make_inputs((2, 6), 32, 40, torch.float32, torch.Generator().manual_seed(9))
+    with pytest.raises(ValueError, match="linear_masked_rows: row_mask must be bool"):
+        linear_masked_rows(x, weight, bias, torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="linear_masked_rows: row_mask must be bool"):
+        linear_masked_rows(x, weight, bias, torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="linear_masked_rows: bias"):
+        linear_masked_rows(x, weight, None, torch.zeros(2, 6, dtype=torch.bool))

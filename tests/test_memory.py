@@ -129,7 +129,11 @@ def test_the_msda_op_saves_less_than_grid_sample():
 
     report = msda_saved_bytes(MSDA_SMALL)
     assert not report.fused_fallback
-    assert 0 < report.fused.activation_bytes < report.reference.activation_bytes
+    assert 0 < report.fused.saved.activation_bytes < report.op.saved.activation_bytes \
+        < report.reference.saved.activation_bytes
+    # inference: each fusion writes less and launches less
+    assert report.fused.written_bytes < report.op.written_bytes < report.reference.written_bytes
+    assert report.fused.launches < report.op.launches < report.reference.launches
 
 
 @needs_interpreter
@@ -138,5 +142,6 @@ def test_command_prints_the_msda_row_unless_asked_not_to(capsys):
     out = capsys.readouterr().out
     assert "| MultiScaleDeformableAttention | 30 | 10 | grid_sample |" in out
     assert "| MultiScaleDeformableAttention | 30 | 10 | fastdetr op |" in out
+    assert "| MultiScaleDeformableAttention | 30 | 10 | fastdetr fused |" in out
     assert main(["memory", "--small", "--device", "cpu", "--no-msda"]) == 0
     assert "MultiScaleDeformableAttention" not in capsys.readouterr().out

@@ -305,21 +305,42 @@ def test_bad_inputs_raise_value_error_with_a_clear_message(case):
         module(*arguments)
 
 
+FUSIONS = {   # name: (fuse_query_side, fuse_value_side, the launchers that must run once each)
+    "query-and-value-sides": (True, True, ("ms_deform_attn_query_forward", "linear_relu_forward")),
+    "sampling-core-only": (False, False, ("ms_deform_attn_forward",)),
+}
+LAUNCHERS = ("ms_deform_attn_query_forward", "ms_deform_attn_forward", "linear_relu_forward")
+
+
+def _count_launchers(monkeypatch) -> list[str]:
+    import fastdetr.kernels.deformable_attention as msda_kernels
+    import fastdetr.kernels.linear_relu as linear_kernels
+
+    launches = []
+    for owner in (msda_kernels, linear_kernels):
+        for name in LAUNCHERS:
+            if hasattr(owner, name):
+                original = getattr(owner, name)
+                monkeypatch.setattr(owner, name, lambda *a, _n=name, _f=original, **k: launches.append(_n) or
+                                    _f(*a, **k))
+    return launches
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
 @pytest.mark.parametrize("boxes", [False, True], ids=["points", "boxes"])
-def test_the_kernel_path_matches_the_reference_path_forward_and_backward(boxes, monkeypatch):
-    """float32 under the interpreter runs the Triton op (counted); the same module on the reference path agrees."""
+def test_the_kernel_path_matches_the_reference_path_forward_and_backward(boxes, fusion, monkeypatch):
+    """float32 under the interpreter runs the Triton kernels (counted); the same module on the reference path
+    agrees, and so does the float64 definition."""
     from fastdetr.backend import interpreter_enabled
 
     if not interpreter_enabled():
         pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
-    import fastdetr.kernels.deformable_attention as kernel
-
+    query_side, value_side, expected_launches = FUSIONS[fusion]
     module = _module(256, 2, 4, 2).float()
+    module.fuse_query_side, module.fuse_value_side = query_side, value_side
     query, reference_points, flat, shapes, starts, mask = _inputs("head-dim-128", boxes=boxes, padded=True)
     inputs = [t.float().requires_grad_() for t in (query, reference_points, flat)]
-    launches = []
-    original = kernel.ms_deform_attn_forward
-    monkeypatch.setattr(kernel, "ms_deform_attn_forward", lambda *a: launches.append(1) or original(*a))
+    launches = _count_launchers(monkeypatch)
 
     def run():
         out = module(inputs[0], inputs[1], inputs[2], shapes, starts, mask)
@@ -327,18 +348,105 @@ def test_the_kernel_path_matches_the_reference_path_forward_and_backward(boxes, 
         return out, grads
 
     fused, fused_grads = run()
-    assert launches == [1]
+    assert sorted(launches) == sorted(expected_launches)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     plain, plain_grads = run()
-    assert launches == [1]
+    assert len(launches) == len(expected_launches)
     assert ((fused - plain).norm() / plain.norm()).item() < 1e-5
     for fused_grad, plain_grad in zip(fused_grads, plain_grads):
         assert not torch.isnan(fused_grad).any()
         assert ((fused_grad - plain_grad).norm() / plain_grad.norm().clamp_min(1e-30)).item() < 1e-4
+    exact = _expected(module.double(), query, reference_points, flat, shapes, starts, mask)
+    assert ((fused.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("case", ["detr", "five-levels-eight-points", "one-level-one-point"])
+def test_the_fused_module_matches_the_float64_definition_on_other_shapes(case):
+    from fastdetr.backend import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
+    d_model, heads, points, shapes, _, _ = CASES[case]
+    module = _module(d_model, heads, points, len(shapes), seed=3)
+    query, reference_points, flat, spatial_shapes, starts, mask = _inputs(case, boxes=True, padded=True, seed=4)
+    exact = _expected(module, query, reference_points, flat, spatial_shapes, starts, mask)
+    fused = module.float()(query.float(), reference_points.float(), flat.float(), spatial_shapes, starts, mask)
+    assert ((fused.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+def test_head_dims_past_the_query_sides_limit_run_the_sampling_core_alone(monkeypatch):
+    """Head dim 256: beyond QUERY_SIDE_MAX_HEAD_DIM, within the sampling kernel's MAX_HEAD_DIM."""
+    from fastdetr.backend import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
+    module = _module(256, 1, 2, 2).float()
+    query, reference_points, flat, shapes, starts, mask = _inputs("head-dim-128", boxes=False, padded=True)
+    launches = _count_launchers(monkeypatch)
+    out = module(query.float(), reference_points.float(), flat.float(), shapes, starts, mask)
+    assert sorted(launches) == ["linear_relu_forward", "ms_deform_attn_forward"]
+    exact = _expected(module.double(), query, reference_points, flat, shapes, starts, mask)
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+def test_bf16_autocast_fused_path_is_within_bf16_tolerance_of_the_definition():
+    """Under autocast the GEMMs run in bf16 (the value projection's fill included) and the kernel reads them."""
+    from fastdetr.backend import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
+    module = _module(64, 2, 3, 5, seed=5)
+    query, reference_points, flat, shapes, starts, mask = _inputs("five-levels-eight-points", boxes=False,
+                                                                  padded=True, seed=6)
+    exact = _expected(module, query, reference_points, flat, shapes, starts, mask)
+    module = module.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = module(query.float(), reference_points.float(), flat.float(), shapes, starts, mask)
+    assert fused.dtype == torch.bfloat16
+    assert ((fused.double() - exact).norm() / exact.norm()).item() < 2e-2
+
+
+def test_fused_inference_writes_neither_locations_nor_weights(monkeypatch):
+    """No-grad forward of the fused module: no tensor of the locations' or the weights' size is ever written
+    (the one offsets+logits GEMM output is 3 values per sample); the unfused path writes both."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastdetr.backend import interpreter_enabled
+    from fastdetr.measure.counters import TritonLaunchCounter
+
+    if not interpreter_enabled():
+        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and isinstance(out, torch.Tensor):
+                self.numels.append(out.numel())
+            return out
+
+    module = _module(64, 2, 3, 5).float()
+    query, reference_points, flat, shapes, starts, mask = _inputs("five-levels-eight-points", boxes=True,
+                                                                  padded=True)
+    batch, queries = query.shape[:2]
+    samples = batch * queries * 2 * 5 * 3
+    for fused in (True, False):
+        module.fuse_query_side = module.fuse_value_side = fused
+        with torch.no_grad(), TritonLaunchCounter(), Sizes() as sizes:
+            module(query.float(), reference_points.float(), flat.float(), shapes, starts, mask)
+        written = set(sizes.numels)
+        if fused:
+            assert samples * 2 not in written and samples not in written and samples * 3 in written
+        else:
+            assert samples * 2 in written and samples in written
 
 
 def test_the_kernel_path_saves_fewer_activation_bytes_than_the_reference(monkeypatch):
-    """The op saves its inputs only; grid_sample per level saves reshaped value copies and the sampled values."""
+    """grid_sample per level saves reshaped value copies and the sampled values; the op alone saves its inputs
+    (value, locations, weights); the fused module saves neither locations nor weights nor the GEMM's output."""
     from fastdetr.backend import interpreter_enabled
     from fastdetr.measure.saved_bytes import saved_tensor_bytes
     from fastdetr.nn import functional
@@ -351,6 +459,8 @@ def test_the_kernel_path_saves_fewer_activation_bytes_than_the_reference(monkeyp
                   input_flatten=flat.float().requires_grad_(), input_spatial_shapes=shapes,
                   input_level_start_index=starts, input_padding_mask=mask)
     fused = saved_tensor_bytes(module, **inputs)
+    module.fuse_query_side = module.fuse_value_side = False
+    op = saved_tensor_bytes(module, **inputs)
     monkeypatch.setattr(functional, "msda_kernel_supported", lambda *args: False)
     plain = saved_tensor_bytes(module, **inputs)
-    assert 0 < fused.activation_bytes < plain.activation_bytes
+    assert 0 < fused.activation_bytes < op.activation_bytes < plain.activation_bytes

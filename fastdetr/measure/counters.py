@@ -87,6 +87,27 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class WrittenBytes(TorchDispatchMode):
+    """Adds up the bytes of every tensor an ATen op inside the block outputs (views excluded; in-place ops
+    count what they overwrite): the activations a forward writes to memory, a proxy for its traffic.
+
+    A fused kernel's outputs are the tensors its launcher allocates (`aten.empty` and friends), so they count
+    too; wrap the block in a `TritonLaunchCounter` as well under the interpreter, which hides the copies it
+    makes around each launch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            outputs = out if isinstance(out, (tuple, list)) else (out,)
+            self.nbytes += sum(t.numel() * t.element_size() for t in outputs if isinstance(t, torch.Tensor))
+        return out
+
+
 def _is_device_to_host(func, args, kwargs) -> bool:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if _op_name(func) == "aten.copy_":

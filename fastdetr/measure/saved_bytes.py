@@ -12,9 +12,11 @@ what a fused kernel can save on. Only storages still held by the graph when `fn`
 returns are counted; a branch whose result was dropped keeps nothing alive.
 
 `msda_saved_bytes(...)` measures one `fastdetr.nn.MultiScaleDeformableAttention`
-forward with the grid_sample core against the Triton op (`MSDAShape`: Deformable
-DETR's widths, levels from an image size; the command prints it after the layers
-unless `--no-msda`).
+forward three ways: the grid_sample core, the Triton sampling op alone, and the
+module with its query and value sides fused too (`MSDAShape`: Deformable DETR's
+widths, levels from an image size); saved bytes for training, and for a no-grad
+forward the bytes it writes and its launches. The command prints it after the
+layers unless `--no-msda`.
 
 `layer_saved_bytes(...)` measures one DETR encoder or decoder layer: the
 reference (`fastdetr.reference.transformer`) and the fused one
@@ -375,33 +377,60 @@ MSDA_SMALL = MSDAShape(d_model=64, heads=2, points=2, image=(32, 48), strides=(8
 
 
 @dataclass(frozen=True)
+class MSDAPath:
+    """One way of running the module: what its training forward saves for backward, and what its inference
+    forward (no grad) writes and launches (ATen ops that are not views or bare allocations, plus Triton
+    kernels). fell_back: it ran grid_sample although it was meant to run the kernel."""
+    saved: SavedBytes
+    written_bytes: int
+    launches: int
+    fell_back: bool
+
+
+@dataclass(frozen=True)
 class MSDAReport:
-    """Saved-for-backward bytes of one MultiScaleDeformableAttention forward: grid_sample core against the
-    Triton op (same parameters, same inputs). fused_fallback: the fused module ran grid_sample anyway."""
+    """One MultiScaleDeformableAttention forward three ways (same parameters, same inputs, padding mask
+    included): `reference` the grid_sample core, `op` the Triton sampling core alone (query and value sides
+    unfused), `fused` the query side and the value side fused as well (the default)."""
     shape: MSDAShape
     dtype: torch.dtype
     device: torch.device
-    reference: SavedBytes
-    fused: SavedBytes
-    fused_fallback: bool
+    reference: MSDAPath
+    op: MSDAPath
+    fused: MSDAPath
+
+    @property
+    def fused_fallback(self) -> bool:
+        return self.op.fell_back or self.fused.fell_back
 
     @property
     def activation_ratio(self) -> float:
-        return self.fused.activation_bytes / max(self.reference.activation_bytes, 1)
+        return self.fused.saved.activation_bytes / max(self.reference.saved.activation_bytes, 1)
+
+
+def _measure_msda_path(module: nn.Module, inputs: dict, kernel_expected: bool) -> MSDAPath:
+    from .counters import ALLOCATION_OPS, OpCounter, TorchFunctionCounter, TritonLaunchCounter, WrittenBytes
+
+    with TorchFunctionCounter() as calls:
+        saved = saved_tensor_bytes(module, **inputs)
+    with torch.no_grad(), TritonLaunchCounter() as kernels, OpCounter() as ops, WrittenBytes() as written:
+        module(**inputs)
+    aten = sum(count for name, count in ops.op_counts.items() if name not in ALLOCATION_OPS)
+    return MSDAPath(saved=saved, written_bytes=written.nbytes, launches=aten + kernels.launches,
+                    fell_back=kernel_expected and calls.ran("grid_sample"))
 
 
 def msda_saved_bytes(shape: MSDAShape = MSDA_CPU_DEFAULT, dtype: torch.dtype = torch.float32,
                      device: torch.device | str = "cpu", seed: int = 0) -> MSDAReport:
-    """Saved bytes of `fastdetr.nn.MultiScaleDeformableAttention` with the grid_sample core and with the op.
+    """`fastdetr.nn.MultiScaleDeformableAttention` measured three ways (`MSDAReport`, `MSDAPath`).
 
     Random parameters (offsets of a few pixels, non-uniform weights), query and
     input_flatten requiring grad as inside a training step, 2-d reference points,
-    no padding mask. On a CPU the op runs only under TRITON_INTERPRET=1.
+    a padding mask on the last eighth of each image's tokens (the value side's
+    fill). On a CPU the kernels run only under TRITON_INTERPRET=1.
     """
     from fastdetr.nn.deformable_attention import MultiScaleDeformableAttention
     from fastdetr.reference import deformable_attention as reference
-
-    from .counters import TorchFunctionCounter
 
     class GridSampleCore(MultiScaleDeformableAttention):
         def _core(self, value, shapes, starts, locations, weights):
@@ -416,38 +445,48 @@ def msda_saved_bytes(shape: MSDAShape = MSDA_CPU_DEFAULT, dtype: torch.dtype = t
         fused.sampling_offsets.weight.normal_(0, 2 / shape.d_model ** 0.5)
         fused.attention_weights.weight.normal_(0, 1 / shape.d_model ** 0.5)
     fused = fused.to(device, dtype)
+    op = MultiScaleDeformableAttention(shape.d_model, levels, shape.heads, shape.points).to(device, dtype)
     grid_sample = GridSampleCore(shape.d_model, levels, shape.heads, shape.points).to(device, dtype)
-    grid_sample.load_state_dict(fused.state_dict())
+    for module in (op, grid_sample):
+        module.load_state_dict(fused.state_dict())
+        module.fuse_query_side = module.fuse_value_side = False
     level_shapes = torch.tensor(shape.level_shapes(), dtype=torch.int64)
     sizes = level_shapes.prod(1)
     starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    tokens = shape.tokens()
+    padding = torch.zeros(shape.batch, tokens, dtype=torch.bool)
+    padding[:, tokens - tokens // 8:] = True
 
     randn = _random(generator, device, dtype)
     inputs = dict(query=randn(shape.batch, shape.queries, shape.d_model, requires_grad=True),
                   reference_points=torch.rand(shape.batch, shape.queries, levels, 2, generator=generator).to(
                       device, dtype),
-                  input_flatten=randn(shape.batch, shape.tokens(), shape.d_model, requires_grad=True),
-                  input_spatial_shapes=level_shapes.to(device), input_level_start_index=starts.to(device))
-    reference_bytes = saved_tensor_bytes(grid_sample, **inputs)
-    with TorchFunctionCounter() as calls:
-        fused_bytes = saved_tensor_bytes(fused, **inputs)
-    return MSDAReport(shape=shape, dtype=dtype, device=device, reference=reference_bytes, fused=fused_bytes,
-                      fused_fallback=calls.ran("grid_sample"))
+                  input_flatten=randn(shape.batch, tokens, shape.d_model, requires_grad=True),
+                  input_spatial_shapes=level_shapes.to(device), input_level_start_index=starts.to(device),
+                  input_padding_mask=padding.to(device))
+    return MSDAReport(shape=shape, dtype=dtype, device=device,
+                      reference=_measure_msda_path(grid_sample, inputs, kernel_expected=False),
+                      op=_measure_msda_path(op, inputs, kernel_expected=True),
+                      fused=_measure_msda_path(fused, inputs, kernel_expected=True))
 
 
 def format_msda_table(reports: Iterable[MSDAReport]) -> str:
-    """A markdown table: the grid_sample core against the op, per MSDA shape."""
+    """A markdown table: the grid_sample core, the op alone and the fused module, per MSDA shape."""
     header = ("| module | S (tokens) | Q | path | activations MiB | activation B/query | tensors saved "
-              "| op / grid_sample |\n|---|---|---|---|---|---|---|---|\n")
+              "| / grid_sample | inference writes MiB | inference launches |\n"
+              "|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for report in reports:
         rows = report.shape.queries * report.shape.batch
-        for path, saved in (("grid_sample", report.reference), ("fastdetr op", report.fused)):
-            label = path + (" (fell back to grid_sample)" if path == "fastdetr op" and report.fused_fallback else "")
-            ratio = f"{report.activation_ratio:.2f}" if path == "fastdetr op" else ""
+        for label, path in (("grid_sample", report.reference), ("fastdetr op", report.op),
+                            ("fastdetr fused", report.fused)):
+            label += " (fell back to grid_sample)" if path.fell_back else ""
+            ratio = "" if path is report.reference else \
+                f"{path.saved.activation_bytes / max(report.reference.saved.activation_bytes, 1):.2f}"
             lines.append(f"| MultiScaleDeformableAttention | {report.shape.tokens()} | {report.shape.queries} "
-                         f"| {label} | {_mib(saved.activation_bytes)} | {saved.activation_bytes / rows:,.0f} "
-                         f"| {saved.count} | {ratio} |")
+                         f"| {label} | {_mib(path.saved.activation_bytes)} "
+                         f"| {path.saved.activation_bytes / rows:,.0f} | {path.saved.count} | {ratio} "
+                         f"| {_mib(path.written_bytes)} | {path.launches} |")
     return header + "\n".join(lines) + "\n"
 
 
@@ -514,5 +553,8 @@ def run_report(shape: LayerShape, dtype: torch.dtype, device: torch.device, verb
               f"(measured in {time.perf_counter() - start:.1f} s)\n")
         print(format_msda_table([msda]))
         print("grid_sample per level keeps per-level value copies, grids and the sampled (N * heads, D, Q, L * P) "
-              "values; the op keeps its inputs only.")
+              "values; the op keeps its inputs only (value, locations, weights); the fused module keeps value and "
+              "the one offsets+logits GEMM output, and writes neither locations nor softmaxed weights. "
+              "'op': the sampling kernel with the query and value sides in separate ops; 'fused': "
+              "fuse_query_side and fuse_value_side on (the default). Inference columns: a no-grad forward.")
     return 0

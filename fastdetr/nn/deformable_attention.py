@@ -21,11 +21,21 @@ flattened and stacked in order), M heads of D = d_model / M channels, locations 
 [0, 1] over each level's map (top-left (0, 0); outside allowed, sampling zeros).
 
 How it differs from the official module:
-- the sampling core (`_core`) is `fastdetr.kernels.deformable_attention` on CUDA
-  tensors (or on the CPU under TRITON_INTERPRET=1) in fp32, fp16 or bf16, installed
-  with pip, with a deterministic backward on request; plain PyTorch (grid_sample
-  per level) anywhere else (`fastdetr.nn.functional.ms_deform_attn` decides). The
-  official op is a CUDA extension to build, fp32/fp64 only, atomicAdd in backward;
+- on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), in fp32, fp16 or bf16,
+  everything between the projections is one Triton kernel
+  (`fastdetr.kernels.deformable_attention.ms_deform_attn_query`): offsets and
+  logits come from one GEMM (the two Linears' weights stacked), and the kernel
+  reads them raw, takes the softmax over the L * P points and the locations
+  itself and samples: neither weights nor locations are ever written, and
+  backward recomputes them and the GEMM (only value, query and the reference
+  points are saved). With a padding mask the value projection is one GEMM
+  with the fill in its epilogue (`fastdetr.kernels.linear_relu.linear_masked_rows`).
+  `fuse_query_side` / `fuse_value_side` (attributes, default True) turn either
+  off, to measure what each buys; with the query side off the sampling core
+  alone (`_core`) is still the kernel (`fastdetr.nn.functional.ms_deform_attn`).
+  Anywhere else (and while tracing) plain PyTorch, grid_sample per level. The
+  official op is a CUDA extension to build, fp32/fp64 only, atomicAdd in backward
+  (ours has a deterministic backward on request);
 - no `im2col_step` (a CUDA batching knob) and no warning for head dims that are not
   a power of two (the official warns because its kernel prefers them);
 - bad inputs raise ValueError naming the argument, where the official asserts or
@@ -49,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdetr.nn import functional
-from fastdetr.reference.deformable_attention import tracing
+from fastdetr.reference.deformable_attention import sampling_locations, tracing
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -58,6 +68,11 @@ class MultiScaleDeformableAttention(nn.Module):
     d_model: channels of query, input_flatten and the output; n_levels: feature levels L;
     n_heads: heads M (d_model % n_heads == 0); n_points: sampling points P per head and level.
     """
+
+    # the two fusions around the sampling core (module docstring): set either False on an instance to measure
+    # what it buys (class attributes, so a module converted by `fastdetr.optimize` has them too)
+    fuse_query_side: bool = True
+    fuse_value_side: bool = True
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
@@ -115,26 +130,22 @@ class MultiScaleDeformableAttention(nn.Module):
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             self._check_inputs(query, reference_points, input_flatten, input_spatial_shapes,
                                input_level_start_index, input_padding_mask)
-            points_2d = bool(reference_points.shape[-1] == 2)
         batch, queries, _ = query.shape
         tokens = input_flatten.shape[1]
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
 
-        value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = functional.value_projection(input_flatten, self.value_proj, input_padding_mask,
+                                            fuse=self.fuse_value_side)
         value = value.view(batch, tokens, heads, self.d_model // heads)
+        if self.fuse_query_side and functional.msda_query_side_fusable(value, query, reference_points):
+            # one GEMM for offsets and logits; the softmax and the locations happen inside the kernel
+            return self.output_proj(functional.ms_deform_attn_query_side(
+                value, input_spatial_shapes, input_level_start_index, query, self.sampling_offsets,
+                self.attention_weights, reference_points))
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
-        if points_2d:
-            # offsets are in pixels of each level: divide by its (W, H)
-            normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)                  # (L, 2) as (W, H)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[:, None, :]
-        else:
-            # offsets are in units of the box: the P-th point reaches its edge at the initial pattern's scale
-            centres, sizes = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
-            locations = centres + offsets / points * sizes * 0.5
+        locations = sampling_locations(reference_points, offsets, input_spatial_shapes)
         return self.output_proj(self._core(value, input_spatial_shapes, input_level_start_index, locations,
                                            weights))
 

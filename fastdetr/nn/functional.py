@@ -341,6 +341,50 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     return reference.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
+def msda_query_side_fusable(value: Tensor, query: Tensor, reference_points: Tensor) -> bool:
+    """Whether `ms_deform_attn_query_side` runs the fused query-side kernel on these inputs: tensors Triton
+    takes, in the kernel module's `DTYPES`, head dim up to its `QUERY_SIDE_MAX_HEAD_DIM` (past it the module
+    runs the sampling core alone), and not while tracing (a trace records the reference)."""
+    from fastdetr.reference.deformable_attention import tracing
+
+    if tracing() or not use_triton(value, query, reference_points):
+        return False
+    from fastdetr.kernels.deformable_attention import DTYPES, QUERY_SIDE_MAX_HEAD_DIM
+
+    return (all(t.dtype in DTYPES for t in (value, query, reference_points))
+            and value.dim() == 4 and value.shape[-1] <= QUERY_SIDE_MAX_HEAD_DIM)
+
+
+def ms_deform_attn_query_side(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, query: Tensor,
+                              offsets: nn.Linear, logits: nn.Linear, reference_points: Tensor) -> Tensor:
+    """MSDA from the query on, called after `msda_query_side_fusable` said yes: offsets and logits from one
+    GEMM over the two Linears (stacked afresh from the Parameters each call, so never stale), softmax and
+    locations inside the kernel, the GEMM recomputed in backward
+    (`fastdetr.kernels.deformable_attention.ms_deform_attn_projected`), in autocast's dtype under autocast."""
+    from fastdetr.kernels.deformable_attention import ms_deform_attn_projected
+
+    return ms_deform_attn_projected(value, spatial_shapes, level_start_index, query, offsets.weight, offsets.bias,
+                                    logits.weight, logits.bias, reference_points,
+                                    dtype=autocast_dtype(query) or query.dtype)
+
+
+def value_projection(x: Tensor, linear: nn.Linear, padding_mask: Tensor | None, fuse: bool = True) -> Tensor:
+    """linear(x) with the rows where padding_mask is True set to 0 (MSDA's value). With a mask, on tensors
+    Triton runs and fuse: one GEMM with the fill in its epilogue (`linear_masked_rows`, in autocast's dtype
+    when autocast is on); otherwise, and while tracing, linear then masked_fill."""
+    from fastdetr.reference.deformable_attention import tracing
+
+    if padding_mask is None:
+        return linear(x)
+    if fuse and not tracing() and linear.bias is not None and use_triton(x, linear.weight, padding_mask):
+        from fastdetr.kernels.linear_relu import DTYPES, linear_masked_rows
+
+        dtype = autocast_dtype(x) or x.dtype
+        if dtype in DTYPES and linear.weight.dtype in DTYPES:
+            return linear_masked_rows(x.to(dtype), linear.weight.to(dtype), linear.bias.to(dtype), padding_mask)
+    return linear(x).masked_fill(padding_mask[..., None], 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The matcher (called after `matcher_kernels` said yes)
 # ---------------------------------------------------------------------------------------------

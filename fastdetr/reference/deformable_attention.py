@@ -126,3 +126,39 @@ def _sample_levels(value: Tensor, shapes: Sequence[tuple[int | Tensor, int | Ten
     weights = attention_weights.to(value.dtype).transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     out = (stacked * weights).sum(-1)                                               # (N*M, D, Lq)
     return out.view(batch, heads * head_dim, queries).transpose(1, 2).contiguous()
+
+
+def sampling_locations(reference_points: Tensor, sampling_offsets: Tensor, spatial_shapes: Tensor) -> Tensor:
+    """Deformable DETR's sampling locations (N, Lq, M, L, P, 2) from reference_points and sampling_offsets.
+
+    reference_points (N, Lq, L, 2) points (x, y): point + offset / (W_l, H_l), the
+    offsets in pixels of each level; (N, Lq, L, 4) boxes (x, y, w, h): centre +
+    offset / P * (w, h) / 2, the offsets in units of the box (the P-th point of
+    the initial pattern reaches its edge). sampling_offsets (N, Lq, M, L, P, 2).
+    """
+    with warnings.catch_warnings():
+        if tracing():
+            # points or boxes is a static fact of the graph (the example's last dim), not recorded in the trace
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        if reference_points.dim() != 4 or reference_points.shape[-1] not in (2, 4):
+            raise ValueError(f"sampling_locations: reference_points must be (N, Lq, L, 2) points or (N, Lq, L, 4) "
+                             f"boxes; got {tuple(reference_points.shape)}")
+        points_2d = bool(reference_points.shape[-1] == 2)
+    if points_2d:
+        normalizer = spatial_shapes.flip(-1).to(sampling_offsets.dtype)             # (L, 2) as (W, H)
+        return reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[:, None, :]
+    points = sampling_offsets.shape[4]
+    centres, sizes = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
+    return centres + sampling_offsets / points * sizes * 0.5
+
+
+def ms_deform_attn_query(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_offsets: Tensor,
+                         attention_logits: Tensor, reference_points: Tensor) -> Tensor:
+    """MSDA from the query side's raw outputs: softmax of attention_logits (N, Lq, M, L, P) over each head's
+    L * P points, `sampling_locations`, then `ms_deform_attn`. What the fused kernel
+    `fastdetr.kernels.deformable_attention.ms_deform_attn_query` computes in one pass."""
+    batch, queries, heads, levels, points = attention_logits.shape
+    weights = attention_logits.reshape(batch, queries, heads, levels * points).softmax(-1)
+    locations = sampling_locations(reference_points, sampling_offsets, spatial_shapes)
+    return ms_deform_attn(value, spatial_shapes, level_start_index, locations,
+                          weights.view(batch, queries, heads, levels, points))
