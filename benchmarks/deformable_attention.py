@@ -37,6 +37,10 @@ Providers (the dtype ends the name):
   offsets and logits from one GEMM, softmax and locations inside the query-side
   kernel, output projection; on query and input_flatten (the last image padded
   on its last eighth of tokens), gradients of both and of the parameters in fwd+bwd;
+- "module-gemm-off-chip-bf16": the fused module with `fuse_query_gemm` off: in
+  fwd (inference) the offsets+logits GEMM runs by torch and the query-side kernel
+  reads its output, instead of the GEMM inside the kernel (fwd+bwd is the same
+  path as the fused module's: training always runs the GEMM by torch);
 - "module-unfused-fp32" / "-bf16": the same module with `fuse_query_side` and
   `fuse_value_side` off (separate projections, softmax, location arithmetic and
   masked_fill around the sampling op): what the two fusions buy;
@@ -171,14 +175,16 @@ PROVIDERS = (
     Provider("fastdetr", "fp32"), Provider("fastdetr", "bf16"),
     Provider("fastdetr-deterministic", "fp32"),
     Provider("fastdetr-module", "fp32"), Provider("fastdetr-module", "bf16"),
+    Provider("module-gemm-off-chip", "bf16"),
     Provider("module-unfused", "fp32"), Provider("module-unfused", "bf16"),
     Provider("module-grid_sample", "bf16"),
     Provider("cuda-op", "fp32"),
 )
-MODULE_KINDS = {   # kind: (fuse_query_side and fuse_value_side, the sampling core)
-    "fastdetr-module": (True, "kernel"),
-    "module-unfused": (False, "kernel"),
-    "module-grid_sample": (False, "grid_sample"),
+MODULE_KINDS = {   # kind: (fuse_query_side and fuse_value_side, fuse_query_gemm, the sampling core)
+    "fastdetr-module": (True, True, "kernel"),
+    "module-gemm-off-chip": (True, False, "kernel"),
+    "module-unfused": (False, False, "kernel"),
+    "module-grid_sample": (False, False, "grid_sample"),
 }
 OP_KINDS = ("grid_sample", "fastdetr", "fastdetr-deterministic", "cuda-op")   # the sampling core alone
 
@@ -204,6 +210,8 @@ TARGETS = (
     # what the fusions around the op buy (a goal of ours: the fused module no slower than its parts)
     Target("fused query and value sides at least as fast as the module with them unfused", "time", MODES,
            "fastdetr-module", "module-unfused", ("fp32", "bf16"), 1.0),
+    Target("inference: the GEMM on chip at least as fast as the GEMM by torch", "time", ("fwd",),
+           "fastdetr-module", "module-gemm-off-chip", ("bf16",), 1.0),
 )
 
 
@@ -329,7 +337,7 @@ def _module_bench(case: Case, inputs: OpInputs, dtype: str, device, kind: str = 
         module.sampling_offsets.weight.normal_(0, 0.02)
         module.attention_weights.weight.normal_(0, 0.02)
     module = module.to(device, DTYPES[dtype])
-    fused_sides, core = MODULE_KINDS[kind]
+    fused_sides, module.fuse_query_gemm, core = MODULE_KINDS[kind]
     module.fuse_query_side = module.fuse_value_side = fused_sides
     if core == "grid_sample":
         module._core = reference                       # an instance attribute: the module calls it with 5 tensors

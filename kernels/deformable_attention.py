@@ -29,6 +29,26 @@ number of samples. Two ways to reduce it:
   entries in that fixed order: bit-identical across runs, at the price of the
   sort and 16 bytes per sample corner (N * Lq * M * L * P * 4 entries).
 
+The query side, fused (`ms_deform_attn_query`, `ms_deform_attn_projected`):
+the same forward and backward programs read the raw sampling offsets and
+attention logits instead of locations and weights -- typically two slices of
+one GEMM's output, read in place -- take the softmax over each head's L x P
+logits online (flash attention's running max and rescaling, one pass) and form
+each location from the reference point (2-d: point + offset / (W_l, H_l)) or
+box (4-d: centre + offset / P * (w, h) / 2) in registers. The backward first
+takes the softmax statistics in a pass over the logits, then, per sample, the
+same corner gradients, writing d offset = d location * scale and dA; after a
+barrier a last pass turns dA into the logits' gradient A * (dA - sum A dA). The
+reference points' gradient is written per head and summed over heads by torch
+(no atomics). `ms_deform_attn_projected` puts the GEMM in front and runs it
+again in backward rather than saving its output. Head dims up to
+`QUERY_SIDE_MAX_HEAD_DIM`. In inference it runs one kernel with the GEMM on
+chip as well (`_msda_project_fwd_kernel`): a program computes its 16 rows'
+offsets and logits for its head with dots over the query's channels, keeps
+them as (16, L * P) register tiles (L * P <= `MAX_PROJECT_SAMPLES`), takes the
+softmax on the tile, and samples the head dim 16 channels at a time, picking
+each sample's column out of the tiles: nothing but the output is written.
+
 Limits, as constants other modules import: head dim D <= `MAX_HEAD_DIM` (any
 D, masked to a power of two >= 16); any L, P, H_l x W_l (1 x 1 included); q and
 value dtypes in `DTYPES`, math in fp32, output in value's dtype; value's last
@@ -47,12 +67,23 @@ import triton
 import triton.language as tl
 
 from fastdetr.backend import use_triton
-from fastdetr.kernels.common import TRITON_DTYPE_NAMES, KernelConfig, aot_signature, as_rows, unit_last_stride
+from fastdetr.kernels.common import (
+    TRITON_DTYPE_NAMES,
+    KernelConfig,
+    _dot,
+    _upcast_dot,
+    aot_signature,
+    as_rows,
+    unit_last_stride,
+)
 
 # limits (module docstring)
 DTYPES = tuple(TRITON_DTYPE_NAMES)
 MAX_HEAD_DIM = 256
 QUERY_SIDE_MAX_HEAD_DIM = 128   # the fused query side's backward spilled at 256 in every tile tried
+MAX_PROJECT_SAMPLES = 32        # L * P of the inference kernel with the GEMM on chip (its tile's width)
+_SAMPLES_BLOCK_CHOICES = (16, 32)
+_PROJECT_BLOCK_D = 16
 _BLOCK_D_CHOICES = (16, 32, 64, 128, 256)
 _CORNERS = 4
 
@@ -124,9 +155,14 @@ def _configs() -> dict:
 
 
 def block_config(kernel: str, head_dim: int) -> dict:
-    """Launch config of `kernel` ("fwd", "bwd", "gather" or "query_fwd") for head dim `head_dim`, with its
-    BLOCK_D."""
+    """Launch config of `kernel` ("fwd", "bwd", "gather", "query_fwd" or "project") for head dim `head_dim`,
+    with its BLOCK_D."""
     block_d = _block_d(head_dim)
+    if kernel == "project":
+        # inference with the GEMM on chip: 16 rows (a tensor-core dot's least), the query read 32 channels at
+        # a time, the head dim 16 channels at a time (wider value slices used 8-48 bytes of stack: 32 at 4 and
+        # 8 warps, 64 and 128 whole)
+        return dict(BLOCK_Q=16, BLOCK_C=32, BLOCK_D=min(block_d, _PROJECT_BLOCK_D), num_warps=8, num_stages=1)
     return dict(_configs()[(kernel, block_d)], BLOCK_D=block_d)
 
 
@@ -487,6 +523,90 @@ def _msda_query_bwd_kernel(
 
 
 @triton.jit
+def _project_columns(Query_ptr, rows64, row_ok, stride_q, W_ptr, w_rows, w_ok, channels,
+                     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, SAMPLES_BLOCK: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """(BLOCK_Q, SAMPLES_BLOCK) fp32: query rows @ W[w_rows]^T over `channels`, W (rows, C) with unit last stride
+    and row stride `channels`; columns where not w_ok are 0."""
+    acc = tl.zeros([BLOCK_Q, SAMPLES_BLOCK], tl.float32)
+    for c_start in range(0, channels, BLOCK_C):
+        cs = c_start + tl.arange(0, BLOCK_C)
+        c_ok = cs < channels
+        q = tl.load(Query_ptr + rows64[:, None] * stride_q + cs[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        w = tl.load(W_ptr + w_rows[None, :] * channels + cs[:, None], mask=c_ok[:, None] & w_ok[None, :],
+                    other=0.0)
+        acc += _dot(q, w, DOT_PRECISION, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
+def _column(tile, columns, index):
+    """Column `index` of a (BLOCK_Q, SAMPLES_BLOCK) register tile, as (BLOCK_Q,): a masked row sum."""
+    return tl.sum(tl.where(columns[None, :] == index, tile, 0.0), 1)
+
+
+@triton.jit
+def _msda_project_fwd_kernel(
+    Value_ptr, Shapes_ptr, Starts_ptr,        # as in _msda_fwd_kernel
+    Query_ptr,                                # (N * Lq, C) rows of stride_q, unit last stride
+    OffW_ptr, OffB_ptr,                       # (M * L * P * 2, C) contiguous, (M * L * P * 2,): sampling offsets
+    LogitW_ptr, LogitB_ptr,                   # (M * L * P, C) contiguous, (M * L * P,): attention logits
+    Ref_ptr,                                  # (N * Lq, L, 2) points or (N * Lq, L, 4) boxes, contiguous
+    Out_ptr,                                  # (N, Lq, M, D) contiguous, value's dtype
+    stride_v_n, stride_v_s, stride_v_m, stride_q,
+    num_rows, num_queries, num_heads, head_dim, num_levels, num_points, channels,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, SAMPLES_BLOCK: tl.constexpr,
+    BOX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    head, rows64, row_ok, offs_d, _ = _program_rows(num_rows, head_dim, BLOCK_Q, BLOCK_D)
+    value_rows = (rows64 // num_queries) * stride_v_n + head * stride_v_m
+    ref_rows = rows64 * num_levels * (4 if BOX else 2)
+    samples = num_levels * num_points
+    columns = tl.arange(0, SAMPLES_BLOCK)
+    col_ok = columns < samples
+    sample_rows = (head * samples + columns).to(tl.int64)       # this head's rows of the logits' weight
+    # the query side's GEMM for this head, on chip: offsets (x, y) and logits of its L * P samples
+    off_x = _project_columns(Query_ptr, rows64, row_ok, stride_q, OffW_ptr, 2 * sample_rows, col_ok, channels,
+                             BLOCK_Q, BLOCK_C, SAMPLES_BLOCK, DOT_PRECISION, UPCAST_DOT)
+    off_y = _project_columns(Query_ptr, rows64, row_ok, stride_q, OffW_ptr, 2 * sample_rows + 1, col_ok, channels,
+                             BLOCK_Q, BLOCK_C, SAMPLES_BLOCK, DOT_PRECISION, UPCAST_DOT)
+    logits = _project_columns(Query_ptr, rows64, row_ok, stride_q, LogitW_ptr, sample_rows, col_ok, channels,
+                              BLOCK_Q, BLOCK_C, SAMPLES_BLOCK, DOT_PRECISION, UPCAST_DOT)
+    off_x += tl.load(OffB_ptr + 2 * sample_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    off_y += tl.load(OffB_ptr + 2 * sample_rows + 1, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    logits += tl.load(LogitB_ptr + sample_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # softmax over the L * P samples of each row, whole: they are all in registers
+    logits = tl.where(col_ok[None, :], logits, float("-inf"))
+    row_max = tl.max(logits, 1)
+    weights = tl.where(col_ok[None, :], tl.exp(logits - row_max[:, None]), 0.0)
+    weights = weights * _reciprocal(tl.sum(weights, 1))[:, None]
+    # the head dim BLOCK_D channels at a time (the samples' coordinates recomputed for each slice): the
+    # register tiles of the GEMM stay live throughout, so the value tiles stay small at any head dim
+    out_rows = (rows64 * num_heads + head)[:, None] * head_dim
+    for d_start in range(0, head_dim, BLOCK_D):
+        channels_d = d_start + offs_d
+        channel_ok = channels_d < head_dim
+        acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        for level in range(0, num_levels):
+            height = tl.load(Shapes_ptr + 2 * level)
+            width = tl.load(Shapes_ptr + 2 * level + 1)
+            start = tl.load(Starts_ptr + level)
+            ref_x, ref_y, scale_x, scale_y = _level_reference(Ref_ptr, ref_rows, level, height, width, num_points,
+                                                              row_ok, BOX)
+            for point in range(0, num_points):
+                sample = level * num_points + point
+                loc_x = ref_x + _column(off_x, columns, sample) * scale_x
+                loc_y = ref_y + _column(off_y, columns, sample) * scale_y
+                x0, y0, fx, fy = _pixel_coords(loc_x, loc_y, height, width)
+                sampled = _bilinear(Value_ptr, value_rows, x0, y0, fx, fy, height, width, start, row_ok,
+                                    stride_v_s, channels_d, channel_ok)
+                acc += sampled * _column(weights, columns, sample)[:, None]
+        tl.store(Out_ptr + out_rows + channels_d[None, :], acc.to(Out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & channel_ok[None, :])
+
+
+@triton.jit
 def _msda_value_grad_gather_kernel(
     Order_ptr,                                # (E,) int64: entries sorted by value row key (stable)
     SegStart_ptr,                             # (N * S * M + 1,) int64: row r owns Order[SegStart[r]:SegStart[r+1]]
@@ -522,16 +642,26 @@ def _int32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.int32).contiguous()   # a device op: no host sync
 
 
+def _forward_output(value, queries, samples):
+    """A forward launcher's (N, Lq, M, D) output buffer, and its finished (N, Lq, M * D) result when there is
+    nothing to launch (no queries: empty; no samples or no value tokens: zeros), else None."""
+    batch, tokens, heads, head_dim = value.shape
+    out = torch.empty(batch, queries, heads, head_dim, dtype=value.dtype, device=value.device)
+    if out.numel() == 0:
+        return out, out.view(batch, queries, heads * head_dim)
+    if samples == 0 or tokens == 0:
+        return out, out.zero_().view(batch, queries, heads * head_dim)
+    return out, None
+
+
 def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Launch the forward kernel; shapes as `ms_deform_attn`. Returns (N, Lq, M * D) in value's dtype."""
     value = unit_last_stride(value)
-    batch, tokens, heads, head_dim = value.shape
+    batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    out = torch.empty(batch, queries, heads, head_dim, dtype=value.dtype, device=value.device)
-    if out.numel() == 0:
-        return out.view(batch, queries, heads * head_dim)
-    if levels * points == 0 or tokens == 0:
-        return out.zero_().view(batch, queries, heads * head_dim)
+    out, finished = _forward_output(value, queries, levels * points)
+    if finished is not None:
+        return finished
     config = block_config("fwd", head_dim)
     grid = (triton.cdiv(batch * queries, config["BLOCK_Q"]), heads)
     _msda_fwd_kernel[grid](
@@ -614,14 +744,12 @@ def ms_deform_attn_query_forward(value, spatial_shapes, level_start_index, offse
     """Launch the query-side forward: `ms_deform_attn_query`'s shapes, offsets and logits as (N * Lq, ...)
     rows with unit inner stride (`as_rows`), reference_points contiguous. Returns (N, Lq, M * D) in value's dtype."""
     value = unit_last_stride(value)
-    batch, tokens, heads, head_dim = value.shape
+    batch, _, heads, head_dim = value.shape
     queries, levels = reference_points.shape[1], reference_points.shape[2]
     points = logits.shape[1] // (heads * levels) if heads * levels else 0
-    out = torch.empty(batch, queries, heads, head_dim, dtype=value.dtype, device=value.device)
-    if out.numel() == 0:
-        return out.view(batch, queries, heads * head_dim)
-    if levels * points == 0 or tokens == 0:
-        return out.zero_().view(batch, queries, heads * head_dim)
+    out, finished = _forward_output(value, queries, levels * points)
+    if finished is not None:
+        return finished
     config = block_config("query_fwd", head_dim)
     grid = (triton.cdiv(batch * queries, config["BLOCK_Q"]), heads)
     _msda_query_fwd_kernel[grid](
@@ -629,6 +757,39 @@ def ms_deform_attn_query_forward(value, spatial_shapes, level_start_index, offse
         value.stride(0), value.stride(1), value.stride(2), offsets.stride(0), logits.stride(0),
         batch * queries, queries, heads, head_dim, levels, points,
         BLOCK_Q=config["BLOCK_Q"], BLOCK_D=config["BLOCK_D"], BOX=reference_points.shape[-1] == 4,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out.view(batch, queries, heads * head_dim)
+
+
+def _samples_block(samples: int) -> int:
+    return next(block for block in _SAMPLES_BLOCK_CHOICES if block >= samples)
+
+
+def ms_deform_attn_project_forward(value, spatial_shapes, level_start_index, query, offsets_weight, offsets_bias,
+                                   logits_weight, logits_bias, reference_points):
+    """Launch the inference kernel with the query side's GEMM on chip (`ms_deform_attn_projected`'s arguments,
+    query and the four parameters in one dtype, L * P <= MAX_PROJECT_SAMPLES). Returns (N, Lq, M * D)."""
+    value = unit_last_stride(value)
+    batch, _, heads, head_dim = value.shape
+    queries, levels = reference_points.shape[1], reference_points.shape[2]
+    channels = query.shape[-1]
+    samples = logits_weight.shape[0] // heads if heads else 0
+    out, finished = _forward_output(value, queries, samples)
+    if finished is not None:
+        return finished
+    rows = as_rows(query, channels)
+    config = block_config("project", head_dim)
+    grid = (triton.cdiv(batch * queries, config["BLOCK_Q"]), heads)
+    _msda_project_fwd_kernel[grid](
+        value, _int32(spatial_shapes), _int32(level_start_index), rows, offsets_weight.contiguous(),
+        offsets_bias.contiguous(), logits_weight.contiguous(), logits_bias.contiguous(),
+        reference_points.contiguous(), out,
+        value.stride(0), value.stride(1), value.stride(2), rows.stride(0),
+        batch * queries, queries, heads, head_dim, levels, samples // levels, channels,
+        BLOCK_Q=config["BLOCK_Q"], BLOCK_D=config["BLOCK_D"], BLOCK_C=config["BLOCK_C"],
+        SAMPLES_BLOCK=_samples_block(samples), BOX=reference_points.shape[-1] == 4,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", UPCAST_DOT=_upcast_dot(query.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out.view(batch, queries, heads * head_dim)
@@ -712,6 +873,17 @@ def aot_configs() -> list[KernelConfig]:
                             aot_signature(_msda_query_bwd_kernel, dtype_name, _POINTER_TYPES),
                             dict(BLOCK_Q=bwd["BLOCK_Q"], BLOCK_D=block_d, BOX=box, DETERMINISTIC=deterministic),
                             dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"])))
+            if block_d <= _PROJECT_BLOCK_D:   # wider head dims run this BLOCK_D in slices
+                project = block_config("project", block_d)
+                for samples_block in _SAMPLES_BLOCK_CHOICES:
+                    for box in (False, True):
+                        configs.append(KernelConfig(
+                            _msda_project_fwd_kernel,
+                            aot_signature(_msda_project_fwd_kernel, dtype_name, _POINTER_TYPES),
+                            dict(BLOCK_Q=project["BLOCK_Q"], BLOCK_D=block_d, BLOCK_C=project["BLOCK_C"],
+                                 SAMPLES_BLOCK=samples_block, BOX=box,
+                                 DOT_PRECISION="ieee" if dtype_name == "fp32" else "tf32", UPCAST_DOT=False),
+                            dict(num_warps=project["num_warps"], num_stages=project["num_stages"])))
             gather_types = dict(_POINTER_TYPES, GradValue_ptr="*" + dtype_name)
             configs.append(KernelConfig(
                 _msda_value_grad_gather_kernel,
@@ -906,7 +1078,8 @@ class MSDeformAttnProjectedFunction(torch.autograd.Function):
 
 
 def ms_deform_attn_projected(value, spatial_shapes, level_start_index, query, offsets_weight, offsets_bias,
-                             logits_weight, logits_bias, reference_points, dtype=None, deterministic=None):
+                             logits_weight, logits_bias, reference_points, dtype=None, deterministic=None,
+                             gemm_on_chip=True):
     """`MultiScaleDeformableAttention` from its query on: (N, Lq, M * D), value already projected.
 
     offsets = query @ offsets_weight^T + offsets_bias (M * L * P * 2 columns, the
@@ -917,7 +1090,11 @@ def ms_deform_attn_projected(value, spatial_shapes, level_start_index, query, of
     neither the GEMM's output nor locations nor weights -- backward runs the GEMM
     again, one (N * Lq, C) x (C, 3 M L P) product, to save M * L * P * 3 values
     per query. Gradients for value, query, the four parameters and the reference
-    points; deterministic as in `ms_deform_attn`.
+    points; deterministic as in `ms_deform_attn`. Inference (no grad needed) with
+    L * P <= MAX_PROJECT_SAMPLES runs one kernel that does the GEMM on chip too
+    (per program: its rows' offsets and logits for one head, by tensor-core dots
+    in 16-bit, ieee fp32 dots in fp32) and writes the output only; gemm_on_chip=False
+    runs the GEMM by torch there as well (to measure what the on-chip GEMM buys).
     """
     dtype = dtype or query.dtype
     if query.dim() != 3 or offsets_weight.dim() != 2 or offsets_weight.shape[1] != query.shape[-1] \
@@ -935,13 +1112,20 @@ def ms_deform_attn_projected(value, spatial_shapes, level_start_index, query, of
         raise ValueError(f"ms_deform_attn_projected: logits_weight has {logits_weight.shape[0]} rows, not "
                          f"heads {heads} x levels {levels} x points")
     # the kernel's checks on what the GEMM will produce (shapes and dtypes as metadata)
-    probe = query.new_empty(()).to(dtype).expand(batch, queries, heads, levels, points)
+    probe = torch.empty((), dtype=dtype, device="meta").expand(batch, queries, heads, levels, points)   # no data
     _check_query_inputs(value, spatial_shapes, level_start_index, probe[..., None].expand(*probe.shape, 2), probe,
                         reference_points)
     if not use_triton(value, spatial_shapes, level_start_index, query, offsets_weight, reference_points):
         raise RuntimeError("ms_deform_attn_projected: the kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the "
                            f"CPU); got value on {value.device}. fastdetr.reference.deformable_attention."
                            "ms_deform_attn_query is the plain-PyTorch op, after the two Linears")
+    tensors = (value, query, offsets_weight, offsets_bias, logits_weight, logits_bias, reference_points)
+    if gemm_on_chip and levels * points <= MAX_PROJECT_SAMPLES and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        # inference: the GEMM on chip as well, nothing but the output written
+        return ms_deform_attn_project_forward(
+            value, spatial_shapes, level_start_index, query.to(dtype), offsets_weight.to(dtype),
+            offsets_bias.to(dtype), logits_weight.to(dtype), logits_bias.to(dtype), reference_points)
     return MSDeformAttnProjectedFunction.apply(value, spatial_shapes, level_start_index, query, offsets_weight,
                                                offsets_bias, logits_weight, logits_bias, reference_points, dtype,
                                                deterministic)

@@ -40,7 +40,7 @@ def kernel_launches(monkeypatch):
     import fastdetr.kernels.deformable_attention as kernel
 
     launches = []
-    for name in ("ms_deform_attn_forward", "ms_deform_attn_query_forward"):
+    for name in ("ms_deform_attn_forward", "ms_deform_attn_query_forward", "ms_deform_attn_project_forward"):
         original = getattr(kernel, name)
         monkeypatch.setattr(kernel, name, lambda *args, _f=original: launches.append(1) or _f(*args))
     return launches

@@ -204,11 +204,15 @@ def test_aot_configs_cover_every_launch_variant():
     """tests/test_kernel_report.py compiles each for sm_80 and sm_90 and fails on a spill."""
     configs = aot_configs()
     # per dtype and BLOCK_D: forward, 2 backwards, gather; up to BLOCK_D 128 the query side's forward and
-    # 2 backwards, x 2 (points, boxes)
-    assert len(configs) == 3 * (5 * 4 + 4 * 2 * 3)
+    # 2 backwards, x 2 (points, boxes); the on-chip-GEMM forward (BLOCK_D 16 slices), x 2 sample widths x 2
+    assert len(configs) == 3 * (5 * 4 + 4 * 2 * 3 + 2 * 2)
+    project = [c for c in configs if "SAMPLES_BLOCK" in c.constexprs]
+    assert {(c.constexprs["BLOCK_D"], c.constexprs["SAMPLES_BLOCK"], c.constexprs["BOX"]) for c in project} == {
+        (16, s, b) for s in (16, 32) for b in (False, True)}
+    assert max(c.constexprs["SAMPLES_BLOCK"] for c in project) == kernel.MAX_PROJECT_SAMPLES
     assert {c.constexprs["BLOCK_D"] for c in configs} == {16, 32, 64, 128, 256}
     assert {c.constexprs.get("DETERMINISTIC") for c in configs} == {None, False, True}
-    query_side = [c for c in configs if "BOX" in c.constexprs]
+    query_side = [c for c in configs if "BOX" in c.constexprs and "SAMPLES_BLOCK" not in c.constexprs]
     assert {(c.constexprs["BOX"], c.constexprs.get("DETERMINISTIC")) for c in query_side} == {
         (False, None), (True, None), (False, False), (False, True), (True, False), (True, True)}
     assert max(c.constexprs["BLOCK_D"] for c in query_side) == kernel.QUERY_SIDE_MAX_HEAD_DIM

@@ -249,3 +249,92 @@ def test_empty_queries_and_plain_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="fastdetr.reference.deformable_attention"):
         ms_deform_attn_query(value, shapes, starts, offsets, logits, points)
+
+
+def _projected_inputs(batch, queries, heads, head_dim, shapes, points, channels, boxes, seed):
+    value, spatial_shapes, starts, _, _, reference_points = make_inputs(batch, queries, heads, head_dim, shapes,
+                                                                        points, boxes, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    samples = heads * len(shapes) * points
+    query = torch.randn(batch, queries, channels, generator=generator)
+    params = (torch.randn(samples * 2, channels, generator=generator) * 0.3,
+              torch.randn(samples * 2, generator=generator),
+              torch.randn(samples, channels, generator=generator) * 0.3,
+              torch.randn(samples, generator=generator))
+    return value, spatial_shapes, starts, query, params, reference_points
+
+
+def _two_linears_then_reference(value, shapes, starts, query, params, reference_points, points):
+    batch, queries = query.shape[:2]
+    heads, levels = value.shape[2], reference_points.shape[2]
+    w_off, b_off, w_logit, b_logit = params
+    offsets = torch.nn.functional.linear(query, w_off, b_off).view(batch, queries, heads, levels, points, 2)
+    logits = torch.nn.functional.linear(query, w_logit, b_logit).view(batch, queries, heads, levels, points)
+    return reference.ms_deform_attn_query(value, shapes, starts, offsets, logits, reference_points)
+
+
+@pytest.mark.parametrize("boxes", [False, True], ids=["points", "boxes"])
+@pytest.mark.parametrize("heads, head_dim, shapes, points, channels", [
+    pytest.param(8, 32, DETR_LEVELS, 4, 256, id="detr-16-samples-c256"),
+    pytest.param(2, 16, ((3, 7),), 1, 24, id="1-sample-c24"),
+    pytest.param(3, 64, ((5, 6), (3, 3), (2, 2), (1, 2), (1, 1)), 6, 40, id="30-samples-c40"),
+    pytest.param(1, 128, ((2, 3), (1, 1)), 3, 48, id="d128"),
+])
+def test_inference_with_the_gemm_on_chip_matches_float64(heads, head_dim, shapes, points, channels, boxes,
+                                                        monkeypatch):
+    """No grad needed: one kernel does the GEMM, the softmax, the locations and the sampling (counted)."""
+    value, spatial_shapes, starts, query, params, reference_points = _projected_inputs(
+        2, 13, heads, head_dim, shapes, points, channels, boxes, seed=heads + head_dim)
+    launches = []
+    original = kernel.ms_deform_attn_project_forward
+    monkeypatch.setattr(kernel, "ms_deform_attn_project_forward", lambda *a: launches.append(1) or original(*a))
+    with torch.no_grad():
+        out = ms_deform_attn_projected(value, spatial_shapes, starts, query, *params, reference_points)
+    assert launches == [1]
+    exact = _two_linears_then_reference(*float64((value, spatial_shapes, starts, query)), float64(params),
+                                        reference_points.double(), points)
+    assert out.dtype == torch.float32 and relative_error(out, exact) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_inference_with_the_gemm_on_chip_in_half_precision(dtype):
+    value, shapes, starts, query, params, reference_points = _projected_inputs(2, 11, 8, 32, DETR_LEVELS, 4, 64,
+                                                                                False, seed=29)
+    half = [t.to(dtype) for t in (value, query, *params)]
+    with torch.no_grad():
+        out = ms_deform_attn_projected(half[0], shapes, starts, half[1], *half[2:], reference_points)
+    same_dtype = _two_linears_then_reference(half[0], shapes, starts, half[1], half[2:], reference_points, 4)
+    exact = _two_linears_then_reference(*float64((value, shapes, starts, query)), float64(params),
+                                        reference_points.double(), 4)
+    floor = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert out.dtype == dtype
+    assert relative_error(out, exact) <= 2 * relative_error(same_dtype, exact) + floor
+
+
+def test_inference_past_the_on_chip_width_runs_the_gemm_then_the_query_kernel(monkeypatch):
+    """L * P = 40 > MAX_PROJECT_SAMPLES: the GEMM by torch, then the query-side kernel; same result."""
+    assert 5 * 8 > kernel.MAX_PROJECT_SAMPLES
+    value, shapes, starts, query, params, reference_points = _projected_inputs(
+        1, 6, 2, 16, ((5, 6), (3, 3), (2, 2), (1, 2), (1, 1)), 8, 32, True, seed=31)
+    launched = []
+    for name in ("ms_deform_attn_project_forward", "ms_deform_attn_query_forward"):
+        original = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, _n=name, _f=original: launched.append(_n) or _f(*a))
+    with torch.no_grad():
+        out = ms_deform_attn_projected(value, shapes, starts, query, *params, reference_points)
+    assert launched == ["ms_deform_attn_query_forward"]
+    exact = _two_linears_then_reference(*float64((value, shapes, starts, query)), float64(params),
+                                        reference_points.double(), 8)
+    assert relative_error(out, exact) <= 1e-5
+
+
+def test_inference_with_the_gemm_on_chip_writes_the_output_only():
+    from fastdetr.measure.counters import TritonLaunchCounter, WrittenBytes
+
+    value, shapes, starts, query, params, reference_points = _projected_inputs(2, 9, 2, 16, ((4, 4), (2, 2)), 2,
+                                                                                32, False, seed=37)
+    with torch.no_grad(), TritonLaunchCounter() as launches, WrittenBytes() as written:
+        out = ms_deform_attn_projected(value, shapes, starts, query, *params, reference_points)
+    # the output, plus the launcher's int32 copies of the level shapes and starts
+    assert written.nbytes == out.numel() * out.element_size() + (shapes.numel() + starts.numel()) * 4
+    assert dict(launches.launch_counts) == {"_msda_project_fwd_kernel": 1}

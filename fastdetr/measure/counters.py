@@ -104,7 +104,8 @@ class WrittenBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if not func.is_view:
             outputs = out if isinstance(out, (tuple, list)) else (out,)
-            self.nbytes += sum(t.numel() * t.element_size() for t in outputs if isinstance(t, torch.Tensor))
+            self.nbytes += sum(t.numel() * t.element_size() for t in outputs
+                               if isinstance(t, torch.Tensor) and t.device.type != "meta")   # meta: no data
         return out
 
 

@@ -554,7 +554,8 @@ def run_report(shape: LayerShape, dtype: torch.dtype, device: torch.device, verb
         print(format_msda_table([msda]))
         print("grid_sample per level keeps per-level value copies, grids and the sampled (N * heads, D, Q, L * P) "
               "values; the op keeps its inputs only (value, locations, weights); the fused module keeps value and "
-              "the one offsets+logits GEMM output, and writes neither locations nor softmaxed weights. "
+              "the query (an input), and recomputes the offsets+logits GEMM in backward; it never writes locations or "
+              "softmaxed weights. "
               "'op': the sampling kernel with the query and value sides in separate ops; 'fused': "
               "fuse_query_side and fuse_value_side on (the default). Inference columns: a no-grad forward.")
     return 0

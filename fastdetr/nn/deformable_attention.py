@@ -28,10 +28,12 @@ How it differs from the official module:
   reads them raw, takes the softmax over the L * P points and the locations
   itself and samples: neither weights nor locations are ever written, and
   backward recomputes them and the GEMM (only value, query and the reference
-  points are saved). With a padding mask the value projection is one GEMM
-  with the fill in its epilogue (`fastdetr.kernels.linear_relu.linear_masked_rows`).
-  `fuse_query_side` / `fuse_value_side` (attributes, default True) turn either
-  off, to measure what each buys; with the query side off the sampling core
+  points are saved). In inference (no gradient needed, L * P <= 32) the GEMM
+  runs inside that kernel too, and it writes the output only. With a padding
+  mask the value projection is one GEMM with the fill in its epilogue
+  (`fastdetr.kernels.linear_relu.linear_masked_rows`). `fuse_query_side`,
+  `fuse_value_side` and `fuse_query_gemm` (attributes, default True) turn each
+  off, to measure what it buys; with the query side off the sampling core
   alone (`_core`) is still the kernel (`fastdetr.nn.functional.ms_deform_attn`).
   Anywhere else (and while tracing) plain PyTorch, grid_sample per level. The
   official op is a CUDA extension to build, fp32/fp64 only, atomicAdd in backward
@@ -73,6 +75,7 @@ class MultiScaleDeformableAttention(nn.Module):
     # what it buys (class attributes, so a module converted by `fastdetr.optimize` has them too)
     fuse_query_side: bool = True
     fuse_value_side: bool = True
+    fuse_query_gemm: bool = True     # inference: the offsets+logits GEMM inside the query side's kernel
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
@@ -141,7 +144,7 @@ class MultiScaleDeformableAttention(nn.Module):
             # one GEMM for offsets and logits; the softmax and the locations happen inside the kernel
             return self.output_proj(functional.ms_deform_attn_query_side(
                 value, input_spatial_shapes, input_level_start_index, query, self.sampling_offsets,
-                self.attention_weights, reference_points))
+                self.attention_weights, reference_points, gemm_on_chip=self.fuse_query_gemm))
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)

@@ -356,16 +356,17 @@ def msda_query_side_fusable(value: Tensor, query: Tensor, reference_points: Tens
 
 
 def ms_deform_attn_query_side(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, query: Tensor,
-                              offsets: nn.Linear, logits: nn.Linear, reference_points: Tensor) -> Tensor:
+                              offsets: nn.Linear, logits: nn.Linear, reference_points: Tensor,
+                              gemm_on_chip: bool = True) -> Tensor:
     """MSDA from the query on, called after `msda_query_side_fusable` said yes: offsets and logits from one
     GEMM over the two Linears (stacked afresh from the Parameters each call, so never stale), softmax and
-    locations inside the kernel, the GEMM recomputed in backward
+    locations inside the kernel, the GEMM recomputed in backward; in inference the GEMM inside the kernel too
     (`fastdetr.kernels.deformable_attention.ms_deform_attn_projected`), in autocast's dtype under autocast."""
     from fastdetr.kernels.deformable_attention import ms_deform_attn_projected
 
     return ms_deform_attn_projected(value, spatial_shapes, level_start_index, query, offsets.weight, offsets.bias,
                                     logits.weight, logits.bias, reference_points,
-                                    dtype=autocast_dtype(query) or query.dtype)
+                                    dtype=autocast_dtype(query) or query.dtype, gemm_on_chip=gemm_on_chip)
 
 
 def value_projection(x: Tensor, linear: nn.Linear, padding_mask: Tensor | None, fuse: bool = True) -> Tensor:
