@@ -3,7 +3,8 @@
 Reads the official DETR files (`{"model": state_dict, ...}`), fastdetr's own
 (which add `"config"`), bare state dicts, and DDP-wrapped ones (`module.`
 prefixes), always with `torch.load(weights_only=True)`: nothing in a
-checkpoint can run code. The trainer's checkpoints (`save_training_state`,
+checkpoint can run code; and Hugging Face transformers' DETR weights
+(safetensors or `pytorch_model.bin`, `fastdetr.hub`). The trainer's checkpoints (`save_training_state`,
 `load_training_state`) are fastdetr's files plus what a resumed run needs to
 continue exactly. Writes are atomic (a temporary file in the same
 folder, flushed, then renamed over the target), so an interrupted save never
@@ -134,15 +135,33 @@ def load_checkpoint(path_or_url: str | os.PathLike, model: nn.Module | None = No
                     config: DETRConfig | None = None, map_location: Any = "cpu") -> nn.Module:
     """Load DETR weights into `model` (strictly) and return it.
 
-    Without a model, one is built: from `config` if given, else from the
-    checkpoint's own config (fastdetr files), else inferred from the
-    state_dict's keys and shapes (official files; see `infer_config`).
+    Reads fastdetr's and the official DETR's files, and Hugging Face
+    transformers' `DetrForObjectDetection` weights (`fastdetr.hub`): a
+    `model.safetensors` or `pytorch_model.bin`, or the save_pretrained
+    directory holding one, in either key layout. Without a model, one is built:
+    from `config` if given, else from the checkpoint's own config (fastdetr
+    files) or the config.json beside transformers' weights, else inferred from
+    the state_dict's keys and shapes (official files; see `infer_config`).
     A mismatch raises CheckpointError naming the missing and unexpected keys
     and the differing shapes.
     """
+    from . import hub
+
     source = str(path_or_url)
-    checkpoint = _read(path_or_url, map_location)
+    weights = None if re.match(r"^https?://", source) else hub.weight_file(Path(source))
+    if weights is not None and weights.suffix == ".safetensors":
+        source = str(weights)
+        checkpoint: Any = hub.read_safetensors(weights, map_location)
+    else:
+        source = source if weights is None else str(weights)
+        checkpoint = _read(source, map_location)
     state_dict = extract_state_dict(checkpoint, source)
+    if hub.is_transformers_state_dict(state_dict):
+        if model is None and config is None and weights is not None:
+            hf_config = hub.read_config_beside(weights)
+            if hf_config is not None:
+                config = hub.config_from_transformers(hf_config, str(weights.parent / "config.json"))
+        state_dict = hub.from_transformers(state_dict, source)
     if model is None:
         if config is None and isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict):
             config = DETRConfig.from_dict(checkpoint["config"])

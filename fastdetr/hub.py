@@ -1,0 +1,241 @@
+"""Hugging Face transformers' DETR checkpoints, read into fastdetr's (the official DETR's) layout.
+
+The hub's facebook/detr-resnet-50, Table Transformer and their fine-tunes are
+`DetrForObjectDetection` files: `model.safetensors` or `pytorch_model.bin`
+beside a `config.json`. `fastdetr.load_checkpoint` reads them through this
+module: `is_transformers_state_dict` recognises the layout, `from_transformers`
+renames the keys (and packs q, k, v into `in_proj_weight` as [q; k; v]), and
+`config_from_transformers` turns the config.json into a `DETRConfig`.
+
+Two key layouts exist, both read:
+- what `save_pretrained` writes, in transformers 4.x and 5.x alike (the layout
+  of every hub file): `model.backbone.conv_encoder.model.*`, `self_attn.out_proj`,
+  `fc1` / `fc2` on the layer;
+- what a live transformers 5 model's `state_dict()` returns:
+  `model.backbone.model.*`, `self_attn.o_proj`, `mlp.fc1` / `mlp.fc2`.
+The backbone's names are timm's ResNet (torchvision's names, kept as they are)
+or transformers' own `ResNetBackbone` (`embedder.embedder.*`,
+`encoder.stages.{s}.layers.{b}.layer.{k}.*`, `shortcut.*`), renamed to
+torchvision's. The rest maps one to one: `input_projection` -> `input_proj`,
+`query_position_embeddings` -> `query_embed`, `class_labels_classifier` ->
+`class_embed`, `bbox_predictor` -> `bbox_embed`, the layer norms by position
+(encoder: `self_attn_layer_norm` norm1, `final_layer_norm` norm2; decoder: norm1,
+`encoder_attn_layer_norm` norm2, `final_layer_norm` norm3), `encoder_attn` ->
+`multihead_attn`, `decoder.layernorm` -> `transformer.decoder.norm`.
+
+transformers' `pixel_mask` is 1 on valid pixels; fastdetr's mask is True on padding.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import DETRConfig
+
+# the files save_pretrained writes, in the order they are looked for in a directory
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+_BACKBONE_PREFIXES = ("model.backbone.conv_encoder.model.", "model.backbone.model.")
+_HF_RESNET_STEM = {"embedder.embedder.convolution.": "conv1.", "embedder.embedder.normalization.": "bn1."}
+_HF_RESNET_BLOCK = re.compile(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)")
+_ATTENTION_RENAMES = {"o_proj.": "out_proj.", "out_proj.": "out_proj."}
+_ENCODER_NORMS = {"self_attn_layer_norm.": "norm1.", "final_layer_norm.": "norm2."}
+_DECODER_NORMS = {"self_attn_layer_norm.": "norm1.", "encoder_attn_layer_norm.": "norm2.",
+                  "final_layer_norm.": "norm3."}
+_FFN = {"fc1.": "linear1.", "fc2.": "linear2.", "mlp.fc1.": "linear1.", "mlp.fc2.": "linear2."}
+_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
+_TIMM_NAMES = {"resnet50": "resnet50", "resnet101": "resnet101", "resnet-50": "resnet50", "resnet-101": "resnet101"}
+
+
+def is_transformers_state_dict(state_dict: dict[str, Tensor]) -> bool:
+    """Whether the keys are a transformers DETR-for-detection model's (either layout)."""
+    return "class_labels_classifier.weight" in state_dict and any(key.startswith("model.") for key in state_dict)
+
+
+def _backbone_key(name: str, source: str) -> str:
+    """A backbone parameter's name inside timm's or transformers' ResNet -> torchvision's."""
+    for hf_prefix, tv_prefix in _HF_RESNET_STEM.items():
+        if name.startswith(hf_prefix):
+            return tv_prefix + name[len(hf_prefix):]
+    block = _HF_RESNET_BLOCK.fullmatch(name)
+    if block is None:
+        return name   # timm's ResNet names are torchvision's
+    stage, index, rest = int(block.group(1)), block.group(2), block.group(3)
+    prefix = f"layer{stage + 1}.{index}."
+    if rest.startswith("shortcut.convolution."):
+        return prefix + "downsample.0." + rest[len("shortcut.convolution."):]
+    if rest.startswith("shortcut.normalization."):
+        return prefix + "downsample.1." + rest[len("shortcut.normalization."):]
+    conv = re.fullmatch(r"layer\.(\d+)\.(convolution|normalization)\.(.+)", rest)
+    if conv is None:
+        raise KeyError(f"{source}: backbone key {name!r} is not a ResNet parameter fastdetr knows")
+    kind = "conv" if conv.group(2) == "convolution" else "bn"
+    return f"{prefix}{kind}{int(conv.group(1)) + 1}.{conv.group(3)}"
+
+
+def _rename(rest: str, renames: dict[str, str]) -> str | None:
+    for old, new in renames.items():
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return None
+
+
+def _layer_key(stack: str, rest: str, source: str) -> str | None:
+    """`encoder.layers.{i}.` / `decoder.layers.{i}.` suffixes; None for q/k/v projections (packed apart)."""
+    for attention, target in (("self_attn.", "self_attn."), ("encoder_attn.", "multihead_attn.")):
+        if rest.startswith(attention):
+            inner = rest[len(attention):]
+            if inner.startswith(("q_proj.", "k_proj.", "v_proj.")):
+                return None
+            renamed = _rename(inner, _ATTENTION_RENAMES)
+            if renamed is not None:
+                return target + renamed
+    renamed = _rename(rest, _ENCODER_NORMS if stack == "encoder" else _DECODER_NORMS) or _rename(rest, _FFN)
+    if renamed is None:
+        raise KeyError(f"{source}: {stack} layer key {rest!r} is not a DETR layer parameter")
+    return renamed
+
+
+def from_transformers(state_dict: dict[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
+    """transformers' `DetrForObjectDetection` state_dict (module docstring's layouts) -> the official layout.
+
+    Raises CheckpointError naming the first key that fits neither layout, or a layer whose q, k, v are
+    incomplete.
+    """
+    from .checkpoint import CheckpointError
+
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}   # (official attention prefix, weight|bias) -> {q, k, v}
+    simple = {"model.input_projection.": "input_proj.", "model.query_position_embeddings.": "query_embed.",
+              "class_labels_classifier.": "class_embed.", "bbox_predictor.": "bbox_embed.",
+              "model.decoder.layernorm.": "transformer.decoder.norm.",
+              "model.backbone.position_embedding.row_embeddings.": "backbone.1.row_embed.",
+              "model.backbone.position_embedding.column_embeddings.": "backbone.1.col_embed.",
+              "model.position_embedding.row_embeddings.": "backbone.1.row_embed.",
+              "model.position_embedding.column_embeddings.": "backbone.1.col_embed."}
+    layer_key = re.compile(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)")
+    try:
+        for key, tensor in state_dict.items():
+            if key.endswith("num_batches_tracked"):
+                continue
+            backbone = next((p for p in _BACKBONE_PREFIXES if key.startswith(p)), None)
+            if backbone is not None:
+                out["backbone.0.body." + _backbone_key(key[len(backbone):], source)] = tensor
+                continue
+            renamed = _rename(key, simple)
+            if renamed is not None:
+                out[renamed] = tensor
+                continue
+            layer = layer_key.fullmatch(key)
+            if layer is None:
+                raise KeyError(f"{source}: key {key!r} is not part of a transformers DETR-for-detection model")
+            stack, index, rest = layer.groups()
+            prefix = f"transformer.{stack}.layers.{index}."
+            target = _layer_key(stack, rest, source)
+            if target is not None:
+                out[prefix + target] = tensor
+                continue
+            attention, projection, kind = rest.split(".")          # e.g. self_attn, q_proj, weight
+            official = prefix + ("self_attn" if attention == "self_attn" else "multihead_attn")
+            qkv.setdefault((official, kind), {})[projection[0]] = tensor
+    except KeyError as error:
+        raise CheckpointError(error.args[0]) from None
+    for (official, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{source}: {official} has {sorted(parts)} projections' {kind}, "
+                                  f"not all of q, k and v")
+        out[f"{official}.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def config_from_transformers(config: dict[str, Any], source: str = "config.json") -> DETRConfig:
+    """A `DETRConfig` from a transformers DetrConfig's dict (its config.json).
+
+    ResNet-50 / -101 from `backbone` (timm) or `backbone_config.depths` (transformers' ResNet), `dilation`,
+    the class count (`num_labels`, else `id2label`), widths, layers, heads, queries, dropout, position
+    embedding and auxiliary loss. A configuration fastdetr's DETR cannot express (another activation than
+    ReLU, another backbone) raises CheckpointError naming the field.
+    """
+    from .checkpoint import CheckpointError
+
+    def field(name: str, default: Any = None) -> Any:
+        return config.get(name, default)
+
+    if field("activation_function", "relu") != "relu":
+        raise CheckpointError(f"{source}: activation_function {field('activation_function')!r}: fastdetr's DETR "
+                              f"has ReLU FFNs only")
+    backbone_config = field("backbone_config") or {}
+    if field("use_timm_backbone", True) and not backbone_config:
+        backbone = _TIMM_NAMES.get(str(field("backbone", "resnet50")))
+    else:
+        backbone = _DEPTHS.get(tuple(backbone_config.get("depths", ())))
+        if backbone_config.get("layer_type", "bottleneck") != "bottleneck" or backbone_config.get(
+                "downsample_in_bottleneck", False):
+            backbone = None
+    if backbone is None:
+        raise CheckpointError(f"{source}: backbone {field('backbone')!r} / {backbone_config or None} is not a "
+                              f"ResNet-50 or ResNet-101 in torchvision's form")
+    labels = field("num_labels", len(field("id2label") or {}) or 91)
+    heads = field("encoder_attention_heads", 8)
+    if field("decoder_attention_heads", heads) != heads or field("decoder_ffn_dim", None) not in (
+            None, field("encoder_ffn_dim", 2048)):
+        raise CheckpointError(f"{source}: encoder and decoder differ in heads or FFN width; fastdetr's DETR "
+                              f"shares them")
+    return DETRConfig(
+        num_classes=int(labels),
+        backbone=backbone,
+        dilation=bool(field("dilation", False)),
+        position_embedding=str(field("position_embedding_type", "sine")),
+        hidden_dim=int(field("d_model", 256)),
+        nheads=int(heads),
+        enc_layers=int(field("encoder_layers", 6)),
+        dec_layers=int(field("decoder_layers", 6)),
+        dim_feedforward=int(field("encoder_ffn_dim", 2048)),
+        dropout=float(field("dropout", 0.1)),
+        num_queries=int(field("num_queries", 100)),
+        aux_loss=bool(field("auxiliary_loss", False)),
+    )
+
+
+def weight_file(path: Path) -> Path:
+    """The weights of a save_pretrained directory (`WEIGHT_FILES`, first found), or `path` itself."""
+    if not path.is_dir():
+        return path
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path}: a directory without {' or '.join(WEIGHT_FILES)}")
+
+
+def read_safetensors(path: Path, map_location: Any) -> dict[str, Tensor]:
+    """A .safetensors file's tensors (the `safetensors` package, which transformers installs)."""
+    from .checkpoint import CheckpointError
+
+    try:
+        from safetensors.torch import load_file
+    except ImportError as error:
+        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package "
+                              f"(pip install safetensors)") from error
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        return load_file(str(path), device=device)
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from error
+
+
+def read_config_beside(path: Path) -> dict[str, Any] | None:
+    """The config.json in the weights' directory, or None."""
+    config = path.parent / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(f"{config}: not a readable JSON config: {error}") from error

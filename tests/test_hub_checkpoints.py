@@ -1,0 +1,147 @@
+"""transformers' DETR checkpoints read by `fastdetr.load_checkpoint`: the key renaming against the reference
+key lists (timm ResNet-50, 91 labels; transformers 4.57.6 and 5.24.0 write the same names), and whole models
+built offline with transformers' own ResNet (timm needs torchvision, which does not install beside the CPU
+torch wheel), saved with save_pretrained and loaded by fastdetr: the same outputs on a padded batch."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdetr
+from fastdetr.checkpoint import CheckpointError
+from fastdetr.hub import from_transformers, is_transformers_state_dict
+from fastdetr.reference.detr import DETR
+
+# copies of shared/reference's key lists (read off transformers 4.57.6 and 5.24.0 with save_pretrained)
+REFERENCE = Path(__file__).resolve().parent / "fixtures"
+
+
+def _key_list(name: str) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for line in (REFERENCE / name).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape = line.split("\t")
+        shapes[key] = tuple(int(n) for n in re.findall(r"\d+", shape))
+    return shapes
+
+
+def _random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("fixture", ["hf_detr_resnet50_keys_transformers4.txt",
+                                     "hf_detr_resnet50_keys_transformers5.txt"])
+def test_the_hub_layout_renames_onto_detr_r50_exactly(fixture):
+    """Every key of a hub DETR-R50 file lands on a key of fastdetr's DETR-R50 with its shape; none is left."""
+    hf = _random_state_dict(_key_list(fixture))
+    assert is_transformers_state_dict(hf)
+    official = from_transformers(hf, fixture)
+    model = DETR(fastdetr.DETRConfig(num_classes=91, aux_loss=False))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert {k: tuple(v.shape) for k, v in official.items()} == expected
+    prefix = "model.decoder.layers.3.encoder_attn."
+    packed = official["transformer.decoder.layers.3.multihead_attn.in_proj_weight"]
+    assert torch.equal(packed, torch.cat([hf[prefix + "q_proj.weight"], hf[prefix + "k_proj.weight"],
+                                          hf[prefix + "v_proj.weight"]]))
+    assert torch.equal(official["backbone.0.body.layer3.0.downsample.1.running_var"],
+                       hf["model.backbone.conv_encoder.model.layer3.0.downsample.1.running_var"])
+    assert torch.equal(official["transformer.decoder.layers.5.norm3.weight"],
+                       hf["model.decoder.layers.5.final_layer_norm.weight"])
+
+
+def test_a_foreign_key_is_named():
+    hf = _random_state_dict(_key_list("hf_detr_resnet50_keys_transformers5.txt"))
+    hf["model.encoder.layers.0.self_attn.rotary.weight"] = torch.ones(2)
+    with pytest.raises(CheckpointError, match="rotary"):
+        from_transformers(hf)
+    del hf["model.encoder.layers.0.self_attn.rotary.weight"]
+    del hf["model.encoder.layers.0.self_attn.k_proj.bias"]
+    with pytest.raises(CheckpointError, match=r"encoder.layers.0.self_attn has \['q', 'v'\]"):
+        from_transformers(hf)
+
+
+def _hf_model(position_embedding: str = "sine", seed: int = 0):
+    pytest.importorskip("transformers", reason="transformers is a dev dependency (the conversion tests)")
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    torch.manual_seed(seed)
+    config = DetrConfig(use_timm_backbone=False, backbone=None, use_pretrained_backbone=False,
+                        backbone_config=ResNetConfig(out_features=["stage4"]), d_model=64, encoder_layers=2,
+                        decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                        encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=7, num_labels=5,
+                        position_embedding_type=position_embedding)
+    model = DetrForObjectDetection(config).eval()
+    with torch.no_grad():   # move the frozen BatchNorms off identity, so the backbone's mapping is exercised
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    return model
+
+
+def _padded_batch(seed: int = 1):
+    """Two images of different sizes, padded to one batch: (pixel_values, pixel_mask 1 = valid)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(2, 3, 96, 128, generator=generator)
+    pixel_mask = torch.ones(2, 96, 128, dtype=torch.long)
+    pixel_mask[1, 64:, :] = 0
+    pixel_mask[1, :, 96:] = 0
+    pixel_values[1] *= pixel_mask[1]
+    return pixel_values, pixel_mask
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("position_embedding", ["sine", "learned"])
+def test_save_pretrained_files_load_and_give_transformers_outputs(tmp_path, weights, position_embedding):
+    hf = _hf_model(position_embedding)
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    if weights == "pytorch_model.bin":
+        # what transformers 4.x wrote by default (5.x writes safetensors only): the same tensors, torch.save'd
+        from safetensors.torch import load_file
+
+        torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / weights)
+        (tmp_path / "model.safetensors").unlink()
+    model = fastdetr.load_checkpoint(tmp_path).eval()
+    assert model.config.num_classes == 5 and model.config.num_queries == 7 and model.config.hidden_dim == 64
+    assert model.config.position_embedding == position_embedding
+    pixel_values, pixel_mask = _padded_batch()
+    with torch.no_grad():
+        expected = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        actual = model((pixel_values, pixel_mask == 0))
+    assert (actual["pred_logits"] - expected.logits).abs().max().item() < 1e-5
+    assert (actual["pred_boxes"] - expected.pred_boxes).abs().max().item() < 1e-5
+
+
+def test_a_live_transformers_5_state_dict_loads_into_a_given_model(tmp_path):
+    """The in-memory layout (model.backbone.model.*, o_proj, mlp.fc1) saved as a bare state_dict file."""
+    hf = _hf_model(seed=3)
+    state_dict = hf.state_dict()
+    assert any(".o_proj." in key for key in state_dict) and any(".mlp.fc1." in key for key in state_dict)
+    torch.save(state_dict, tmp_path / "live.pt")
+    model = DETR(fastdetr.DETRConfig(num_classes=5, hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,
+                                     dim_feedforward=128, num_queries=7, aux_loss=False)).eval()
+    assert fastdetr.load_checkpoint(tmp_path / "live.pt", model) is model
+    pixel_values, pixel_mask = _padded_batch(seed=4)
+    with torch.no_grad():
+        expected = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        actual = model((pixel_values, pixel_mask == 0))
+    assert (actual["pred_logits"] - expected.logits).abs().max().item() < 1e-5
+
+
+def test_an_unsupported_config_is_named(tmp_path):
+    hf = _hf_model()
+    hf.config.activation_function = "gelu"
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="activation_function 'gelu'"):
+        fastdetr.load_checkpoint(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
+        fastdetr.load_checkpoint(empty)
