@@ -173,6 +173,11 @@ def load_checkpoint(path_or_url: str | os.PathLike, model: nn.Module | None = No
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file beside `path`, fsync, then rename over `path`."""
+    return atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> Path:
+    """`write(file)` into a temporary file beside `path` (binary), fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -182,7 +187,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         os.umask(umask)
         os.fchmod(handle, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp_name, path)
@@ -193,18 +198,55 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, format: str = "fastdetr",
+                    transformers_backbone: str = "timm", **extra: Any) -> Path:
     """Write `{"model": state_dict, "config": ..., "format_version": FORMAT_VERSION, **extra}` atomically.
 
     `extra` entries (optimizer state, epoch, ...) must be tensors or plain
     containers so that weights_only loading reads them back.
+
+    format="transformers": `path` is a directory, written as Hugging Face's
+    save_pretrained writes a `DetrForObjectDetection` (model.safetensors in the
+    hub layout and config.json, each file atomically; `fastdetr.hub`), which
+    `DetrForObjectDetection.from_pretrained(path)` loads offline.
+    transformers_backbone: "timm" (the hub's own kind; loading needs timm) or
+    "transformers" (transformers' ResNet; loads without timm).
     """
+    if format == "transformers":
+        if extra:
+            raise ValueError(f"save_checkpoint(format='transformers') writes the model only; got {sorted(extra)}")
+        return _save_transformers(Path(path), model, transformers_backbone)
+    if format != "fastdetr":
+        raise ValueError(f"save_checkpoint: format must be 'fastdetr' or 'transformers'; got {format!r}")
     checkpoint: dict[str, Any] = {"model": model.state_dict(), "format_version": FORMAT_VERSION}
     config = getattr(model, "config", None)
     if isinstance(config, DETRConfig):
         checkpoint["config"] = config.to_dict()
     checkpoint.update(extra)
     return atomic_save(checkpoint, path)
+
+
+def _save_transformers(directory: Path, model: nn.Module, backbone: str) -> Path:
+    import json
+
+    from . import hub
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, DETRConfig):
+        raise ValueError("save_checkpoint(format='transformers') needs a fastdetr DETR (its .config)")
+    try:
+        from safetensors.torch import save as safetensors_bytes
+    except ImportError as error:
+        raise CheckpointError("writing transformers' format needs the safetensors package "
+                              "(pip install safetensors)") from error
+    hf_config = hub.transformers_config(config, backbone)
+    tensors = {key: tensor.detach().contiguous().cpu()
+               for key, tensor in hub.to_transformers(model.state_dict(), backbone).items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    data = safetensors_bytes(tensors, metadata={"format": "pt"})
+    atomic_write(directory / "model.safetensors", lambda file: file.write(data))
+    atomic_write(directory / "config.json", lambda file: file.write(json.dumps(hf_config, indent=2).encode()))
+    return directory
 
 
 class _Stateful(Protocol):

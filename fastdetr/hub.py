@@ -1,4 +1,4 @@
-"""Hugging Face transformers' DETR checkpoints, read into fastdetr's (the official DETR's) layout.
+"""Hugging Face transformers' DETR checkpoints, read into fastdetr's (the official DETR's) layout and back.
 
 The hub's facebook/detr-resnet-50, Table Transformer and their fine-tunes are
 `DetrForObjectDetection` files: `model.safetensors` or `pytorch_model.bin`
@@ -22,6 +22,10 @@ torchvision's. The rest maps one to one: `input_projection` -> `input_proj`,
 (encoder: `self_attn_layer_norm` norm1, `final_layer_norm` norm2; decoder: norm1,
 `encoder_attn_layer_norm` norm2, `final_layer_norm` norm3), `encoder_attn` ->
 `multihead_attn`, `decoder.layernorm` -> `transformer.decoder.norm`.
+
+The way back, `to_transformers` and `transformers_config`, is what
+`fastdetr.save_checkpoint(..., format="transformers")` writes: the hub layout,
+the backbone in timm's names or transformers' ResNet's.
 
 transformers' `pixel_mask` is 1 on valid pixels; fastdetr's mask is True on padding.
 """
@@ -239,3 +243,114 @@ def read_config_beside(path: Path) -> dict[str, Any] | None:
         from .checkpoint import CheckpointError
 
         raise CheckpointError(f"{config}: not a readable JSON config: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# fastdetr -> transformers
+# ---------------------------------------------------------------------------------------------
+
+BACKBONE_FORMATS = ("timm", "transformers")
+_RESNET_DEPTHS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
+
+
+def _to_hf_resnet(name: str) -> str:
+    """torchvision's ResNet parameter name -> transformers' ResNetBackbone's (the inverse of `_backbone_key`)."""
+    for hf_prefix, tv_prefix in _HF_RESNET_STEM.items():
+        if name.startswith(tv_prefix):
+            return hf_prefix + name[len(tv_prefix):]
+    block = re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", name)
+    if block is None:
+        raise KeyError(f"backbone key {name!r} is not a ResNet parameter")
+    stage, index, rest = int(block.group(1)) - 1, block.group(2), block.group(3)
+    prefix = f"encoder.stages.{stage}.layers.{index}."
+    for tv, hf in (("downsample.0.", "shortcut.convolution."), ("downsample.1.", "shortcut.normalization.")):
+        if rest.startswith(tv):
+            return prefix + hf + rest[len(tv):]
+    conv = re.fullmatch(r"(conv|bn)(\d)\.(.+)", rest)
+    if conv is None:
+        raise KeyError(f"backbone key {name!r} is not a ResNet parameter")
+    kind = "convolution" if conv.group(1) == "conv" else "normalization"
+    return f"{prefix}layer.{int(conv.group(2)) - 1}.{kind}.{conv.group(3)}"
+
+
+def to_transformers(state_dict: dict[str, Tensor], backbone: str = "timm") -> dict[str, Tensor]:
+    """fastdetr's (the official) DETR state_dict -> the hub layout `save_pretrained` writes (`from_transformers`
+    reversed): in_proj split into q, k, v; the backbone in timm's names (`backbone="timm"`, the hub's
+    facebook/detr-resnet-50 kind) or transformers' ResNet's (`"transformers"`, loadable without timm)."""
+    if backbone not in BACKBONE_FORMATS:
+        raise ValueError(f"backbone must be one of {BACKBONE_FORMATS}; got {backbone!r}")
+    inverse = {"input_proj.": "model.input_projection.", "query_embed.": "model.query_position_embeddings.",
+               "class_embed.": "class_labels_classifier.", "bbox_embed.": "bbox_predictor.",
+               "transformer.decoder.norm.": "model.decoder.layernorm.",
+               "backbone.1.row_embed.": "model.backbone.position_embedding.row_embeddings.",
+               "backbone.1.col_embed.": "model.backbone.position_embedding.column_embeddings."}
+    norms = {"encoder": {v: k for k, v in _ENCODER_NORMS.items()}, "decoder": {v: k for k, v in _DECODER_NORMS.items()}}
+    ffn = {"linear1.": "fc1.", "linear2.": "fc2."}
+    layer_key = re.compile(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)")
+    out: dict[str, Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key.startswith("backbone.0.body."):
+            name = key[len("backbone.0.body."):]
+            out["model.backbone.conv_encoder.model." + (name if backbone == "timm" else _to_hf_resnet(name))] = tensor
+            continue
+        renamed = _rename(key, inverse)
+        if renamed is not None:
+            out[renamed] = tensor
+            continue
+        layer = layer_key.fullmatch(key)
+        if layer is None:
+            raise KeyError(f"key {key!r} is not part of fastdetr's DETR")
+        stack, index, rest = layer.groups()
+        prefix = f"model.{stack}.layers.{index}."
+        attention = re.fullmatch(r"(self_attn|multihead_attn)\.(.+)", rest)
+        if attention is not None:
+            hf_attention = "self_attn." if attention.group(1) == "self_attn" else "encoder_attn."
+            inner = attention.group(2)
+            packed = re.fullmatch(r"in_proj_(weight|bias)", inner)
+            if packed is None:
+                out[prefix + hf_attention + inner] = tensor
+                continue
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3)):
+                out[f"{prefix}{hf_attention}{name}.{packed.group(1)}"] = part.contiguous()
+            continue
+        renamed = _rename(rest, norms[stack]) or _rename(rest, ffn)
+        if renamed is None:
+            raise KeyError(f"key {key!r} is not part of fastdetr's DETR")
+        out[prefix + renamed] = tensor
+    return out
+
+
+def transformers_config(config: DETRConfig, backbone: str = "timm") -> dict[str, Any]:
+    """The config.json of a transformers `DetrForObjectDetection` equal to a fastdetr DETR of `config`
+    (fields transformers leaves at its defaults are left out). Raises ValueError for what it cannot hold."""
+    if backbone not in BACKBONE_FORMATS:
+        raise ValueError(f"backbone must be one of {BACKBONE_FORMATS}; got {backbone!r}")
+    if config.backbone not in _RESNET_DEPTHS:
+        raise ValueError(f"transformers' DETR takes ResNet-50 or ResNet-101 here; got {config.backbone!r}")
+    if config.pre_norm or config.activation != "relu" or config.backbone_width != 64 or not config.frozen_batchnorm:
+        raise ValueError("transformers' DETR is post-norm, ReLU, a standard-width ResNet with frozen BatchNorm: "
+                         f"pre_norm={config.pre_norm}, activation={config.activation!r}, "
+                         f"backbone_width={config.backbone_width}, frozen_batchnorm={config.frozen_batchnorm}")
+    if backbone == "transformers" and config.dilation:
+        raise ValueError("a dilated (DC5) backbone is written with backbone='timm' only")
+    out: dict[str, Any] = {
+        "model_type": "detr", "architectures": ["DetrForObjectDetection"],
+        "num_labels": config.num_classes, "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_classes)},
+        "label2id": {f"LABEL_{i}": i for i in range(config.num_classes)},
+        "d_model": config.hidden_dim, "encoder_layers": config.enc_layers, "decoder_layers": config.dec_layers,
+        "encoder_attention_heads": config.nheads, "decoder_attention_heads": config.nheads,
+        "encoder_ffn_dim": config.dim_feedforward, "decoder_ffn_dim": config.dim_feedforward,
+        "num_queries": config.num_queries, "dropout": config.dropout, "activation_function": "relu",
+        "position_embedding_type": config.position_embedding, "dilation": config.dilation,
+        "auxiliary_loss": config.aux_loss, "use_pretrained_backbone": False,
+    }
+    if backbone == "timm":
+        out.update(use_timm_backbone=True, backbone=config.backbone, backbone_config=None)
+    else:
+        out.update(use_timm_backbone=False, backbone=None, backbone_config={
+            "model_type": "resnet", "depths": _RESNET_DEPTHS[config.backbone], "layer_type": "bottleneck",
+            "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 64, "out_features": ["stage4"],
+            "downsample_in_bottleneck": False})
+    return out

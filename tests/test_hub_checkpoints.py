@@ -145,3 +145,66 @@ def test_an_unsupported_config_is_named(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
         fastdetr.load_checkpoint(empty)
+
+
+# ---------------------------------------------------------------------------------------------
+# fastdetr -> transformers
+# ---------------------------------------------------------------------------------------------
+
+def _fastdetr_model(seed: int = 5, **overrides) -> DETR:
+    torch.manual_seed(seed)
+    settings = dict(num_classes=5, hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
+                    num_queries=7, aux_loss=False)
+    model = DETR(fastdetr.DETRConfig(**{**settings, **overrides})).eval()
+    with torch.no_grad():   # frozen BatchNorms off identity, so the backbone's mapping is exercised
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    return model
+
+
+def test_detr_r50_writes_the_hub_layout_exactly_and_reads_back_bit_for_bit():
+    from fastdetr.hub import to_transformers
+
+    model = DETR(fastdetr.DETRConfig(num_classes=91, aux_loss=False))
+    official = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    hub_layout = to_transformers(official)
+    expected = _key_list("hf_detr_resnet50_keys_transformers5.txt")
+    assert {k: tuple(v.shape) for k, v in hub_layout.items()} == expected
+    back = from_transformers(hub_layout)
+    assert back.keys() == official.keys() and all(torch.equal(back[k], official[k]) for k in official)
+
+
+def test_saved_in_transformers_format_from_pretrained_gives_fastdetr_outputs(tmp_path):
+    pytest.importorskip("transformers", reason="transformers is a dev dependency (the conversion tests)")
+    from transformers import DetrForObjectDetection
+
+    model = _fastdetr_model()
+    assert fastdetr.save_checkpoint(tmp_path, model, format="transformers",
+                                    transformers_backbone="transformers") == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    hf = DetrForObjectDetection.from_pretrained(tmp_path).eval()     # offline: a local directory
+    pixel_values, pixel_mask = _padded_batch(seed=6)
+    with torch.no_grad():
+        expected = model((pixel_values, pixel_mask == 0))
+        actual = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    assert (actual.logits - expected["pred_logits"]).abs().max().item() < 1e-5
+    assert (actual.pred_boxes - expected["pred_boxes"]).abs().max().item() < 1e-5
+    reloaded = fastdetr.load_checkpoint(tmp_path)
+    assert reloaded.config == model.config
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_transformers_format_refuses_what_it_cannot_hold(tmp_path):
+    model = _fastdetr_model()
+    with pytest.raises(ValueError, match="writes the model only"):
+        fastdetr.save_checkpoint(tmp_path, model, format="transformers", epoch=3)
+    with pytest.raises(ValueError, match="format must be"):
+        fastdetr.save_checkpoint(tmp_path / "x.pth", model, format="onnx")
+    with pytest.raises(ValueError, match="post-norm"):
+        fastdetr.save_checkpoint(tmp_path, _fastdetr_model(pre_norm=True), format="transformers")
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        fastdetr.save_checkpoint(tmp_path, model, format="transformers", transformers_backbone="torchvision")
+    assert not any(tmp_path.iterdir())   # nothing half-written
