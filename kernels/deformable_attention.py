@@ -428,7 +428,7 @@ def _msda_query_fwd_kernel(
         width = tl.load(Shapes_ptr + 2 * level + 1)
         start = tl.load(Starts_ptr + level)
         ref_x, ref_y, scale_x, scale_y = _level_reference(Ref_ptr, ref_rows, level, height, width,
-                                                                num_points, row_ok, BOX)
+                                                          num_points, row_ok, BOX)
         for point in range(0, num_points):
             column = (head * num_levels + level) * num_points + point
             logit, _, _, loc_x, loc_y = _query_sample(Off_ptr, off_rows, Logit_ptr, logit_rows, column, ref_x,
@@ -481,7 +481,7 @@ def _msda_query_bwd_kernel(
         width = tl.load(Shapes_ptr + 2 * level + 1)
         start = tl.load(Starts_ptr + level)
         ref_x, ref_y, scale_x, scale_y = _level_reference(Ref_ptr, ref_rows, level, height, width,
-                                                                num_points, row_ok, BOX)
+                                                          num_points, row_ok, BOX)
         grad_ref_x = tl.zeros([BLOCK_Q], tl.float32)
         grad_ref_y = tl.zeros([BLOCK_Q], tl.float32)
         grad_ref_w = tl.zeros([BLOCK_Q], tl.float32)

@@ -75,8 +75,12 @@ def _hf_model(position_embedding: str = "sine", seed: int = 0):
                         decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
                         encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=7, num_labels=5,
                         position_embedding_type=position_embedding)
-    model = DetrForObjectDetection(config).eval()
-    with torch.no_grad():   # move the frozen BatchNorms off identity, so the backbone's mapping is exercised
+    return _perturb_frozen_batchnorm(DetrForObjectDetection(config).eval())
+
+
+def _perturb_frozen_batchnorm(model):
+    """Move the frozen BatchNorms' statistics off identity, so the backbone's mapping is exercised."""
+    with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name.endswith("running_mean"):
                 buffer.normal_(0, 0.1)
@@ -155,14 +159,7 @@ def _fastdetr_model(seed: int = 5, **overrides) -> DETR:
     torch.manual_seed(seed)
     settings = dict(num_classes=5, hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
                     num_queries=7, aux_loss=False)
-    model = DETR(fastdetr.DETRConfig(**{**settings, **overrides})).eval()
-    with torch.no_grad():   # frozen BatchNorms off identity, so the backbone's mapping is exercised
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                buffer.uniform_(0.5, 1.5)
-    return model
+    return _perturb_frozen_batchnorm(DETR(fastdetr.DETRConfig(**{**settings, **overrides})).eval())
 
 
 def test_detr_r50_writes_the_hub_layout_exactly_and_reads_back_bit_for_bit():
