@@ -35,6 +35,7 @@ setup(
             "matplotlib",
             "ruff",
             "transformers",  # tests/test_convert_deformable.py builds its Deformable DETR and RT-DETR models
+            "accelerate",    # transformers.Trainer, in tests/test_hf_detr_optimize.py
         ],
     },
     entry_points={"console_scripts": ["fastdetr=fastdetr.cli:main"]},

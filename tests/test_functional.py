@@ -203,7 +203,8 @@ def test_optimize_is_the_function_and_lives_beside_the_classes_it_converts_to():
 def test_only_functional_asks_the_backend_in_the_nn_modules_and_the_matcher():
     """The nn modules and the matcher reach the kernels and the backend through fastdetr.nn.functional only."""
     for relative in ("fastdetr/nn/attention.py", "fastdetr/nn/transformer.py", "fastdetr/nn/convert.py",
-                     "fastdetr/nn/deformable_attention.py", "fastdetr/nn/hf.py", "fastdetr/matcher.py",
+                     "fastdetr/nn/deformable_attention.py", "fastdetr/nn/hf.py", "fastdetr/nn/hf_detr.py",
+                     "fastdetr/matcher.py",
                      "fastdetr/criterion.py"):
         below = [name for name in _imports(ROOT / relative)
                  if name.startswith(("fastdetr.kernels", "fastdetr.backend"))]

@@ -10,6 +10,9 @@ the same module object, the same Parameter objects (optimizer state stays
 valid), the same state_dict keys. The fused forwards read only the attributes
 checked here.
 
+Hugging Face transformers' (>= 5) `DetrEncoderLayer` / `DetrDecoderLayer` become subclasses of their
+own class running the same fused chain (`fastdetr.nn.hf_detr`).
+
 The MSDA modules, converted the same way (their sampling then runs
 `fastdetr.nn.functional.ms_deform_attn`):
 - Deformable DETR's official `MSDeformAttn` (its four Linears, d_model /
@@ -27,6 +30,7 @@ import logging
 
 from torch import Tensor, nn
 
+from fastdetr.nn import hf_detr
 from fastdetr.nn.deformable_attention import MultiScaleDeformableAttention
 from fastdetr.nn.hf import FusedRTDetrV2Attention, FusedSamplingCore, fused_subclass
 from fastdetr.nn.transformer import (
@@ -167,9 +171,21 @@ def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
     "discrete" sampling falls back to its own forward (fastdetr.nn.hf).
     inference: also put the model in eval mode (dropout off).
     """
-    converted, deformable = 0, {}
+    converted, deformable, transformers_layers = 0, {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, (TransformerEncoderLayer, TransformerDecoderLayer)):
+        if isinstance(module, (TransformerEncoderLayer, TransformerDecoderLayer, hf_detr.FusedDetrEncoderLayer,
+                               hf_detr.FusedDetrDecoderLayer)):
+            continue
+        kind = None if "forward" in vars(module) else hf_detr.layer_kind(module)
+        if kind is not None:
+            mixin = hf_detr.FusedDetrEncoderLayer if kind == "encoder" else hf_detr.FusedDetrDecoderLayer
+            original = type(module).__name__
+            module.__class__ = fused_subclass(type(module), mixin)
+            transformers_layers[original] = transformers_layers.get(original, 0) + 1
+            reason = hf_detr.structure_supported(module, kind == "decoder")
+            if reason is not None:
+                logger.info("fastdetr.optimize: %s (%s) runs transformers' own forward: %s", name or "<root>",
+                            original, reason)
             continue
         msda = _msda_class(module)
         if msda is not None:
@@ -197,6 +213,9 @@ def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
             if target is not None:
                 module.__class__ = target
     logger.debug("fastdetr.optimize: converted %d transformer layers", converted)
+    if transformers_layers:
+        logger.info("fastdetr.optimize: converted %s transformers DETR layers (%s)", sum(transformers_layers.values()),
+                    ", ".join(f"{count} {kind}" for kind, count in sorted(transformers_layers.items())))
     if deformable:
         logger.info("fastdetr.optimize: converted %s deformable attention modules (%s)", sum(deformable.values()),
                     ", ".join(f"{count} {kind}" for kind, count in sorted(deformable.items())))
