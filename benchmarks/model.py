@@ -15,6 +15,16 @@ not depend on the values), images of 800 x 1216 and 768 x 1152 in one batch
   (a compile failure becomes an "error" row, with the reason in `unit`);
 - "fastdetr-bf16": `fastdetr.optimize(model)` under bf16 autocast, and the
   criterion's matcher on the GPU (`backend="auto"`).
+Case "transformers_detr_r50_finetune" (when transformers imports): transformers'
+`DetrForObjectDetection` (DETR-R50 with transformers' own ResNet-50, random
+weights, 91 labels) fine-tuning step at batch 4 under bf16 autocast: forward
+with labels (transformers' own loss and matcher), backward, gradient clipping
+at 0.1, AdamW; images of four sizes from DETR's augmentation scales, padded
+(pixel_mask). Providers "transformers-eager-bf16" (attn_implementation="eager"),
+"transformers-sdpa-bf16" (transformers' default) and
+"transformers+fastdetr-bf16" (the default model after `fastdetr.optimize`).
+Targets (stated, not asserted): at least 1.5x the faster of the two
+transformers providers, at most 0.6x its peak memory.
 Modes: "inference" (eval, no_grad: backbone, transformer, heads, PostProcess)
 and "train_step" (train mode: forward, SetCriterion with aux losses,
 backward, gradient clipping at 0.1, AdamW step). Inputs rotate over three
@@ -195,8 +205,14 @@ def measure(batch: int, device, env: dict, warmup: int = 25, rep: int = 100,
 
 
 def summary_markdown(rows: Sequence[dict]) -> str:
+    hf_section = transformers_summary(rows)
+    rows = [r for r in rows if r["case"] != HF_CASE]
     if not rows:
-        return "# DETR-R50 benchmark\n\nNo results.\n"
+        return "# DETR-R50 benchmark\n\nNo results.\n" + hf_section
+    return _detr_summary(rows) + hf_section
+
+
+def _detr_summary(rows: Sequence[dict]) -> str:
     last = rows[-1]
     value = {(r["provider"], r["mode"], r["metric"]): r for r in rows}
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
@@ -223,6 +239,138 @@ def summary_markdown(rows: Sequence[dict]) -> str:
     return "".join(out)
 
 
+# ---- transformers' DETR fine-tuning step ------------------------------------------------------
+
+HF_CASE = "transformers_detr_r50_finetune"
+HF_PROVIDERS = ("transformers-eager-bf16", "transformers-sdpa-bf16", "transformers+fastdetr-bf16")
+HF_MODE = "finetune_step"
+HF_BATCH = 4
+HF_IMAGE_SIZES = ((800, 1216), (736, 1088), (672, 1024), (608, 896))   # from DETR's augmentation scales
+HF_SPEEDUP_TARGET, HF_MEMORY_TARGET = 1.5, 0.6
+
+
+@dataclass(frozen=True)
+class HFScale:
+    """transformers' DetrConfig fields (and ResNetConfig's) and the images: DETR-R50, or tiny for a smoke run."""
+    config: tuple[tuple[str, object], ...]
+    resnet: tuple[tuple[str, object], ...]
+    image_sizes: tuple[tuple[int, int], ...]
+
+
+HF_R50 = HFScale((("num_labels", R50.num_classes),), (), HF_IMAGE_SIZES)
+HF_SMOKE = HFScale((("num_labels", 4), ("d_model", 64), ("encoder_layers", 1), ("decoder_layers", 1),
+                    ("encoder_attention_heads", 2), ("decoder_attention_heads", 2), ("encoder_ffn_dim", 96),
+                    ("decoder_ffn_dim", 96), ("num_queries", 6)),
+                   (("depths", [1, 1, 1, 1]), ("hidden_sizes", [8, 16, 32, 64]), ("embedding_size", 8)),
+                   ((64, 96), (80, 64)))
+
+
+def _hf_batches(batch: int, device, image_sizes, num_labels: int, count: int = 3) -> list[dict]:
+    """`count` padded batches in transformers' format: pixel_values, pixel_mask (1 = valid), labels."""
+    generator = torch.Generator().manual_seed(0)
+    height, width = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
+    batches = []
+    for index in range(count):
+        pixel_values = torch.zeros(batch, 3, height, width)
+        pixel_mask = torch.zeros(batch, height, width, dtype=torch.long)
+        labels = []
+        for i in range(batch):
+            h, w = image_sizes[(index + i) % len(image_sizes)]
+            pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+            pixel_mask[i, :h, :w] = 1
+            n = int(torch.randint(1, 31, (), generator=generator))
+            boxes = torch.cat([torch.rand(n, 2, generator=generator) * 0.6 + 0.2,
+                               torch.rand(n, 2, generator=generator) * 0.3 + 0.05], 1)
+            labels.append({"class_labels": torch.randint(0, num_labels, (n,), generator=generator).to(device),
+                           "boxes": boxes.to(device)})
+        batches.append(dict(pixel_values=pixel_values.to(device), pixel_mask=pixel_mask.to(device), labels=labels))
+    return batches
+
+
+def build_transformers(batch: int, device, providers: Sequence[str] = HF_PROVIDERS,
+                       scale: HFScale = HF_R50) -> dict[str, Callable[[], object]]:
+    """{provider: one fine-tuning step on the next batch of the rotation}."""
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    import fastdetr
+
+    settings = dict(use_timm_backbone=False, backbone=None, use_pretrained_backbone=False,
+                    backbone_config=ResNetConfig(out_features=["stage4"], **dict(scale.resnet)), **dict(scale.config))
+    labels = dict(scale.config).get("num_labels", R50.num_classes)
+    batches = _hf_batches(batch, device, scale.image_sizes, labels)
+    device_type = torch.device(device).type
+    steps = {}
+    for name in providers:
+        torch.manual_seed(0)
+        extra = {"attn_implementation": "eager"} if "eager" in name else {}
+        model = DetrForObjectDetection(DetrConfig(**settings, **extra)).to(device).train()
+        if "fastdetr" in name:
+            fastdetr.optimize(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+        rotation = itertools.cycle(batches)
+
+        def step(model=model, optimizer=optimizer, rotation=rotation):
+            inputs = next(rotation)
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                loss = model(**inputs).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            optimizer.step()
+            return loss
+
+        steps[name] = step
+    return steps
+
+
+def measure_transformers(batch: int, device, env: dict, warmup: int = 25, rep: int = 100,
+                         providers: Sequence[str] = HF_PROVIDERS, timer: Callable = time_ms,
+                         memory: Callable | None = peak_memory_mib, scale: HFScale = HF_R50) -> list[dict]:
+    """Rows of the transformers fine-tuning case: time (ms) and peak memory (MiB) per provider."""
+    sizes = " / ".join(f"{h}x{w}" for h, w in scale.image_sizes)
+    shape = f"transformers DetrForObjectDetection B={batch} images {sizes}"
+    rows = []
+    for name, step in build_transformers(batch, device, providers, scale).items():
+        step()   # compile / autotune outside the timed region
+        rows.append(dict(_row(name, HF_MODE, "time", "ms", shape, timer(step, warmup=warmup, rep=rep), env),
+                         case=HF_CASE))
+        if memory is not None:
+            peak = memory(step)
+            rows.append(dict(_row(name, HF_MODE, "peak_memory", "MiB", shape, (peak, peak, peak), env),
+                             case=HF_CASE))
+    return rows
+
+
+def transformers_summary(rows: Sequence[dict]) -> str:
+    """The fine-tuning case's section: times, peak memory, and the targets against the faster transformers
+    provider."""
+    value = {(r["provider"], r["metric"]): r["p50"] for r in rows if r["case"] == HF_CASE}
+    if not value:
+        return ""
+    providers = [p for p in HF_PROVIDERS if (p, "time") in value]
+    out = ["\n## transformers DETR-R50 fine-tuning step (bf16, batch 4)\n\n",
+           markdown_table(["metric"] + providers, [
+               [metric] + [f"{value[(p, metric)]:.1f}" if (p, metric) in value else "" for p in providers]
+               for metric in ("time", "peak_memory")])]
+    fused = "transformers+fastdetr-bf16"
+    baselines = [p for p in HF_PROVIDERS[:2] if (p, "time") in value]
+    goals = [f"at least {HF_SPEEDUP_TARGET}x the faster transformers provider's training step",
+             f"at most {HF_MEMORY_TARGET}x its peak memory"]
+    lines = []
+    if (fused, "time") in value and baselines:
+        fastest = min(baselines, key=lambda p: value[(p, "time")])
+        speedup = value[(fastest, "time")] / value[(fused, "time")]
+        lines.append([goals[0], f"{speedup:.2f}x vs {fastest}",
+                      "met" if speedup >= HF_SPEEDUP_TARGET else "not met"])
+        if (fused, "peak_memory") in value and (fastest, "peak_memory") in value:
+            ratio = value[(fused, "peak_memory")] / value[(fastest, "peak_memory")]
+            lines.append([goals[1], f"{ratio:.2f}x", "met" if ratio <= HF_MEMORY_TARGET else "not met"])
+        else:
+            lines.append([goals[1], "peak memory not measured", ""])
+    out.append("\n" + markdown_table(["target", "measured", ""], lines))
+    return "".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -236,6 +384,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     device = torch.device("cuda")
     rows = measure(args.batch, device, environment(device), args.warmup, args.rep)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print(f"skipped {HF_CASE}: transformers is not installed")
+    else:
+        rows += measure_transformers(HF_BATCH, device, environment(device), args.warmup, args.rep)
     for row in rows:
         print(f"  {row['provider']:<24} {row['mode']:<11} {row['metric']:<12} {row['p50']:10.2f} {row['unit']}")
     csv_path, md_path = write_results(rows, args.out, summary_markdown, append=args.append)

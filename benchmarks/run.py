@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -194,7 +195,10 @@ def run_model(env: dict, level: str) -> list[dict]:
     warmup, rep = (25, 250) if level == "quick" else (25, 1000)
     providers = ("reference-fp32", "reference-bf16", "fastdetr-bf16") if level == "quick" else model.PROVIDERS
     batch = 2 if level == "quick" else DETR_R50.batch
-    return model.measure(batch, torch.device("cuda"), env, warmup, rep, providers=providers)
+    rows = model.measure(batch, torch.device("cuda"), env, warmup, rep, providers=providers)
+    if level == "full" and importlib.util.find_spec("transformers") is not None:
+        rows += model.measure_transformers(model.HF_BATCH, torch.device("cuda"), env, warmup, rep)
+    return rows
 
 
 def run_matcher(env: dict, level: str) -> list[dict]:
@@ -240,7 +244,7 @@ def _suite_of(row: dict) -> str:
     case = row["case"]
     if case == "ceiling":
         return "ceiling"
-    if case == "detr_r50":
+    if case in ("detr_r50", "transformers_detr_r50_finetune"):
         return "model"
     if case.startswith("msda_"):
         return "deformable_attention"

@@ -40,3 +40,16 @@ def test_without_a_gpu_it_skips(capsys, tmp_path):
         pytest.skip("a GPU is present: the real run would start")
     assert bench.main(["--out", str(tmp_path)]) == 0
     assert "no CUDA device" in capsys.readouterr().out and not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="the fused provider needs TRITON_INTERPRET=1 on the CPU")
+def test_transformers_finetune_smoke_rows_and_summary():
+    pytest.importorskip("transformers", reason="transformers is a dev dependency")
+    rows = bench.measure_transformers(2, "cpu", environment("cpu"), timer=_wall, memory=None, scale=bench.HF_SMOKE)
+    assert {(r["case"], r["provider"], r["mode"], r["metric"]) for r in rows} == {
+        (bench.HF_CASE, provider, bench.HF_MODE, "time") for provider in bench.HF_PROVIDERS}
+    assert all(r["p50"] > 0 for r in rows)
+    summary = bench.summary_markdown(rows)
+    assert "transformers DETR-R50 fine-tuning step" in summary
+    assert "at least 1.5x the faster transformers provider's training step" in summary
+    assert "peak memory not measured" in summary
