@@ -225,6 +225,8 @@ def read_safetensors(path: Path, map_location: Any) -> dict[str, Tensor]:
     except ImportError as error:
         raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package "
                               f"(pip install safetensors)") from error
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
     try:
         return load_file(str(path), device=device)

@@ -149,6 +149,11 @@ def test_an_unsupported_config_is_named(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
         fastdetr.load_checkpoint(empty)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        fastdetr.load_checkpoint(empty / "model.safetensors")
+    (empty / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        fastdetr.load_checkpoint(empty / "model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
