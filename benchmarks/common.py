@@ -72,25 +72,30 @@ def peak_memory_mib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def bench_metrics(bench, mode: str, timer: Callable = time_ms,
+                  memory: Callable | None = peak_memory_mib) -> list[tuple[str, str, tuple]]:
+    """[(metric, unit, (p50, p20, p80))] of one provider's mode: time (ms) and, with `memory`, peak memory (MiB).
+
+    bench: an object with `forward()` and `train_step()` callables and `grads`, the tensors whose .grad is
+    cleared between timed calls. Mode "fwd" times forward, any other train_step.
+    """
+    fn = bench.forward if mode == "fwd" else bench.train_step
+    metrics = [("time", "ms", timer(fn, grad_to_none=None if mode == "fwd" else bench.grads))]
+    if memory is not None:
+        for tensor in bench.grads:
+            tensor.grad = None
+        peak = memory(fn)
+        metrics.append(("peak_memory", "MiB", (peak, peak, peak)))
+    return metrics
+
+
 def timed_rows(case: str, shape: str, benches: dict, modes: Sequence[str], env: dict,
                timer: Callable = time_ms, memory: Callable | None = peak_memory_mib) -> list[dict]:
-    """Results-table rows of every (provider, mode): time (ms) and, with `memory`, peak memory (MiB).
-
-    benches: provider -> an object with `forward()` and `train_step()` callables and `grads`, the
-    tensors whose .grad is cleared between timed calls. Mode "fwd" times forward, any other train_step.
-    """
+    """Results-table rows of every (provider, mode) of `benches` (provider -> bench): `bench_metrics`."""
     rows = []
     for provider, bench in benches.items():
         for mode in modes:
-            fn = bench.forward if mode == "fwd" else bench.train_step
-            grads = None if mode == "fwd" else bench.grads
-            metrics = [("time", "ms", timer(fn, grad_to_none=grads))]
-            if memory is not None:
-                for tensor in bench.grads:
-                    tensor.grad = None
-                peak = memory(fn)
-                metrics.append(("peak_memory", "MiB", (peak, peak, peak)))
-            for metric, unit, (p50, p20, p80) in metrics:
+            for metric, unit, (p50, p20, p80) in bench_metrics(bench, mode, timer, memory):
                 rows.append(dict(case=case, provider=provider, mode=mode, metric=metric, unit=unit, shape=shape,
                                  p50=p50, p20=p20, p80=p80, **env))
     return rows

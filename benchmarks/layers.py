@@ -63,6 +63,7 @@ if __package__ in (None, ""):   # run as `python benchmarks/layers.py`: make `be
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    bench_metrics,
     environment,
     markdown_table,
     peak_memory_mib,
@@ -333,15 +334,8 @@ def measure(case: str, scale: Scale, device, env: dict, dtype=torch.bfloat16,
 
     for provider, bench in benches.items():
         for mode in MODES:
-            fn = bench.forward if mode == "fwd" else bench.train_step
-            grads = bench.grads if mode == "fwd+bwd" else None
             try:
-                metrics = [("time", "ms", timer(fn, grad_to_none=grads))]
-                if memory is not None:
-                    for tensor in bench.grads:
-                        tensor.grad = None
-                    peak = memory(fn)
-                    metrics.append(("peak_memory", "MiB", (peak, peak, peak)))
+                metrics = bench_metrics(bench, mode, timer, memory)
             except Exception as error:   # reported for the compiled provider only
                 if provider != COMPILED:
                     raise

@@ -227,6 +227,12 @@ def _bilinear(Value_ptr, value_rows, x0, y0, fx, fy, height, width, start, row_o
 
 
 @triton.jit
+def _level(Shapes_ptr, Starts_ptr, level):
+    """Level `level`'s (H, W) and first token, from spatial_shapes (L, 2) and level_start_index (L,)."""
+    return tl.load(Shapes_ptr + 2 * level), tl.load(Shapes_ptr + 2 * level + 1), tl.load(Starts_ptr + level)
+
+
+@triton.jit
 def _program_rows(num_rows, head_dim, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's head and (batch, query) rows, as the forward and backward kernels split the work:
     (head, rows (BLOCK_Q,) int64, row_ok, offs_d (BLOCK_D,), d_ok)."""
@@ -252,9 +258,7 @@ def _msda_fwd_kernel(
     row_head = rows64 * num_heads + head                                        # index of (n, q, m)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for level in range(0, num_levels):
-        height = tl.load(Shapes_ptr + 2 * level)
-        width = tl.load(Shapes_ptr + 2 * level + 1)
-        start = tl.load(Starts_ptr + level)
+        height, width, start = _level(Shapes_ptr, Starts_ptr, level)
         for point in range(0, num_points):
             sample = (row_head * num_levels + level) * num_points + point
             weight, x0, y0, fx, fy = _sample_point(Loc_ptr, Attn_ptr, sample, row_ok, height, width)
@@ -334,9 +338,7 @@ def _msda_bwd_kernel(
     grad = tl.load(GradOut_ptr + row_head[:, None] * head_dim + offs_d[None, :],
                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     for level in range(0, num_levels):
-        height = tl.load(Shapes_ptr + 2 * level)
-        width = tl.load(Shapes_ptr + 2 * level + 1)
-        start = tl.load(Starts_ptr + level)
+        height, width, start = _level(Shapes_ptr, Starts_ptr, level)
         for point in range(0, num_points):
             sample = (row_head * num_levels + level) * num_points + point
             weight, x0, y0, fx, fy = _sample_point(Loc_ptr, Attn_ptr, sample, row_ok, height, width)
@@ -424,9 +426,7 @@ def _msda_query_fwd_kernel(
     run_max = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_Q], tl.float32)
     for level in range(0, num_levels):
-        height = tl.load(Shapes_ptr + 2 * level)
-        width = tl.load(Shapes_ptr + 2 * level + 1)
-        start = tl.load(Starts_ptr + level)
+        height, width, start = _level(Shapes_ptr, Starts_ptr, level)
         ref_x, ref_y, scale_x, scale_y = _level_reference(Ref_ptr, ref_rows, level, height, width,
                                                           num_points, row_ok, BOX)
         for point in range(0, num_points):
@@ -477,9 +477,7 @@ def _msda_query_bwd_kernel(
     grad_logit_rows = rows64 * stride_grad_logit
     weighted = tl.zeros([BLOCK_Q], tl.float32)        # sum over samples of A * dA, for the softmax backward
     for level in range(0, num_levels):
-        height = tl.load(Shapes_ptr + 2 * level)
-        width = tl.load(Shapes_ptr + 2 * level + 1)
-        start = tl.load(Starts_ptr + level)
+        height, width, start = _level(Shapes_ptr, Starts_ptr, level)
         ref_x, ref_y, scale_x, scale_y = _level_reference(Ref_ptr, ref_rows, level, height, width,
                                                           num_points, row_ok, BOX)
         grad_ref_x = tl.zeros([BLOCK_Q], tl.float32)
@@ -589,9 +587,7 @@ def _msda_project_fwd_kernel(
         channel_ok = channels_d < head_dim
         acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
         for level in range(0, num_levels):
-            height = tl.load(Shapes_ptr + 2 * level)
-            width = tl.load(Shapes_ptr + 2 * level + 1)
-            start = tl.load(Starts_ptr + level)
+            height, width, start = _level(Shapes_ptr, Starts_ptr, level)
             ref_x, ref_y, scale_x, scale_y = _level_reference(Ref_ptr, ref_rows, level, height, width, num_points,
                                                               row_ok, BOX)
             for point in range(0, num_points):

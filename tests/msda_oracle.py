@@ -115,3 +115,12 @@ def place_on_pixel_grid(sampling_locations: Tensor, spatial_shapes: Tensor, gene
     locations = torch.where(moved, snapped, sampling_locations.to("cpu", torch.float64))
     return (locations.to(sampling_locations.device, sampling_locations.dtype),
             on_centre.to(sampling_locations.device))
+
+
+DETR_LEVELS = ((8, 10), (4, 5), (2, 3), (1, 1))   # Deformable DETR's 4-level structure, down to 1 x 1, small
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN never passes."""
+    assert not torch.isnan(out).any(), "NaN never passes"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from msda_oracle import ms_deform_attn_oracle, random_msda_inputs
+from msda_oracle import DETR_LEVELS, ms_deform_attn_oracle, random_msda_inputs, relative_error
 
 from fastdetr.backend import interpreter_enabled, triton_importable
 from fastdetr.kernels import deformable_attention as kernel
@@ -21,7 +21,6 @@ from fastdetr.reference.deformable_attention import ms_deform_attn as reference
 pytestmark = pytest.mark.skipif(not (triton_importable() and interpreter_enabled()),
                                 reason="CPU tensors run the kernel only under TRITON_INTERPRET=1")
 
-DETR_LEVELS = ((8, 10), (4, 5), (2, 3), (1, 1))
 
 
 def make_inputs(batch, queries, heads, head_dim, shapes, points, dtype=torch.float32, seed=0, spread=0.2,
@@ -46,11 +45,6 @@ def make_inputs(batch, queries, heads, head_dim, shapes, points, dtype=torch.flo
         locations = torch.where(pick == 0, centres, torch.where(pick == 1, borders, locations))
     weights = torch.rand(batch, queries, heads, levels, points, generator=generator) + 0.05
     return (value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype), weights.to(dtype))
-
-
-def relative_error(out, ref) -> float:
-    assert not torch.isnan(out).any(), "NaN never passes"
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def run(op, inputs, grad_out, **kwargs):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from msda_oracle import ms_deform_attn_oracle
+from msda_oracle import DETR_LEVELS, ms_deform_attn_oracle, relative_error
 
 from fastdetr.backend import interpreter_enabled, triton_importable
 from fastdetr.kernels import deformable_attention as kernel
@@ -23,7 +23,6 @@ from fastdetr.reference import deformable_attention as reference
 pytestmark = pytest.mark.skipif(not (triton_importable() and interpreter_enabled()),
                                 reason="CPU tensors run the kernel only under TRITON_INTERPRET=1")
 
-DETR_LEVELS = ((8, 10), (4, 5), (2, 3), (1, 1))
 
 CASES = [
     # batch, queries, heads, head_dim, shapes, points
@@ -56,11 +55,6 @@ def make_inputs(batch, queries, heads, head_dim, shapes, points, boxes, dtype=to
         reference_points = torch.cat([reference_points, box_sizes], -1)
     return tuple(t.to(dtype) if t.dtype.is_floating_point else t
                  for t in (value, spatial_shapes, level_start_index, offsets, logits, reference_points))
-
-
-def relative_error(out, ref) -> float:
-    assert not torch.isnan(out).any(), "NaN never passes"
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def run(op, inputs, grad_out, **kwargs):
