@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastdetr-installed
 
-.PHONY: venv demo test test-slow lint clean report-triton-latest
+.PHONY: venv demo test test-slow test-transformers4 lint clean report-triton-latest
 
 venv: $(STAMP)
 
@@ -34,6 +34,23 @@ test: lint
 test-slow: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m slow
 
+# The transformers conversion and checkpoint tests again under transformers 4.57.6 (its DETR layer layout:
+# DetrAttention with out_proj, fc1 / fc2 on the layer), installed with --no-deps into $(T4_DIR), not the venv
+# (pins and why: constraints-transformers4.txt). CI runs it after test-slow.
+T4_DIR ?= .transformers4
+T4_STAMP := $(T4_DIR)/.fastdetr-installed
+T4_TESTS := tests/test_hf_detr_optimize.py tests/test_hub_checkpoints.py
+
+$(T4_STAMP): constraints-transformers4.txt
+	rm -rf $(T4_DIR)
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile --no-deps --target $(T4_DIR) \
+		-r constraints-transformers4.txt
+	touch $@
+
+test-transformers4: venv $(T4_STAMP)
+	PYTHONPATH=$(T4_DIR) $(PY) -c "import transformers as t; assert t.__version__ == '4.57.6', t.__version__"
+	PYTHONPATH=$(T4_DIR) TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(T4_TESTS)
+
 # The kernel report under the newest Triton (what a newer torch brings its users), in its own venv:
 # torch from constraints.txt (the CPU wheel) first, then triton==$(TRITON_LATEST) and fastdetr's runtime
 # dependencies (numpy 2.4 is fine with it). Fails on a compile error or a spill, like the report in make test.
@@ -56,4 +73,4 @@ report-triton-latest: $(LATEST_STAMP)
 	$(LATEST_PY) -m fastdetr.kernels.report $(REPORT_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(T4_DIR) build *.egg-info

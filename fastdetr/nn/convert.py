@@ -10,8 +10,9 @@ the same module object, the same Parameter objects (optimizer state stays
 valid), the same state_dict keys. The fused forwards read only the attributes
 checked here.
 
-Hugging Face transformers' (>= 5) `DetrEncoderLayer` / `DetrDecoderLayer` become subclasses of their
-own class running the same fused chain (`fastdetr.nn.hf_detr`).
+Hugging Face transformers' `DetrEncoderLayer` / `DetrDecoderLayer` (the layouts of transformers 4.x and
+>= 5) and `TableTransformerEncoderLayer` / `TableTransformerDecoderLayer` become subclasses of their own
+class running the same fused chain (`fastdetr.nn.hf_detr`).
 
 The MSDA modules, converted the same way (their sampling then runs
 `fastdetr.nn.functional.ms_deform_attn`):
@@ -173,16 +174,15 @@ def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
     """
     converted, deformable, transformers_layers = 0, {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, (TransformerEncoderLayer, TransformerDecoderLayer, hf_detr.FusedDetrEncoderLayer,
-                               hf_detr.FusedDetrDecoderLayer)):
+        if isinstance(module, (TransformerEncoderLayer, TransformerDecoderLayer, *hf_detr.MIXINS)):
             continue
-        kind = None if "forward" in vars(module) else hf_detr.layer_kind(module)
-        if kind is not None:
-            mixin = hf_detr.FusedDetrEncoderLayer if kind == "encoder" else hf_detr.FusedDetrDecoderLayer
+        found = None if "forward" in vars(module) else hf_detr.layout_of(module)
+        if found is not None:
+            kind, layout = found
             original = type(module).__name__
-            module.__class__ = fused_subclass(type(module), mixin)
+            module.__class__ = fused_subclass(type(module), hf_detr.mixin_for(kind, layout))
             transformers_layers[original] = transformers_layers.get(original, 0) + 1
-            reason = hf_detr.structure_supported(module, kind == "decoder")
+            reason = hf_detr.structure_supported(module, layout, kind == "decoder")
             if reason is not None:
                 logger.info("fastdetr.optimize: %s (%s) runs transformers' own forward: %s", name or "<root>",
                             original, reason)

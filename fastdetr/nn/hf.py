@@ -18,7 +18,8 @@ recognises them by class name and structure):
 
 transformers' value masks are True on valid tokens (Deformable DETR's are True on padding).
 
-A fused class pickles by reference, like any class: its `__qualname__` is "<mixin>:<original module>:<original
+`fused_subclass` also makes the fused transformers DETR layers (`fastdetr.nn.hf_detr`'s mixins). A fused class
+pickles by reference, like any class: its `__qualname__` is "<mixin>:<original module>:<original
 qualname>" with "/" for dots, which this module's `__getattr__` rebuilds on unpickling.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdetr.nn import functional
+from fastdetr.nn import functional, hf_detr
 
 
 class FusedSamplingCore:
@@ -108,7 +109,7 @@ def _by_level(locations: Tensor, weights: Tensor, counts: list[int]) -> tuple[Te
     return torch.stack(padded_locations, dim=3), torch.stack(padded_weights, dim=3)
 
 
-_MIXINS = {mixin.__name__: mixin for mixin in (FusedSamplingCore, FusedRTDetrV2Attention)}
+_MIXINS = {mixin.__name__: mixin for mixin in (FusedSamplingCore, FusedRTDetrV2Attention, *hf_detr.MIXINS)}
 
 
 @functools.cache
@@ -117,7 +118,7 @@ def fused_subclass(original: type, mixin: type) -> type:
     fused = type(f"Fused{original.__name__}", (mixin, original), {"__module__": __name__})
     # pickle splits a qualname at dots: "/" stands for them
     fused.__qualname__ = f"{mixin.__name__}:{original.__module__}:{original.__qualname__}".replace(".", "/")
-    fused.__doc__ = f"{original.__name__} with its sampling on fastdetr's op ({mixin.__name__}, fastdetr.nn.hf)."
+    fused.__doc__ = f"{original.__name__} on fastdetr's kernels ({mixin.__name__}, {mixin.__module__})."
     return fused
 
 
