@@ -208,7 +208,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, format: str = 
     format="transformers": `path` is a directory, written as Hugging Face's
     save_pretrained writes a `DetrForObjectDetection` (model.safetensors in the
     hub layout and config.json, each file atomically; `fastdetr.hub`), which
-    `DetrForObjectDetection.from_pretrained(path)` loads offline.
+    `DetrForObjectDetection.from_pretrained(path)` loads offline; a pre-norm
+    DETR as a `TableTransformerForObjectDetection`.
     transformers_backbone: "timm" (the hub's own kind; loading needs timm) or
     "transformers" (transformers' ResNet; loads without timm).
     """

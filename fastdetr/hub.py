@@ -1,8 +1,9 @@
 """Hugging Face transformers' DETR checkpoints, read into fastdetr's (the official DETR's) layout and back.
 
-The hub's facebook/detr-resnet-50, Table Transformer and their fine-tunes are
-`DetrForObjectDetection` files: `model.safetensors` or `pytorch_model.bin`
-beside a `config.json`. `fastdetr.load_checkpoint` reads them through this
+The hub's facebook/detr-resnet-50 and its fine-tunes are
+`DetrForObjectDetection` files, Table Transformer's (microsoft/table-transformer-*)
+`TableTransformerForObjectDetection` ones: `model.safetensors` or
+`pytorch_model.bin` beside a `config.json`. `fastdetr.load_checkpoint` reads them through this
 module: `is_transformers_state_dict` recognises the layout, `from_transformers`
 renames the keys (and packs q, k, v into `in_proj_weight` as [q; k; v]), and
 `config_from_transformers` turns the config.json into a `DETRConfig`.
@@ -21,11 +22,15 @@ torchvision's. The rest maps one to one: `input_projection` -> `input_proj`,
 `class_embed`, `bbox_predictor` -> `bbox_embed`, the layer norms by position
 (encoder: `self_attn_layer_norm` norm1, `final_layer_norm` norm2; decoder: norm1,
 `encoder_attn_layer_norm` norm2, `final_layer_norm` norm3), `encoder_attn` ->
-`multihead_attn`, `decoder.layernorm` -> `transformer.decoder.norm`.
+`multihead_attn`, `decoder.layernorm` -> `transformer.decoder.norm`. Table
+Transformer is the same DETR, pre-norm (`model_type` "table-transformer" ->
+`pre_norm=True`), with the pre-norm encoder's final LayerNorm
+(`encoder.layernorm` -> `transformer.encoder.norm`) and a ResNet-18 backbone.
 
 The way back, `to_transformers` and `transformers_config`, is what
 `fastdetr.save_checkpoint(..., format="transformers")` writes: the hub layout,
-the backbone in timm's names or transformers' ResNet's.
+the backbone in timm's names or transformers' ResNet's; a pre-norm DETR as a
+Table Transformer.
 
 transformers' `pixel_mask` is 1 on valid pixels; fastdetr's mask is True on padding.
 """
@@ -52,8 +57,11 @@ _ENCODER_NORMS = {"self_attn_layer_norm.": "norm1.", "final_layer_norm.": "norm2
 _DECODER_NORMS = {"self_attn_layer_norm.": "norm1.", "encoder_attn_layer_norm.": "norm2.",
                   "final_layer_norm.": "norm3."}
 _FFN = {"fc1.": "linear1.", "fc2.": "linear2.", "mlp.fc1.": "linear1.", "mlp.fc2.": "linear2."}
-_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
-_TIMM_NAMES = {"resnet50": "resnet50", "resnet101": "resnet101", "resnet-50": "resnet50", "resnet-101": "resnet101"}
+# transformers' ResNetConfig (layer_type, depths) -> fastdetr's backbone name
+_DEPTHS = {("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101",
+           ("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34"}
+_TIMM_NAMES = {f"{prefix}{depth}": f"resnet{depth}" for depth in (18, 34, 50, 101) for prefix in ("resnet", "resnet-")}
+PRE_NORM_MODEL_TYPES = ("table-transformer",)
 
 
 def is_transformers_state_dict(state_dict: dict[str, Tensor]) -> bool:
@@ -118,6 +126,7 @@ def from_transformers(state_dict: dict[str, Tensor], source: str = "checkpoint")
     simple = {"model.input_projection.": "input_proj.", "model.query_position_embeddings.": "query_embed.",
               "class_labels_classifier.": "class_embed.", "bbox_predictor.": "bbox_embed.",
               "model.decoder.layernorm.": "transformer.decoder.norm.",
+              "model.encoder.layernorm.": "transformer.encoder.norm.",
               "model.backbone.position_embedding.row_embeddings.": "backbone.1.row_embed.",
               "model.backbone.position_embedding.column_embeddings.": "backbone.1.col_embed.",
               "model.position_embedding.row_embeddings.": "backbone.1.row_embed.",
@@ -158,9 +167,10 @@ def from_transformers(state_dict: dict[str, Tensor], source: str = "checkpoint")
 
 
 def config_from_transformers(config: dict[str, Any], source: str = "config.json") -> DETRConfig:
-    """A `DETRConfig` from a transformers DetrConfig's dict (its config.json).
+    """A `DETRConfig` from a transformers DetrConfig's or TableTransformerConfig's dict (its config.json).
 
-    ResNet-50 / -101 from `backbone` (timm) or `backbone_config.depths` (transformers' ResNet), `dilation`,
+    ResNet-18 / -34 / -50 / -101 from `backbone` (timm) or `backbone_config`'s `layer_type` and `depths`
+    (transformers' ResNet), pre-norm for Table Transformer (`PRE_NORM_MODEL_TYPES`), `dilation`,
     the class count (`num_labels`, else `id2label`), widths, layers, heads, queries, dropout, position
     embedding and auxiliary loss. A configuration fastdetr's DETR cannot express (another activation than
     ReLU, another backbone) raises CheckpointError naming the field.
@@ -177,13 +187,14 @@ def config_from_transformers(config: dict[str, Any], source: str = "config.json"
     if field("use_timm_backbone", True) and not backbone_config:
         backbone = _TIMM_NAMES.get(str(field("backbone", "resnet50")))
     else:
-        backbone = _DEPTHS.get(tuple(backbone_config.get("depths", ())))
-        if backbone_config.get("layer_type", "bottleneck") != "bottleneck" or backbone_config.get(
-                "downsample_in_bottleneck", False):
+        backbone = _DEPTHS.get((backbone_config.get("layer_type", "bottleneck"),
+                                tuple(backbone_config.get("depths", ()))))
+        if backbone_config.get("downsample_in_bottleneck", False) or backbone_config.get(
+                "downsample_in_first_stage", False):
             backbone = None
     if backbone is None:
         raise CheckpointError(f"{source}: backbone {field('backbone')!r} / {backbone_config or None} is not a "
-                              f"ResNet-50 or ResNet-101 in torchvision's form")
+                              f"ResNet-18, -34, -50 or -101 in torchvision's form")
     labels = field("num_labels", len(field("id2label") or {}) or 91)
     heads = field("encoder_attention_heads", 8)
     if field("decoder_attention_heads", heads) != heads or field("decoder_ffn_dim", None) not in (
@@ -203,6 +214,7 @@ def config_from_transformers(config: dict[str, Any], source: str = "config.json"
         dropout=float(field("dropout", 0.1)),
         num_queries=int(field("num_queries", 100)),
         aux_loss=bool(field("auxiliary_loss", False)),
+        pre_norm=field("model_type") in PRE_NORM_MODEL_TYPES,
     )
 
 
@@ -252,7 +264,8 @@ def read_config_beside(path: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------
 
 BACKBONE_FORMATS = ("timm", "transformers")
-_RESNET_DEPTHS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
+_RESNET_LAYOUTS = {name: (kind, list(depths)) for (kind, depths), name in _DEPTHS.items()}
+_HIDDEN_SIZES = {"basic": [64, 128, 256, 512], "bottleneck": [256, 512, 1024, 2048]}
 
 
 def _to_hf_resnet(name: str) -> str:
@@ -284,6 +297,7 @@ def to_transformers(state_dict: dict[str, Tensor], backbone: str = "timm") -> di
     inverse = {"input_proj.": "model.input_projection.", "query_embed.": "model.query_position_embeddings.",
                "class_embed.": "class_labels_classifier.", "bbox_embed.": "bbox_predictor.",
                "transformer.decoder.norm.": "model.decoder.layernorm.",
+               "transformer.encoder.norm.": "model.encoder.layernorm.",
                "backbone.1.row_embed.": "model.backbone.position_embedding.row_embeddings.",
                "backbone.1.col_embed.": "model.backbone.position_embedding.column_embeddings."}
     norms = {"encoder": {v: k for k, v in _ENCODER_NORMS.items()}, "decoder": {v: k for k, v in _DECODER_NORMS.items()}}
@@ -325,20 +339,22 @@ def to_transformers(state_dict: dict[str, Tensor], backbone: str = "timm") -> di
 
 
 def transformers_config(config: DETRConfig, backbone: str = "timm") -> dict[str, Any]:
-    """The config.json of a transformers `DetrForObjectDetection` equal to a fastdetr DETR of `config`
-    (fields transformers leaves at its defaults are left out). Raises ValueError for what it cannot hold."""
+    """The config.json of a transformers `DetrForObjectDetection` equal to a fastdetr DETR of `config`, or of a
+    `TableTransformerForObjectDetection` for a pre-norm one (fields transformers leaves at its defaults are left
+    out). Raises ValueError for what it cannot hold."""
     if backbone not in BACKBONE_FORMATS:
         raise ValueError(f"backbone must be one of {BACKBONE_FORMATS}; got {backbone!r}")
-    if config.backbone not in _RESNET_DEPTHS:
-        raise ValueError(f"transformers' DETR takes ResNet-50 or ResNet-101 here; got {config.backbone!r}")
-    if config.pre_norm or config.activation != "relu" or config.backbone_width != 64 or not config.frozen_batchnorm:
-        raise ValueError("transformers' DETR is post-norm, ReLU, a standard-width ResNet with frozen BatchNorm: "
-                         f"pre_norm={config.pre_norm}, activation={config.activation!r}, "
-                         f"backbone_width={config.backbone_width}, frozen_batchnorm={config.frozen_batchnorm}")
+    if config.backbone not in _RESNET_LAYOUTS:
+        raise ValueError(f"transformers' DETR takes ResNet-18, -34, -50 or -101 here; got {config.backbone!r}")
+    if config.activation != "relu" or config.backbone_width != 64 or not config.frozen_batchnorm:
+        raise ValueError("transformers' DETR and Table Transformer are ReLU, a standard-width ResNet with frozen "
+                         f"BatchNorm: activation={config.activation!r}, backbone_width={config.backbone_width}, "
+                         f"frozen_batchnorm={config.frozen_batchnorm}")
     if backbone == "transformers" and config.dilation:
         raise ValueError("a dilated (DC5) backbone is written with backbone='timm' only")
     out: dict[str, Any] = {
-        "model_type": "detr", "architectures": ["DetrForObjectDetection"],
+        "model_type": PRE_NORM_MODEL_TYPES[0] if config.pre_norm else "detr",
+        "architectures": ["TableTransformerForObjectDetection" if config.pre_norm else "DetrForObjectDetection"],
         "num_labels": config.num_classes, "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_classes)},
         "label2id": {f"LABEL_{i}": i for i in range(config.num_classes)},
         "d_model": config.hidden_dim, "encoder_layers": config.enc_layers, "decoder_layers": config.dec_layers,
@@ -348,11 +364,11 @@ def transformers_config(config: DETRConfig, backbone: str = "timm") -> dict[str,
         "position_embedding_type": config.position_embedding, "dilation": config.dilation,
         "auxiliary_loss": config.aux_loss, "use_pretrained_backbone": False,
     }
+    kind, depths = _RESNET_LAYOUTS[config.backbone]
     if backbone == "timm":
         out.update(use_timm_backbone=True, backbone=config.backbone, backbone_config=None)
     else:
         out.update(use_timm_backbone=False, backbone=None, backbone_config={
-            "model_type": "resnet", "depths": _RESNET_DEPTHS[config.backbone], "layer_type": "bottleneck",
-            "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 64, "out_features": ["stage4"],
-            "downsample_in_bottleneck": False})
+            "model_type": "resnet", "depths": depths, "layer_type": kind, "hidden_sizes": _HIDDEN_SIZES[kind],
+            "embedding_size": 64, "out_features": ["stage4"], "downsample_in_bottleneck": False})
     return out

@@ -123,6 +123,36 @@ def test_save_pretrained_files_load_and_give_transformers_outputs(tmp_path, weig
     assert (actual["pred_boxes"] - expected.pred_boxes).abs().max().item() < 1e-5
 
 
+def test_a_table_transformer_directory_loads_pre_norm_with_a_resnet18(tmp_path):
+    """Table Transformer's save_pretrained files (pre-norm, the encoder's final LayerNorm, a ResNet-18 of
+    basic blocks): fastdetr builds the matching DETR from config.json and gives transformers' outputs."""
+    pytest.importorskip("transformers", reason="transformers is a dev dependency (the conversion tests)")
+    from transformers import ResNetConfig, TableTransformerConfig, TableTransformerForObjectDetection
+
+    torch.manual_seed(5)
+    backbone = ResNetConfig(out_features=["stage4"], layer_type="basic", depths=[2, 2, 2, 2],
+                            hidden_sizes=[64, 128, 256, 512])
+    config = TableTransformerConfig(use_timm_backbone=False, backbone=None, use_pretrained_backbone=False,
+                                    backbone_config=backbone, d_model=64, encoder_layers=2, decoder_layers=3,
+                                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
+                                    decoder_ffn_dim=96, num_queries=9, num_labels=3)
+    hf = _perturb_frozen_batchnorm(TableTransformerForObjectDetection(config).eval())
+    with torch.no_grad():      # transformers initialises LayerNorms to identity: move them off it
+        for name, p in hf.named_parameters():
+            if "layer_norm" in name or "layernorm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    hf.save_pretrained(tmp_path)
+    model = fastdetr.load_checkpoint(tmp_path).eval()
+    assert model.config.pre_norm and model.config.backbone == "resnet18" and model.config.dec_layers == 3
+    assert model.transformer.encoder.norm is not None
+    pixel_values, pixel_mask = _padded_batch(seed=6)
+    with torch.no_grad():
+        expected = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        actual = model((pixel_values, pixel_mask == 0))
+    assert (actual["pred_logits"] - expected.logits).abs().max().item() < 1e-5
+    assert (actual["pred_boxes"] - expected.pred_boxes).abs().max().item() < 1e-5
+
+
 def test_a_live_state_dict_loads_into_a_given_model(tmp_path):
     """The installed transformers' in-memory layout saved as a bare state_dict file: transformers 5's
     (model.backbone.model.*, o_proj, mlp.fc1) or, under transformers 4.x (`make test-transformers4`), the
@@ -206,14 +236,34 @@ def test_saved_in_transformers_format_from_pretrained_gives_fastdetr_outputs(tmp
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_pre_norm_resnet18_detr_saves_as_a_table_transformer(tmp_path):
+    pytest.importorskip("transformers", reason="transformers is a dev dependency (the conversion tests)")
+    from transformers import TableTransformerForObjectDetection
+
+    model = _fastdetr_model(seed=7, pre_norm=True, backbone="resnet18", dec_layers=3)
+    with torch.no_grad():      # fresh LayerNorms are identities: move them off it
+        for name, p in model.named_parameters():
+            if ".norm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    fastdetr.save_checkpoint(tmp_path, model, format="transformers", transformers_backbone="transformers")
+    hf = TableTransformerForObjectDetection.from_pretrained(tmp_path).eval()
+    pixel_values, pixel_mask = _padded_batch(seed=8)
+    with torch.no_grad():
+        expected = model((pixel_values, pixel_mask == 0))
+        actual = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    assert (actual.logits - expected["pred_logits"]).abs().max().item() < 1e-5
+    assert (actual.pred_boxes - expected["pred_boxes"]).abs().max().item() < 1e-5
+    assert fastdetr.load_checkpoint(tmp_path).config == model.config
+
+
 def test_transformers_format_refuses_what_it_cannot_hold(tmp_path):
     model = _fastdetr_model()
     with pytest.raises(ValueError, match="writes the model only"):
         fastdetr.save_checkpoint(tmp_path, model, format="transformers", epoch=3)
     with pytest.raises(ValueError, match="format must be"):
         fastdetr.save_checkpoint(tmp_path / "x.pth", model, format="onnx")
-    with pytest.raises(ValueError, match="post-norm"):
-        fastdetr.save_checkpoint(tmp_path, _fastdetr_model(pre_norm=True), format="transformers")
+    with pytest.raises(ValueError, match="ReLU"):
+        fastdetr.save_checkpoint(tmp_path, _fastdetr_model(activation="gelu"), format="transformers")
     with pytest.raises(ValueError, match="backbone must be one of"):
         fastdetr.save_checkpoint(tmp_path, model, format="transformers", transformers_backbone="torchvision")
     assert not any(tmp_path.iterdir())   # nothing half-written
