@@ -107,6 +107,21 @@ def test_eval_outputs_match_and_run_the_fused_kernels(family, attention):
 
 
 @pytest.mark.parametrize("family", ["detr", "table"])
+def test_the_bare_model_converts_too(family):
+    """DetrModel / TableTransformerModel (no detection heads): the same conversion, the same decoder output."""
+    plain = _model(seed=17, family=family).model
+    assert type(plain).__name__ == ("DetrModel" if family == "detr" else "TableTransformerModel")
+    fused = fastdetr.optimize(copy.deepcopy(plain))
+    pixel_values, pixel_mask = _batch(seed=18)
+    with torch.no_grad():
+        expected = plain(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        with TritonLaunchCounter() as launches:
+            actual = fused(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    assert launches.launch_counts["_attention_fwd_kernel"] == 6
+    assert _relative(actual.last_hidden_state, expected.last_hidden_state) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["detr", "table"])
 def test_training_gradients_match_with_dropout_off(family):
     plain = _model(seed=2, family=family).train()
     fused = fastdetr.optimize(copy.deepcopy(plain)).train()
@@ -126,6 +141,28 @@ def test_training_gradients_match_with_dropout_off(family):
         # decoder layers' self-attention, whose queries start equal) are held to 1e-7 of the model's total
         # gradient norm, not to their own rounding noise
         assert _relative(p.grad, q.grad, floor=1e-3 * total) < 1e-4, name
+
+
+@pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="transformers 4.x's DETR does not support gradient checkpointing")
+def test_activation_checkpointing_recomputes_the_same_dropout_masks():
+    """transformers' activation checkpointing reruns the fused layers in backward: the kernels' dropout seeds come
+    from torch's generator, whose state checkpointing restores, so the gradients are the un-checkpointed ones
+    bit for bit, dropout on."""
+    plain = fastdetr.optimize(_model(seed=15, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1).train())
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing_enable()
+    pixel_values, pixel_mask = _batch(seed=16)
+    gradients, launches = [], []
+    for model in (plain, checkpointed):
+        torch.manual_seed(0)
+        with TritonLaunchCounter() as counter:
+            out = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            (out.logits.sum() + out.pred_boxes.square().sum()).backward()
+        launches.append(counter.launch_counts["_attention_fwd_kernel"])
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert launches[1] > launches[0] == 6        # the layers ran again in backward
+    assert gradients[0].keys() == gradients[1].keys()
+    assert all(torch.equal(gradients[0][name], gradients[1][name]) for name in gradients[0])
 
 
 def test_a_legacy_layers_bool_mask_reads_true_as_masked():
