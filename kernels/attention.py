@@ -649,25 +649,64 @@ def aot_configs() -> list[KernelConfig]:
 # Autograd
 # ---------------------------------------------------------------------------------------------
 
-class AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, dropout_p, scale, seed, rng_offset, kv_table=None):
-        out, lse, table = attention_forward(q, k, v, key_padding_mask, dropout_p, scale, seed, rng_offset,
-                                            kv_table=kv_table)
-        # forward's table serves backward's dQ kernel (same key blocks)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask,
-                              *(table[:2] if table is not None else ()))
-        ctx.kv_block_n = table.block_n if table is not None else None
-        ctx.dropout_p, ctx.scale, ctx.seed, ctx.rng_offset = dropout_p, scale, seed, rng_offset
-        return out
+# The kernels as torch.library custom ops in the `fastdetr` namespace, so torch.compile (fullgraph) and CUDA
+# graphs hold them as single nodes: a fake implementation gives the outputs' shapes, dtypes and strides, and
+# the forward op's registered autograd calls the backward op. The mask's block table travels as its two
+# tensors and block_n; scale, dropout and its Philox key as plain numbers.
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, key_padding_mask, *table = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, key_padding_mask,
-                                        KeyBlockTable(*table, ctx.kv_block_n) if table else None,
-                                        ctx.dropout_p, ctx.scale, ctx.seed, ctx.rng_offset)
-        return dq, dk, dv, None, None, None, None, None, None
+@torch.library.custom_op("fastdetr::attention_fwd", mutates_args=())
+def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                     block_index: torch.Tensor | None, block_count: torch.Tensor | None, block_n: int,
+                     dropout_p: float, scale: float, seed: int, rng_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, L, D) as a view of (L, B, H, D) storage, lse (B, H, L) fp32): `attention_forward`."""
+    table = None if block_index is None else KeyBlockTable(block_index, block_count, block_n)
+    out, lse, _ = attention_forward(q, k, v, key_padding_mask, dropout_p, scale, seed, rng_offset, kv_table=table)
+    return out, lse
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, key_padding_mask, block_index, block_count, block_n, dropout_p, scale, seed, rng_offset):
+    batch, heads, seq_q, head_dim = q.shape
+    return (_mha_layout_empty(batch, heads, seq_q, head_dim, q),
+            q.new_empty((batch, heads, seq_q), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastdetr::attention_bwd", mutates_args=())
+def attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, key_padding_mask: torch.Tensor | None, block_index: torch.Tensor | None,
+                     block_count: torch.Tensor | None, block_n: int, dropout_p: float, scale: float, seed: int,
+                     rng_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each a (B, H, seq, D) view of (seq, B, H, D) storage: `attention_backward`."""
+    table = None if block_index is None else KeyBlockTable(block_index, block_count, block_n)
+    return attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, table, dropout_p, scale, seed,
+                              rng_offset)
+
+
+@attention_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, key_padding_mask, block_index, block_count, block_n, dropout_p, scale, seed,
+      rng_offset):
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    return (_mha_layout_empty(batch, heads, seq_q, head_dim, q), _mha_layout_empty(batch, heads, seq_k, head_dim, k),
+            _mha_layout_empty(batch, heads, seq_k, head_dim, v))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, block_index, block_count, block_n, dropout_p, scale, seed, rng_offset = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, block_index, block_count)
+    ctx.numbers = (block_n, dropout_p, scale, seed, rng_offset)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask, block_index, block_count = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastdetr.attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, block_index,
+                                                  block_count, *ctx.numbers)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastdetr::attention_fwd", _attention_backward, setup_context=_attention_setup_context)
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, kv_table=None):
@@ -694,7 +733,12 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, kv_tabl
     if q.dtype not in DTYPES or not use_triton(q, k, v, key_padding_mask):
         return attention_ref(q, k, v, key_padding_mask, dropout_p, scale)
     seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
-    return AttentionFunction.apply(q, k, v, key_padding_mask, float(dropout_p), scale, seed, rng_offset, kv_table)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    table = (None if key_padding_mask is None
+             else _table_for(key_padding_mask, kv_table, block_config("fwd", q.dtype)["BLOCK_N"]))
+    out, _ = torch.ops.fastdetr.attention_fwd(q, k, v, key_padding_mask, *(table or (None, None, 0)),
+                                              float(dropout_p), scale, seed, rng_offset)
+    return out
 
 
 def attention_ref(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, dropout_keep=None):

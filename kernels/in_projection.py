@@ -264,26 +264,41 @@ def aot_configs() -> list[KernelConfig]:
 # Autograd
 # ---------------------------------------------------------------------------------------------
 
-class InProjectionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, pos, weight, bias):
-        out = in_projection_forward(x, pos, weight, bias)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, pos, weight)
-        ctx.x_shape = x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+# The forward kernel as a torch.library custom op (`fastdetr::in_projection`), which torch.compile (fullgraph)
+# and CUDA graphs hold as one node; its registered autograd is `in_projection_backward` (torch matmuls, traced
+# as they are).
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, pos, weight = ctx.saved_tensors
-        embed_dim = x.shape[-1]
-        needs_x, needs_pos, needs_weight, needs_bias = ctx.needs_input_grad
-        dx, dpos, dweight, dbias = in_projection_backward(
-            as_rows(grad_out, 3 * embed_dim), as_rows(x, embed_dim), None if pos is None else as_rows(pos, embed_dim),
-            weight, needs_x, needs_pos and pos is not None, needs_weight, needs_bias)
-        dx = None if dx is None else dx.view(ctx.x_shape)
-        dpos = None if dpos is None else dpos.view(ctx.x_shape)
-        return dx, dpos, dweight, dbias
+@torch.library.custom_op("fastdetr::in_projection", mutates_args=())
+def in_projection_op(x: torch.Tensor, pos: torch.Tensor | None, weight: torch.Tensor,
+                     bias: torch.Tensor) -> torch.Tensor:
+    """(..., 3E) [Q | K | V], contiguous: `in_projection_forward` on x's rows."""
+    return in_projection_forward(x, pos, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+@in_projection_op.register_fake
+def _(x, pos, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _in_projection_setup_context(ctx, inputs, output):
+    x, pos, weight, bias = inputs
+    ctx.save_for_backward(x, pos, weight)
+
+
+def _in_projection_backward(ctx, grad_out):
+    x, pos, weight = ctx.saved_tensors
+    embed_dim = x.shape[-1]
+    needs_x, needs_pos, needs_weight, needs_bias = ctx.needs_input_grad
+    dx, dpos, dweight, dbias = in_projection_backward(
+        as_rows(grad_out, 3 * embed_dim), as_rows(x, embed_dim), None if pos is None else as_rows(pos, embed_dim),
+        weight, needs_x, needs_pos and pos is not None, needs_weight, needs_bias)
+    dx = None if dx is None else dx.view(x.shape)
+    dpos = None if dpos is None else dpos.view(x.shape)
+    return dx, dpos, dweight, dbias
+
+
+torch.library.register_autograd("fastdetr::in_projection", _in_projection_backward,
+                                setup_context=_in_projection_setup_context)
 
 
 def in_projection(x, pos, weight, bias):
@@ -299,7 +314,7 @@ def in_projection(x, pos, weight, bias):
     _check_inputs(x, pos, weight, bias)
     if x.dtype not in DTYPES or not use_triton(x, pos, weight, bias):
         return in_projection_ref(x, pos, weight, bias)
-    return InProjectionFunction.apply(x, pos, weight, bias)
+    return torch.ops.fastdetr.in_projection(x, pos, weight, bias)
 
 
 def in_projection_ref(x, pos, weight, bias):

@@ -362,13 +362,73 @@ def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight, dropo
     grad_y = as_rows(grad_y, grad_y.shape[-1]) if apply_norm else None
     grad_z = as_rows(grad_z, grad_z.shape[-1]) if grad_z is not None else None
     some_grad = grad_y if apply_norm else grad_z
+    if apply_norm or dropout_p > 0.0:
+        dz, d_lin, dbias, dln_weight, dln_bias = torch.ops.fastdetr.layernorm_bwd(
+            grad_y, z, ln_weight, mean, rstd, grad_z, float(dropout_p), int(seed), int(rng_offset))
+        dz = dz if apply_norm else grad_z
+        d_lin = d_lin if dropout_p > 0.0 else dz
+        dbias = dbias.to(x.dtype)
+        dln_weight, dln_bias = (dln_weight.to(x.dtype), dln_bias.to(x.dtype)) if apply_norm else (None, None)
+    else:   # no norm, no dropout: the linear's gradient is grad_z itself
+        dz = d_lin = some_grad
+        dbias = d_lin.sum(dim=0, dtype=torch.float32).to(x.dtype)
+        dln_weight = dln_bias = None
+    dx = d_lin @ weight
+    dweight = d_lin.t() @ x
+    return dx, dweight, dbias, dz, dln_weight, dln_bias
+
+
+def _empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The 0-element stand-in a custom op returns for an output its variant does not compute."""
+    return like.new_empty((0,), dtype=dtype)
+
+
+# The kernels as torch.library custom ops (`fastdetr::linear_layernorm_fwd`, `fastdetr::layernorm_bwd`), which
+# torch.compile (fullgraph) and CUDA graphs hold as single nodes; outputs a variant does not compute are
+# 0-element tensors (an op returns no None). The autograd.Functions below are thin callers of these ops.
+
+@torch.library.custom_op("fastdetr::linear_layernorm_fwd", mutates_args=())
+def linear_layernorm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
+                            ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float,
+                            store_preln: bool, dropout_p: float, seed: int, rng_offset: int,
+                            apply_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`linear_layernorm_forward` on x's and residual's rows: (y (M, N), z (M, N), mean (M,), rstd (M,))."""
+    y, z, mean, rstd = linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps, store_preln,
+                                                dropout_p, seed, rng_offset, apply_norm=apply_norm)
+    if y is None:
+        y, mean, rstd = _empty(x), _empty(x, torch.float32), _empty(x, torch.float32)
+    return y, (z if z is not None else _empty(x)), mean, rstd
+
+
+@linear_layernorm_fwd_op.register_fake
+def _(x, weight, bias, residual, ln_weight, ln_bias, eps, store_preln, dropout_p, seed, rng_offset, apply_norm):
+    rows = x.numel() // x.shape[-1]
+    rows_by_width = (rows, weight.shape[0])
+    y = x.new_empty(rows_by_width) if apply_norm else _empty(x)
+    mean, rstd = ((x.new_empty((rows,), dtype=torch.float32) for _ in range(2)) if apply_norm
+                  else (_empty(x, torch.float32), _empty(x, torch.float32)))
+    return y, (x.new_empty(rows_by_width) if store_preln else _empty(x)), mean, rstd
+
+
+@torch.library.custom_op("fastdetr::layernorm_bwd", mutates_args=())
+def layernorm_bwd_op(grad_y: torch.Tensor | None, z: torch.Tensor | None, ln_weight: torch.Tensor | None,
+                     mean: torch.Tensor | None, rstd: torch.Tensor | None, grad_z: torch.Tensor | None,
+                     dropout_p: float, seed: int, rng_offset: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row kernel of `linear_layernorm_backward` (LayerNorm and dropout backward, column partial sums):
+    (dz (M, N), d_lin (M, N), dbias (N,) fp32, dln_weight (N,) fp32, dln_bias (N,) fp32); dz and the LayerNorm
+    sums are 0-element without grad_y (no norm), d_lin without dropout (it is dz then)."""
+    apply_norm = grad_y is not None
+    some_grad = grad_y if apply_norm else grad_z
     num_rows, width = some_grad.shape
-    config = block_config("bwd", x.dtype, width)
+    config = block_config("bwd", some_grad.dtype, width)
     programs = triton.cdiv(num_rows, config["BLOCK_M"])
     dz = torch.empty_like(some_grad) if apply_norm else grad_z
     d_lin = torch.empty_like(some_grad) if dropout_p > 0.0 else dz
-    partials = torch.empty(3, programs, width, dtype=torch.float32, device=x.device)
-    if num_rows > 0 and (apply_norm or dropout_p > 0.0):
+    # no rows: one program's worth of zeros, so the sums below are zeros
+    partials = (torch.empty(3, programs, width, dtype=torch.float32, device=some_grad.device) if num_rows > 0
+                else torch.zeros(3, 1, width, dtype=torch.float32, device=some_grad.device))
+    if num_rows > 0:
         stats = (mean, rstd) if apply_norm else (partials[0, 0],) * 2   # unread without a norm
         _layernorm_bwd_kernel[(programs,)](
             some_grad, z if apply_norm else some_grad, ln_weight if apply_norm else partials[0, 0], *stats,
@@ -381,15 +441,23 @@ def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight, dropo
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
-        dbias = partials[2].sum(dim=0).to(x.dtype)
-    else:   # no norm, no dropout: the linear's gradient is grad_z itself
-        dbias = d_lin.sum(dim=0, dtype=torch.float32).to(x.dtype)
-    dln_weight = dln_bias = None
-    if apply_norm:
-        dln_weight, dln_bias = partials[:2].sum(dim=1).to(x.dtype).unbind(0)
-    dx = d_lin @ weight
-    dweight = d_lin.t() @ x
-    return dx, dweight, dbias, dz, dln_weight, dln_bias
+    dbias = partials[2].sum(dim=0)            # each output its own tensor: a custom op's outputs never alias
+    dln_weight, dln_bias = ((partials[0].sum(dim=0), partials[1].sum(dim=0)) if apply_norm
+                            else (_empty(some_grad, torch.float32), _empty(some_grad, torch.float32)))
+    return (dz if apply_norm else _empty(some_grad), d_lin if dropout_p > 0.0 else _empty(some_grad), dbias,
+            dln_weight, dln_bias)
+
+
+@layernorm_bwd_op.register_fake
+def _(grad_y, z, ln_weight, mean, rstd, grad_z, dropout_p, seed, rng_offset):
+    apply_norm = grad_y is not None
+    some_grad = grad_y if apply_norm else grad_z
+    width = some_grad.shape[1]
+    column = some_grad.new_empty((width,), dtype=torch.float32)
+    return (torch.empty_like(some_grad) if apply_norm else _empty(some_grad),
+            torch.empty_like(some_grad) if dropout_p > 0.0 else _empty(some_grad), column,
+            column.clone() if apply_norm else _empty(some_grad, torch.float32),
+            column.clone() if apply_norm else _empty(some_grad, torch.float32))
 
 
 _POINTER_TYPES = dict.fromkeys(("Mean_ptr", "Rstd_ptr", "dLnW_partial_ptr", "dLnB_partial_ptr", "dBias_partial_ptr"),
@@ -435,8 +503,8 @@ class LinearResidualLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed, rng_offset):
         needs_grad = any(ctx.needs_input_grad[:6])
-        y, z, mean, rstd = linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps,
-                                                    needs_grad, dropout_p, seed, rng_offset)
+        y, z, mean, rstd = torch.ops.fastdetr.linear_layernorm_fwd(x, weight, bias, residual, ln_weight, ln_bias,
+                                                                   eps, needs_grad, dropout_p, seed, rng_offset, True)
         ctx.dropout_p, ctx.seed, ctx.rng_offset = dropout_p, seed, rng_offset
         if needs_grad:
             ctx.save_for_backward(x, weight, z, mean, rstd, ln_weight)
@@ -463,8 +531,9 @@ class LinearResidualFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed, rng_offset):
         apply_norm = ln_weight is not None
-        y, z, mean, rstd = linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps, True,
-                                                    dropout_p, seed, rng_offset, apply_norm=apply_norm)
+        y, z, mean, rstd = torch.ops.fastdetr.linear_layernorm_fwd(x, weight, bias, residual, ln_weight, ln_bias,
+                                                                   eps, True, dropout_p, seed, rng_offset,
+                                                                   apply_norm)
         ctx.dropout_p, ctx.seed, ctx.rng_offset, ctx.apply_norm = dropout_p, seed, rng_offset, apply_norm
         ctx.x_shape, ctx.residual_shape = x.shape, residual.shape
         if any(ctx.needs_input_grad[:6]):

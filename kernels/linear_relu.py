@@ -248,9 +248,20 @@ def linear_relu_backward(grad_h, x, weight, h, dropout_p=0.0):
     masks are read off h, never stored). Returns (dx (M, K), dweight (N, K),
     dbias (N,)), all in x's dtype.
     """
-    grad_h = as_rows(grad_h, grad_h.shape[-1])
+    d_pre, dbias = torch.ops.fastdetr.relu_dropout_bwd(as_rows(grad_h, grad_h.shape[-1]), h, float(dropout_p))
+    dx = d_pre @ weight
+    dweight = d_pre.t() @ x
+    return dx, dweight, dbias.to(x.dtype)
+
+
+# The kernels as torch.library custom ops (`fastdetr::linear_relu_fwd`, with its autograd registered, and
+# `fastdetr::relu_dropout_bwd`), which torch.compile (fullgraph) and CUDA graphs hold as single nodes.
+
+@torch.library.custom_op("fastdetr::relu_dropout_bwd", mutates_args=())
+def relu_dropout_bwd_op(grad_h: torch.Tensor, h: torch.Tensor, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row kernel of `linear_relu_backward`: (d_pre (M, N), dbias (N,) fp32), masks read off h."""
     num_rows, width = h.shape
-    config = block_config("bwd", x.dtype)
+    config = block_config("bwd", h.dtype)
     row_programs = triton.cdiv(num_rows, config["BLOCK_M"])
     d_pre = torch.empty_like(h)
     partials = torch.zeros(row_programs, width, dtype=torch.float32, device=h.device)
@@ -263,10 +274,48 @@ def linear_relu_backward(grad_h, x, weight, h, dropout_p=0.0):
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
-    dbias = partials.sum(dim=0).to(x.dtype)
-    dx = d_pre @ weight
-    dweight = d_pre.t() @ x
-    return dx, dweight, dbias
+    return d_pre, partials.sum(dim=0)
+
+
+@relu_dropout_bwd_op.register_fake
+def _(grad_h, h, dropout_p):
+    return torch.empty_like(h), h.new_empty((h.shape[1],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdetr::linear_relu_fwd", mutates_args=())
+def linear_relu_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dropout_p: float, seed: int,
+                       rng_offset: int, relu: bool, row_mask: torch.Tensor | None) -> torch.Tensor:
+    """`linear_relu_forward` on x's rows, shaped (..., N)."""
+    h = linear_relu_forward(x, weight, bias, dropout_p, seed, rng_offset, relu=relu, row_mask=row_mask)
+    return h.view(*x.shape[:-1], weight.shape[0])
+
+
+@linear_relu_fwd_op.register_fake
+def _(x, weight, bias, dropout_p, seed, rng_offset, relu, row_mask):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_relu_setup_context(ctx, inputs, output):
+    x, weight, bias, dropout_p, seed, rng_offset, relu, row_mask = inputs
+    # ReLU + dropout: the masks are read off the output; masked rows: the mask zeroes the gradient's rows
+    ctx.save_for_backward(x, weight, output if relu else row_mask)
+    ctx.dropout_p, ctx.relu = dropout_p, relu
+
+
+def _linear_relu_backward(ctx, grad_h):
+    x, weight, saved = ctx.saved_tensors
+    rows = as_rows(x, x.shape[-1])
+    if ctx.relu:
+        dx, dweight, dbias = linear_relu_backward(grad_h, rows, weight, as_rows(saved, weight.shape[0]),
+                                                  ctx.dropout_p)
+    else:   # a zeroed row passes no gradient; the rest is a plain linear's backward (cuBLAS GEMMs on a GPU)
+        grad = as_rows(grad_h, grad_h.shape[-1]).masked_fill(saved.reshape(-1, 1), 0.0)
+        dx, dweight, dbias = grad @ weight, grad.t() @ rows, grad.sum(0)
+    return dx.view(x.shape), dweight, dbias, None, None, None, None, None
+
+
+torch.library.register_autograd("fastdetr::linear_relu_fwd", _linear_relu_backward,
+                                setup_context=_linear_relu_setup_context)
 
 
 _POINTER_TYPES = {"dBias_partial_ptr": "*fp32", "RowMask_ptr": "*u8"}
@@ -298,25 +347,8 @@ def aot_configs() -> list[KernelConfig]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd
+# Entry points (differentiable through the ops' registered autograd)
 # ---------------------------------------------------------------------------------------------
-
-class LinearReluDropoutFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, dropout_p, seed, rng_offset):
-        h = linear_relu_forward(x, weight, bias, dropout_p, seed, rng_offset)
-        ctx.dropout_p = dropout_p
-        if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(x, weight, h)
-        ctx.x_shape = x.shape
-        return h.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        x, weight, h = ctx.saved_tensors
-        dx, dweight, dbias = linear_relu_backward(grad_h, as_rows(x, x.shape[-1]), weight, h, ctx.dropout_p)
-        return dx.view(ctx.x_shape), dweight, dbias, None, None, None
-
 
 def linear_relu_dropout(x, weight, bias, dropout_p=0.0):
     """dropout(relu(x @ weight^T + bias)).
@@ -332,24 +364,7 @@ def linear_relu_dropout(x, weight, bias, dropout_p=0.0):
     if x.dtype not in DTYPES or not use_triton(x, weight, bias):   # fp64: the reference
         return linear_relu_dropout_ref(x, weight, bias, dropout_p)
     seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
-    return LinearReluDropoutFunction.apply(x, weight, bias, float(dropout_p), seed, rng_offset)
-
-
-class LinearMaskedRowsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, row_mask):
-        rows = as_rows(x, x.shape[-1])
-        h = linear_relu_forward(rows, weight, bias, relu=False, row_mask=row_mask)
-        ctx.save_for_backward(rows, weight, row_mask)
-        ctx.x_shape = x.shape
-        return h.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        rows, weight, row_mask = ctx.saved_tensors
-        # a zeroed row passes no gradient; the rest is a plain linear's backward (cuBLAS GEMMs on a GPU)
-        grad = as_rows(grad_h, grad_h.shape[-1]).masked_fill(row_mask.reshape(-1, 1), 0.0)
-        return (grad @ weight).view(ctx.x_shape), grad.t() @ rows, grad.sum(0), None
+    return torch.ops.fastdetr.linear_relu_fwd(x, weight, bias, float(dropout_p), seed, rng_offset, True, None)
 
 
 def linear_masked_rows(x, weight, bias, row_mask):
@@ -367,7 +382,7 @@ def linear_masked_rows(x, weight, bias, row_mask):
                          f"got {row_mask.dtype} {tuple(row_mask.shape)}")
     if x.dtype not in DTYPES or not use_triton(x, weight, bias, row_mask):
         return linear_masked_rows_ref(x, weight, bias, row_mask)
-    return LinearMaskedRowsFunction.apply(x, weight, bias, row_mask)
+    return torch.ops.fastdetr.linear_relu_fwd(x, weight, bias, 0.0, 0, 0, False, row_mask)
 
 
 def linear_masked_rows_ref(x, weight, bias, row_mask):
