@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from fastdetr.backend import use_triton
 from fastdetr.kernels.common import (
@@ -890,6 +891,102 @@ def aot_configs() -> list[KernelConfig]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------
+# The launchers as torch.library custom ops in the `fastdetr` namespace, which torch.compile (fullgraph) and
+# CUDA graphs hold as single nodes, each with a fake implementation; the autograd.Functions below are thin
+# callers of them.
+
+def _fake_output(value, queries):
+    batch, _, heads, head_dim = value.shape
+    return value.new_empty((batch, queries, heads * head_dim))
+
+
+@torch.library.custom_op("fastdetr::msda_fwd", mutates_args=())
+def msda_fwd_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                attention_weights: Tensor) -> Tensor:
+    """`ms_deform_attn_forward`: (N, Lq, M * D)."""
+    return ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@msda_fwd_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return _fake_output(value, sampling_locations.shape[1])
+
+
+@torch.library.custom_op("fastdetr::msda_bwd", mutates_args=())
+def msda_bwd_op(grad_out: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                sampling_locations: Tensor, attention_weights: Tensor,
+                deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """`ms_deform_attn_backward`: (dvalue, dlocations, dweights), each in its input's dtype and shape."""
+    return ms_deform_attn_backward(grad_out, value, spatial_shapes, level_start_index, sampling_locations,
+                                   attention_weights, deterministic)
+
+
+@msda_bwd_op.register_fake
+def _(grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, deterministic):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+@torch.library.custom_op("fastdetr::msda_query_fwd", mutates_args=())
+def msda_query_fwd_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, offsets: Tensor,
+                      logits: Tensor, reference_points: Tensor) -> Tensor:
+    """`ms_deform_attn_query_forward` (offsets and logits as rows): (N, Lq, M * D)."""
+    return ms_deform_attn_query_forward(value, spatial_shapes, level_start_index, offsets, logits, reference_points)
+
+
+@msda_query_fwd_op.register_fake
+def _(value, spatial_shapes, level_start_index, offsets, logits, reference_points):
+    return _fake_output(value, reference_points.shape[1])
+
+
+@torch.library.custom_op("fastdetr::msda_query_bwd", mutates_args=())
+def msda_query_bwd_op(grad_out: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                      offsets: Tensor, logits: Tensor, reference_points: Tensor, deterministic: bool,
+                      one_buffer: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`ms_deform_attn_query_backward`: (dvalue, doffsets, dlogits, dreference_points), the middle two fp32 rows.
+    one_buffer: doffsets and dlogits written side by side into one (N * Lq, 3 M L P) fp32 buffer, laid out like
+    the query side's GEMM output, returned as the second output (the third then 0-element)."""
+    if not one_buffer:
+        return ms_deform_attn_query_backward(grad_out, value, spatial_shapes, level_start_index, offsets, logits,
+                                             reference_points, deterministic)
+    split = offsets.shape[1]
+    both = torch.empty(offsets.shape[0], split + logits.shape[1], dtype=torch.float32, device=offsets.device)
+    grad_value, _, _, grad_ref = ms_deform_attn_query_backward(
+        grad_out, value, spatial_shapes, level_start_index, offsets, logits, reference_points, deterministic,
+        grad_offsets=both[:, :split], grad_logits=both[:, split:])
+    return grad_value, both, both.new_empty((0,)), grad_ref
+
+
+@msda_query_bwd_op.register_fake
+def _(grad_out, value, spatial_shapes, level_start_index, offsets, logits, reference_points, deterministic,
+      one_buffer):
+    rows = offsets.shape[0]
+    fp32 = dict(dtype=torch.float32)
+    if one_buffer:
+        grad_offsets = offsets.new_empty((rows, offsets.shape[1] + logits.shape[1]), **fp32)
+        grad_logits = offsets.new_empty((0,), **fp32)
+    else:
+        grad_offsets, grad_logits = (offsets.new_empty(t.shape, **fp32) for t in (offsets, logits))
+    return torch.empty_like(value), grad_offsets, grad_logits, torch.empty_like(reference_points)
+
+
+@torch.library.custom_op("fastdetr::msda_project_fwd", mutates_args=())
+def msda_project_fwd_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, query: Tensor,
+                        offsets_weight: Tensor, offsets_bias: Tensor, logits_weight: Tensor, logits_bias: Tensor,
+                        reference_points: Tensor) -> Tensor:
+    """`ms_deform_attn_project_forward` (inference, the GEMM on chip): (N, Lq, M * D)."""
+    return ms_deform_attn_project_forward(value, spatial_shapes, level_start_index, query, offsets_weight,
+                                          offsets_bias, logits_weight, logits_bias, reference_points)
+
+
+@msda_project_fwd_op.register_fake
+def _(value, spatial_shapes, level_start_index, query, offsets_weight, offsets_bias, logits_weight, logits_bias,
+      reference_points):
+    return _fake_output(value, reference_points.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------
 
@@ -902,8 +999,9 @@ class MSDeformAttnFunction(torch.autograd.Function):
         sampling_locations, attention_weights = sampling_locations.contiguous(), attention_weights.contiguous()
         ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         ctx.deterministic = deterministic
-        return ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
-                                      attention_weights)
+        # the level tables made int32 outside the op, where a dispatch mode (fastdetr.measure) sees the copy
+        return torch.ops.fastdetr.msda_fwd(value, _int32(spatial_shapes), _int32(level_start_index),
+                                           sampling_locations, attention_weights)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -911,9 +1009,9 @@ class MSDeformAttnFunction(torch.autograd.Function):
         deterministic = ctx.deterministic
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
-        grad_value, grad_loc, grad_attn = ms_deform_attn_backward(
+        grad_value, grad_loc, grad_attn = torch.ops.fastdetr.msda_bwd(
             grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-            deterministic)
+            bool(deterministic))
         return grad_value, None, None, grad_loc, grad_attn, None
 
 
@@ -979,8 +1077,8 @@ class MSDeformAttnQueryFunction(torch.autograd.Function):
         ctx.save_for_backward(value, spatial_shapes, level_start_index, offsets, logits, reference_points)
         ctx.deterministic = deterministic
         ctx.inputs = (sampling_offsets.shape, sampling_offsets.dtype), (attention_logits.shape, attention_logits.dtype)
-        return ms_deform_attn_query_forward(value, spatial_shapes, level_start_index, offsets, logits,
-                                            reference_points)
+        return torch.ops.fastdetr.msda_query_fwd(value, _int32(spatial_shapes), _int32(level_start_index), offsets,
+                                                 logits, reference_points)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -988,8 +1086,9 @@ class MSDeformAttnQueryFunction(torch.autograd.Function):
         deterministic = ctx.deterministic
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
-        grad_value, grad_off, grad_logit, grad_ref = ms_deform_attn_query_backward(
-            grad_out, value, spatial_shapes, level_start_index, offsets, logits, reference_points, deterministic)
+        grad_value, grad_off, grad_logit, grad_ref = torch.ops.fastdetr.msda_query_bwd(
+            grad_out, value, spatial_shapes, level_start_index, offsets, logits, reference_points,
+            bool(deterministic), False)
         (offsets_shape, offsets_dtype), (logits_shape, logits_dtype) = ctx.inputs
         return (grad_value, None, None, grad_off.view(offsets_shape).to(offsets_dtype),
                 grad_logit.view(logits_shape).to(logits_dtype), grad_ref, None)
@@ -1041,8 +1140,8 @@ class MSDeformAttnProjectedFunction(torch.autograd.Function):
         weight, bias = _stacked(offsets_weight, offsets_bias, logits_weight, logits_bias, dtype)
         both = as_rows(F.linear(query.to(dtype), weight, bias), weight.shape[0])
         split = offsets_weight.shape[0]
-        out = ms_deform_attn_query_forward(value, spatial_shapes, level_start_index, both[:, :split],
-                                           both[:, split:], reference_points)
+        out = torch.ops.fastdetr.msda_query_fwd(value, _int32(spatial_shapes), _int32(level_start_index),
+                                                both[:, :split], both[:, split:], reference_points)
         ctx.save_for_backward(value, spatial_shapes, level_start_index, query, offsets_weight, offsets_bias,
                               logits_weight, logits_bias, reference_points)
         ctx.dtype, ctx.deterministic = dtype, deterministic
@@ -1059,10 +1158,9 @@ class MSDeformAttnProjectedFunction(torch.autograd.Function):
         rows = as_rows(query.to(ctx.dtype), query.shape[-1])
         both = F.linear(rows, weight, bias)                     # recomputed: the same GEMM as the forward's
         split = offsets_weight.shape[0]
-        grad_both = torch.empty(both.shape, dtype=torch.float32, device=both.device)
-        grad_value, _, _, grad_ref = ms_deform_attn_query_backward(
+        grad_value, grad_both, _, grad_ref = torch.ops.fastdetr.msda_query_bwd(
             grad_out, value, spatial_shapes, level_start_index, both[:, :split], both[:, split:], reference_points,
-            deterministic, grad_offsets=grad_both[:, :split], grad_logits=grad_both[:, split:])
+            bool(deterministic), True)
         grad_both = grad_both.to(ctx.dtype)
         grad_query = (grad_both @ weight).view(query.shape).to(query.dtype)
         grad_weight = grad_both.t() @ rows
@@ -1119,8 +1217,8 @@ def ms_deform_attn_projected(value, spatial_shapes, level_start_index, query, of
     if gemm_on_chip and levels * points <= MAX_PROJECT_SAMPLES and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         # inference: the GEMM on chip as well, nothing but the output written
-        return ms_deform_attn_project_forward(
-            value, spatial_shapes, level_start_index, query.to(dtype), offsets_weight.to(dtype),
+        return torch.ops.fastdetr.msda_project_fwd(
+            value, _int32(spatial_shapes), _int32(level_start_index), query.to(dtype), offsets_weight.to(dtype),
             offsets_bias.to(dtype), logits_weight.to(dtype), logits_bias.to(dtype), reference_points)
     return MSDeformAttnProjectedFunction.apply(value, spatial_shapes, level_start_index, query, offsets_weight,
                                                offsets_bias, logits_weight, logits_bias, reference_points, dtype,

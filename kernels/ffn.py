@@ -272,6 +272,23 @@ def aot_configs() -> list[KernelConfig]:
     return configs
 
 
+# The kernel as a torch.library custom op (`fastdetr::ffn_inference`), which torch.compile (fullgraph) and
+# CUDA graphs hold as one node. Inference only: no autograd is registered (`ffn_inference` takes the reference
+# when a gradient is needed).
+
+@torch.library.custom_op("fastdetr::ffn_inference", mutates_args=())
+def ffn_inference_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                     residual: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
+                     eps: float) -> torch.Tensor:
+    """`ffn_inference_forward` on x's rows, shaped like x."""
+    return ffn_inference_forward(x, w1, b1, w2, b2, residual, ln_weight, ln_bias, eps).view(x.shape)
+
+
+@ffn_inference_op.register_fake
+def _(x, w1, b1, w2, b2, residual, ln_weight, ln_bias, eps):
+    return x.new_empty(x.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +317,7 @@ def ffn_inference(x, w1, b1, w2, b2, residual, ln_weight=None, ln_bias=None, eps
     if (x.dtype not in DTYPES or w1.shape[1] > MAX_FUSED_WIDTH or _needs_grad(tensors)
             or not use_triton(*tensors)):
         return ffn_inference_ref(x, w1, b1, w2, b2, residual, ln_weight, ln_bias, eps)
-    out = ffn_inference_forward(x, w1, b1, w2, b2, residual, ln_weight, ln_bias, eps)
-    return out.view(x.shape)
+    return torch.ops.fastdetr.ffn_inference(x, w1, b1, w2, b2, residual, ln_weight, ln_bias, float(eps))
 
 
 def ffn_inference_ref(x, w1, b1, w2, b2, residual, ln_weight=None, ln_bias=None, eps=1e-5):

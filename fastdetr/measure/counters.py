@@ -93,7 +93,8 @@ class WrittenBytes(TorchDispatchMode):
 
     A fused kernel's outputs are the tensors its launcher allocates (`aten.empty` and friends), so they count
     too; wrap the block in a `TritonLaunchCounter` as well under the interpreter, which hides the copies it
-    makes around each launch.
+    makes around each launch. A `fastdetr::` custom op counts as one op: its outputs count, the layout copies a
+    launcher inside it may make (of an input with an inner stride other than 1) do not.
     """
 
     def __init__(self) -> None:
