@@ -300,6 +300,16 @@ def assignment_forward(cost: Tensor, num_rows: Tensor, num_cols: Tensor) -> Assi
                 f"assignment_forward: {name} must be a [{num_problems}] tensor on {cost.device}, "
                 f"got shape {tuple(sizes.shape)} on {sizes.device}"
             )
+    return Assignment(*torch.ops.fastdetr.assignment(cost, num_rows, num_cols))
+
+
+# The kernel as a torch.library custom op (`fastdetr::assignment`), which torch.compile (fullgraph) and CUDA
+# graphs hold as one node: (col_for_row, row_ind, col_ind, status), `Assignment`'s fields.
+
+@torch.library.custom_op("fastdetr::assignment", mutates_args=())
+def assignment_op(cost: Tensor, num_rows: Tensor, num_cols: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`assignment_forward`'s launch, its arguments checked."""
+    num_problems, n_max, m_max = cost.shape
     k_max = min(n_max, m_max)
     device = cost.device
     col_for_row = torch.empty((num_problems, n_max), dtype=torch.int64, device=device)
@@ -309,7 +319,7 @@ def assignment_forward(cost: Tensor, num_rows: Tensor, num_cols: Tensor) -> Assi
     if num_problems == 0 or k_max == 0:  # nothing to assign, and no entry to check
         col_for_row.fill_(-1)
         status.zero_()
-        return Assignment(col_for_row, row_ind, col_ind, status)
+        return col_for_row, row_ind, col_ind, status
     block, num_warps = _launch_config(max(n_max, m_max))
     cost = cost.to(torch.float32).contiguous()
     _assignment_fwd_kernel[(num_problems,)](
@@ -329,7 +339,16 @@ def assignment_forward(cost: Tensor, num_rows: Tensor, num_cols: Tensor) -> Assi
         BLOCK=block,
         num_warps=num_warps,
     )
-    return Assignment(col_for_row, row_ind, col_ind, status)
+    return col_for_row, row_ind, col_ind, status
+
+
+@assignment_op.register_fake
+def _(cost, num_rows, num_cols):
+    num_problems, n_max, m_max = cost.shape
+    k_max = min(n_max, m_max)
+    index = dict(dtype=torch.int64)
+    return (cost.new_empty((num_problems, n_max), **index), cost.new_empty((num_problems, k_max), **index),
+            cost.new_empty((num_problems, k_max), **index), cost.new_empty((num_problems,), dtype=torch.int32))
 
 
 def padded_assignment(cost: Tensor, num_rows: Sequence[int], num_cols: Sequence[int]) -> Assignment:

@@ -186,6 +186,22 @@ def matching_cost_forward(logits, boxes, target_labels, target_boxes, weight_cla
     return cost
 
 
+# The kernel as a torch.library custom op (`fastdetr::matching_cost`), which torch.compile (fullgraph) and CUDA
+# graphs hold as one node; no gradient (the matcher runs under no_grad).
+
+@torch.library.custom_op("fastdetr::matching_cost", mutates_args=())
+def matching_cost_op(logits: torch.Tensor, boxes: torch.Tensor, target_labels: torch.Tensor,
+                     target_boxes: torch.Tensor, weight_class: float, weight_bbox: float,
+                     weight_giou: float) -> torch.Tensor:
+    """`matching_cost_forward`: (P, Q, T) fp32."""
+    return matching_cost_forward(logits, boxes, target_labels, target_boxes, weight_class, weight_bbox, weight_giou)
+
+
+@matching_cost_op.register_fake
+def _(logits, boxes, target_labels, target_boxes, weight_class, weight_bbox, weight_giou):
+    return logits.new_empty((logits.shape[0], logits.shape[1], target_labels.shape[1]), dtype=torch.float32)
+
+
 _POINTER_TYPES = {"Labels_ptr": "*i64", "TargetBoxes_ptr": "*fp32", "Cost_ptr": "*fp32"}
 _FLOAT_ARGS = ("weight_class", "weight_bbox", "weight_giou")
 
@@ -223,5 +239,5 @@ def matching_cost(logits, boxes, target_labels, target_boxes, weight_class=1.0, 
                            f"got tensors on {logits.device}. fastdetr.matcher.matching_cost_ref is the "
                            "plain-PyTorch cost")
     with torch.no_grad():
-        return matching_cost_forward(logits, boxes, target_labels, target_boxes, weight_class, weight_bbox,
-                                     weight_giou)
+        return torch.ops.fastdetr.matching_cost(logits, boxes, target_labels, target_boxes, float(weight_class),
+                                                float(weight_bbox), float(weight_giou))
