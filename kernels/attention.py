@@ -21,9 +21,10 @@ How it differs from the flash-attention Triton kernels it learns from:
 - A query row whose keys are all padded gets zeros and zero gradients (PyTorch's
   softmax returns NaN there).
 - Dropout on the attention probabilities with Philox, counter = (key index, query
-  index, batch * heads + head, offset) and key = seed; seed and offset are drawn
-  on the host from torch's CPU generator (no device sync). Backward regenerates
-  the same mask from the same counters.
+  index, batch * heads + head, offset) and key = seed; seed and offset are a
+  (2,) int32 device tensor the kernels read (`common.dropout_key`, drawn by the
+  device's generator: no sync, new masks at each CUDA-graph replay or compiled
+  call). Backward regenerates the same mask from the same counters and tensor.
 - The output and the gradients are allocated as views of (L, B, H, D) storage,
   the layout `nn.MultiheadAttention` reshapes to and from, so no copy is needed
   on either side of the kernel.
@@ -57,8 +58,10 @@ from fastdetr.kernels.common import (
     _dot,
     _upcast_dot,
     aot_signature,
-    draw_dropout_seed,
+    dropout_key,
+    launch_key,
     unit_last_stride,
+    unused_dropout_key,
 )
 
 # limits (module docstring)
@@ -166,10 +169,9 @@ def _load_kv_block(it, masked, k_base_ptr, v_base_ptr, stride_k_s, stride_v_s,
 # Masking and dropout are runtime arguments, not constexprs: the masked variant
 # costs one predicated load per key block when off, the dropout branch is uniform
 # per program, and four times fewer variants keep the ahead-of-time set small.
-# `has_mask`, `seed`, `rng_offset` are not specialised (a value of 1 would
-# otherwise compile a variant of its own).
+# `has_mask` is not specialised (a value of 1 would otherwise compile a variant of its own).
 
-@triton.jit(do_not_specialize=["has_mask", "seed", "rng_offset"])
+@triton.jit(do_not_specialize=["has_mask"])
 def _attention_fwd_kernel(
     Q_ptr, K_ptr, V_ptr,                      # (B, H, L, D), (B, H, S, D), (B, H, S, D); last stride 1
     Out_ptr,                                  # (B, H, L, D) in q's dtype; last stride 1
@@ -184,7 +186,7 @@ def _attention_fwd_kernel(
     num_heads, seq_len_q, seq_len_k, num_kv_blocks,
     has_mask,                                 # 0 / 1
     qk_scale,                                 # softmax scale * log2(e)
-    dropout_p, seed, rng_offset,              # dropout off when dropout_p == 0
+    dropout_p, DropoutKey_ptr,              # dropout off when dropout_p == 0
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     COUNT_VISITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -198,6 +200,8 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len_q
     masked = has_mask != 0
+    seed = tl.load(DropoutKey_ptr)            # the dropout key, read once (allocated, unused, without dropout)
+    rng_offset = tl.load(DropoutKey_ptr + 1)
 
     q = tl.load(Q_ptr + b64 * stride_q_b + h64 * stride_q_h + offs_m.to(tl.int64)[:, None] * stride_q_l
                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -247,7 +251,7 @@ def _attention_fwd_kernel(
         tl.store(block_visits_ptr + row_index, tl.zeros([BLOCK_M], tl.int32) + num_iters, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["has_mask", "seed", "rng_offset"])
+@triton.jit(do_not_specialize=["has_mask"])
 def _attention_bwd_dq_kernel(
     Q_ptr, K_ptr, V_ptr, Out_ptr, dOut_ptr,   # (B, H, L, D), (B, H, S, D) x 2, (B, H, L, D) x 2
     dQ_ptr,                                   # (B, H, L, D) in q's dtype
@@ -265,7 +269,7 @@ def _attention_bwd_dq_kernel(
     num_heads, seq_len_q, seq_len_k, num_kv_blocks,
     has_mask,
     sm_scale, qk_scale,                       # softmax scale, and it times log2(e)
-    dropout_p, seed, rng_offset,
+    dropout_p, DropoutKey_ptr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     COUNT_VISITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -312,7 +316,8 @@ def _attention_bwd_dq_kernel(
         if dropout_p > 0.0:
             query_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             key_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-            keep = _attention_dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
+            keep = _attention_dropout_keep(tl.load(DropoutKey_ptr), tl.load(DropoutKey_ptr + 1), pid_bh, query_ids,
+                                           key_ids, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
@@ -325,7 +330,7 @@ def _attention_bwd_dq_kernel(
         tl.store(block_visits_ptr + row_index, tl.zeros([BLOCK_M], tl.int32) + num_iters, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["has_mask", "seed", "rng_offset"])
+@triton.jit(do_not_specialize=["has_mask"])
 def _attention_bwd_dkdv_kernel(
     Q_ptr, K_ptr, V_ptr, dOut_ptr,            # (B, H, L, D), (B, H, S, D) x 2, (B, H, L, D)
     dK_ptr, dV_ptr,                           # (B, H, S, D) in k's dtype
@@ -341,7 +346,7 @@ def _attention_bwd_dkdv_kernel(
     num_heads, seq_len_q, seq_len_k,
     has_mask,
     sm_scale, qk_scale,
-    dropout_p, seed, rng_offset,
+    dropout_p, DropoutKey_ptr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     COUNT_VISITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -389,7 +394,8 @@ def _attention_bwd_dkdv_kernel(
         if dropout_p > 0.0:
             query_ids = offs_m[None, :] + tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
             key_ids = offs_n[:, None] + tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
-            keep = _attention_dropout_keep(seed, rng_offset, pid_bh, query_ids, key_ids, dropout_p)
+            keep = _attention_dropout_keep(tl.load(DropoutKey_ptr), tl.load(DropoutKey_ptr + 1), pid_bh, query_ids,
+                                           key_ids, dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
             p_dropped = tl.where(keep, p_t * inv_keep, 0.0)
             dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
@@ -495,11 +501,12 @@ def _mask_args(key_padding_mask, kv_table, block_n, like):
 
 
 def attention_forward(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0, rng_offset=0,
-                      block_visits=None, kv_table=None):
+                      block_visits=None, kv_table=None, dropout_key=None):
     """Launch the forward kernel.
 
     q: (B, H, L, D), k and v: (B, H, S, D), any strides; key_padding_mask: (B, S)
-    bool or None; seed, rng_offset: ints in [0, 2**31) keying the dropout RNG.
+    bool or None; seed, rng_offset: ints in [0, 2**31) keying the dropout RNG, or dropout_key: the (2,) int32
+    device tensor of them (`fastdetr.kernels.common.dropout_key`), which wins.
     block_visits: optional (B, H, L) int32 tensor, filled with the number of key
     blocks the program of each query row visited (a test instrument).
     kv_table: the mask's KeyBlockTable (`key_block_table`), used when it is for
@@ -522,6 +529,7 @@ def attention_forward(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None,
         return out.zero_(), lse.fill_(float("inf")), None
 
     mask_u8, table, placeholder = _mask_args(key_padding_mask, kv_table, config["BLOCK_N"], q)
+    key = launch_key(dropout_key, seed, rng_offset, q.device)
     grid = (triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)
     _attention_fwd_kernel[grid](
         q, k, v, out, lse,
@@ -534,7 +542,7 @@ def attention_forward(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None,
         heads, seq_q, seq_k, triton.cdiv(seq_k, config["BLOCK_N"]),
         int(key_padding_mask is not None),
         scale * _LOG2E,
-        float(dropout_p), int(seed), int(rng_offset),
+        float(dropout_p), key,
         HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         COUNT_VISITS=block_visits is not None, DOT_PRECISION=config["DOT_PRECISION"],
         UPCAST_DOT=_upcast_dot(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -543,7 +551,8 @@ def attention_forward(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None,
 
 
 def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=None, kv_table=None, dropout_p=0.0,
-                       scale=None, seed=0, rng_offset=0, dq_block_visits=None, dkv_block_visits=None):
+                       scale=None, seed=0, rng_offset=0, dq_block_visits=None, dkv_block_visits=None,
+                       dropout_key=None):
     """Launch the backward kernels: dQ (with delta = rowsum(dO * O) fused in), then dK/dV.
 
     Two kernels rather than one with atomics: the dK/dV kernel owns a key block
@@ -576,6 +585,7 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=None, kv_ta
         kv_table = KeyBlockTable(*kv_table, block_config("fwd", q.dtype)["BLOCK_N"])
     mask_u8, table, placeholder = _mask_args(key_padding_mask, kv_table, dq_config["BLOCK_N"], q)
     delta = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
+    key = launch_key(dropout_key, seed, rng_offset, q.device)
     has_mask = int(key_padding_mask is not None)
     _attention_bwd_dq_kernel[(triton.cdiv(seq_q, dq_config["BLOCK_M"]), batch * heads)](
         q, k, v, out, grad_out, dq, lse, delta,
@@ -590,7 +600,7 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=None, kv_ta
         heads, seq_q, seq_k, triton.cdiv(seq_k, dq_config["BLOCK_N"]),
         has_mask,
         scale, scale * _LOG2E,
-        float(dropout_p), int(seed), int(rng_offset),
+        float(dropout_p), key,
         HEAD_DIM=head_dim, BLOCK_M=dq_config["BLOCK_M"], BLOCK_N=dq_config["BLOCK_N"],
         COUNT_VISITS=dq_block_visits is not None, DOT_PRECISION=dq_config["DOT_PRECISION"],
         UPCAST_DOT=_upcast_dot(q.dtype), num_warps=dq_config["num_warps"], num_stages=dq_config["num_stages"],
@@ -608,7 +618,7 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=None, kv_ta
         heads, seq_q, seq_k,
         has_mask,
         scale, scale * _LOG2E,
-        float(dropout_p), int(seed), int(rng_offset),
+        float(dropout_p), key,
         HEAD_DIM=head_dim, BLOCK_M=dkdv_config["BLOCK_M"], BLOCK_N=dkdv_config["BLOCK_N"],
         COUNT_VISITS=dkv_block_visits is not None, DOT_PRECISION=dkdv_config["DOT_PRECISION"],
         UPCAST_DOT=_upcast_dot(q.dtype), num_warps=dkdv_config["num_warps"], num_stages=dkdv_config["num_stages"],
@@ -657,15 +667,16 @@ def aot_configs() -> list[KernelConfig]:
 @torch.library.custom_op("fastdetr::attention_fwd", mutates_args=())
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
                      block_index: torch.Tensor | None, block_count: torch.Tensor | None, block_n: int,
-                     dropout_p: float, scale: float, seed: int, rng_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     dropout_p: float, scale: float, dropout_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, L, D) as a view of (L, B, H, D) storage, lse (B, H, L) fp32): `attention_forward`."""
     table = None if block_index is None else KeyBlockTable(block_index, block_count, block_n)
-    out, lse, _ = attention_forward(q, k, v, key_padding_mask, dropout_p, scale, seed, rng_offset, kv_table=table)
+    out, lse, _ = attention_forward(q, k, v, key_padding_mask, dropout_p, scale, kv_table=table,
+                                    dropout_key=dropout_key)
     return out, lse
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, block_index, block_count, block_n, dropout_p, scale, seed, rng_offset):
+def _(q, k, v, key_padding_mask, block_index, block_count, block_n, dropout_p, scale, dropout_key):
     batch, heads, seq_q, head_dim = q.shape
     return (_mha_layout_empty(batch, heads, seq_q, head_dim, q),
             q.new_empty((batch, heads, seq_q), dtype=torch.float32))
@@ -674,17 +685,17 @@ def _(q, k, v, key_padding_mask, block_index, block_count, block_n, dropout_p, s
 @torch.library.custom_op("fastdetr::attention_bwd", mutates_args=())
 def attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                      lse: torch.Tensor, key_padding_mask: torch.Tensor | None, block_index: torch.Tensor | None,
-                     block_count: torch.Tensor | None, block_n: int, dropout_p: float, scale: float, seed: int,
-                     rng_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     block_count: torch.Tensor | None, block_n: int, dropout_p: float, scale: float,
+                     dropout_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each a (B, H, seq, D) view of (seq, B, H, D) storage: `attention_backward`."""
     table = None if block_index is None else KeyBlockTable(block_index, block_count, block_n)
-    return attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, table, dropout_p, scale, seed,
-                              rng_offset)
+    return attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, table, dropout_p, scale,
+                              dropout_key=dropout_key)
 
 
 @attention_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, key_padding_mask, block_index, block_count, block_n, dropout_p, scale, seed,
-      rng_offset):
+def _(grad_out, q, k, v, out, lse, key_padding_mask, block_index, block_count, block_n, dropout_p, scale,
+      dropout_key):
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     return (_mha_layout_empty(batch, heads, seq_q, head_dim, q), _mha_layout_empty(batch, heads, seq_k, head_dim, k),
@@ -692,18 +703,18 @@ def _(grad_out, q, k, v, out, lse, key_padding_mask, block_index, block_count, b
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, block_index, block_count, block_n, dropout_p, scale, seed, rng_offset = inputs
+    q, k, v, key_padding_mask, block_index, block_count, block_n, dropout_p, scale, key = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, block_index, block_count)
-    ctx.numbers = (block_n, dropout_p, scale, seed, rng_offset)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, block_index, block_count, key)
+    ctx.numbers = (block_n, dropout_p, scale)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask, block_index, block_count = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, block_index, block_count, key = ctx.saved_tensors
     dq, dk, dv = torch.ops.fastdetr.attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, block_index,
-                                                  block_count, *ctx.numbers)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                                  block_count, *ctx.numbers, key)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastdetr::attention_fwd", _attention_backward, setup_context=_attention_setup_context)
@@ -732,12 +743,12 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, kv_tabl
     _check_inputs(q, k, v, key_padding_mask, dropout_p)
     if q.dtype not in DTYPES or not use_triton(q, k, v, key_padding_mask):
         return attention_ref(q, k, v, key_padding_mask, dropout_p, scale)
-    seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
+    key = dropout_key(q.device) if dropout_p > 0.0 else unused_dropout_key(q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     table = (None if key_padding_mask is None
              else _table_for(key_padding_mask, kv_table, block_config("fwd", q.dtype)["BLOCK_N"]))
     out, _ = torch.ops.fastdetr.attention_fwd(q, k, v, key_padding_mask, *(table or (None, None, 0)),
-                                              float(dropout_p), scale, seed, rng_offset)
+                                              float(dropout_p), scale, key)
     return out
 
 

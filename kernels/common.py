@@ -1,8 +1,9 @@
 """Pieces shared by the Triton kernels of `fastdetr.kernels`, each written once.
 
-- Launcher helpers (plain Python): `draw_dropout_seed` (the dropout RNG key,
-  from torch's CPU generator), `unit_last_stride` and `as_rows` (the layouts
-  the kernels index: last stride 1, rows of a given width).
+- Launcher helpers (plain Python): `dropout_key` (the dropout RNG key, a device
+  tensor drawn by that device's generator; `fixed_dropout_key`,
+  `unused_dropout_key`, `launch_key`), `unit_last_stride` and `as_rows` (the
+  layouts the kernels index: last stride 1, rows of a given width).
 - `@triton.jit` helpers, inlined into the kernels that call them: `_dot` (the
   bf16 workaround below), the two Philox dropout masks (`_gemm_dropout_keep`
   for the (row, column) tiles of the GEMM-epilogue kernels,
@@ -36,14 +37,30 @@ from fastdetr.backend import interpreter_enabled
 _INT32_LIMIT = 2**31
 
 
-def draw_dropout_seed() -> tuple[int, int]:
-    """(seed, rng_offset), ints in [0, 2**31 - 1) keying a kernel's Philox dropout.
+def dropout_key(device: torch.device | str) -> torch.Tensor:
+    """The (2,) int32 tensor (seed, rng_offset), values in [0, 2**31 - 1), keying a kernel's Philox dropout.
 
-    Drawn from torch's CPU generator: reproducible under `torch.manual_seed`, and
-    never a device sync.
+    Drawn on `device` by torch's generator of that device (`torch.randint`): no host sync, reproducible under
+    `torch.manual_seed`, and advanced by the device's generator at every call, so a step replayed as a CUDA
+    graph (whose capture registers that generator) or run by torch.compile draws new masks each time. The
+    kernels read it from memory; forward and backward of one call share the tensor.
     """
-    seed, rng_offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
-    return seed, rng_offset
+    return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int32, device=device)
+
+
+def fixed_dropout_key(seed: int, rng_offset: int, device: torch.device | str) -> torch.Tensor:
+    """A given (seed, rng_offset) as a dropout key tensor (tests and mask recovery; a host-to-device copy)."""
+    return torch.tensor([seed, rng_offset], dtype=torch.int32, device=device)
+
+
+def unused_dropout_key(device: torch.device | str) -> torch.Tensor:
+    """The key argument of a launch without dropout: allocated, never written (no launch), never used."""
+    return torch.empty(2, dtype=torch.int32, device=device)
+
+
+def launch_key(key: torch.Tensor | None, seed: int, rng_offset: int, device) -> torch.Tensor:
+    """A launcher's key: `key` when given, else one made of the ints (launchers called directly)."""
+    return key if key is not None else fixed_dropout_key(seed, rng_offset, device)
 
 
 def unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
@@ -158,7 +175,7 @@ def aot_signature(kernel, dtype_name: str, pointer_types: Mapping[str, str] | No
     "*u8"); scalars in `float_args` are fp32, every other scalar i32 (sizes and
     strides of tensors under 2**31 elements).
     """
-    pointer_types = pointer_types or {}
+    pointer_types = {"DropoutKey_ptr": "*i32", **(pointer_types or {})}   # every dropout kernel's key
     signature = {}
     for name in kernel.arg_names:
         if name.isupper():

@@ -65,8 +65,10 @@ from fastdetr.kernels.common import (
     _upcast_dot,
     aot_signature,
     as_rows,
-    draw_dropout_seed,
+    dropout_key,
+    launch_key,
     unit_last_stride,
+    unused_dropout_key,
 )
 
 # limits (module docstring)
@@ -159,7 +161,7 @@ def block_config(kernel: str, dtype: torch.dtype, width: int, apply_norm: bool =
 # does not use. `store_preln`, and the backward's `apply_norm` and `has_dz_in`, are runtime arguments
 # (uniform branches per launch), unspecialised so the value 1 compiles no variant of its own.
 
-@triton.jit(do_not_specialize=["store_preln", "seed", "rng_offset"])
+@triton.jit(do_not_specialize=["store_preln"])
 def _linear_layernorm_fwd_kernel(
     X_ptr,                      # (M, K), last stride 1
     W_ptr,                      # (N, K), last stride 1
@@ -173,7 +175,7 @@ def _linear_layernorm_fwd_kernel(
     num_rows, num_cols, inner_dim,   # M, N, K
     eps,
     store_preln,                # 0 / 1 (1 when not APPLY_NORM)
-    dropout_p, seed, rng_offset,   # dropout on (x W^T + b), used when DROPOUT
+    dropout_p, DropoutKey_ptr,   # dropout on (x W^T + b), used when DROPOUT
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     APPLY_NORM: tl.constexpr,   # False: pre-norm's plain residual add (z only)
@@ -219,7 +221,7 @@ def _linear_layernorm_fwd_kernel(
         if DROPOUT:
             row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-            keep = _gemm_dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
+            keep = _gemm_dropout_keep(tl.load(DropoutKey_ptr), tl.load(DropoutKey_ptr + 1), row_ids, col_ids, dropout_p)
             acc = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
         residual = tl.load(Residual_ptr + rows * stride_res_m + cols[None, :], mask=mask, other=0.0)
         z = acc + residual.to(tl.float32)
@@ -233,7 +235,7 @@ def _linear_layernorm_fwd_kernel(
         tl.store(PreLN_ptr + rows * stride_z_m + cols[None, :], z.to(PreLN_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["apply_norm", "has_dz_in", "seed", "rng_offset"])
+@triton.jit(do_not_specialize=["apply_norm", "has_dz_in"])
 def _layernorm_bwd_kernel(
     dY_ptr,                     # (M, N), last stride 1: gradient of y (read if apply_norm)
     PreLN_ptr,                  # (M, N) z from forward, last stride 1 (read if apply_norm)
@@ -246,7 +248,7 @@ def _layernorm_bwd_kernel(
     stride_dy_m, stride_z_m, stride_dzin_m, stride_dz_m, stride_dlin_m,
     num_rows, num_cols,         # M, N
     apply_norm, has_dz_in,      # 0 / 1 each; at least one is 1
-    dropout_p, seed, rng_offset,   # as in forward
+    dropout_p, DropoutKey_ptr,   # as in forward
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -282,7 +284,7 @@ def _layernorm_bwd_kernel(
     if dropout_p > 0.0:
         row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
         col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-        keep = _gemm_dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
+        keep = _gemm_dropout_keep(tl.load(DropoutKey_ptr), tl.load(DropoutKey_ptr + 1), row_ids, col_ids, dropout_p)
         d_lin = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
         tl.store(dLin_ptr + rows * stride_dlin_m + offs_n[None, :], d_lin.to(dLin_ptr.dtype.element_ty),
                  mask=mask)
@@ -295,11 +297,12 @@ def _layernorm_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 def linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, store_preln=True,
-                             dropout_p=0.0, seed=0, rng_offset=0, apply_norm=True):
+                             dropout_p=0.0, seed=0, rng_offset=0, apply_norm=True, dropout_key=None):
     """Launch the forward kernel.
 
     x: (M, K), weight: (N, K), residual: (M, N), bias / ln_weight / ln_bias: (N,),
-    N <= 256, one dtype; seed, rng_offset: ints in [0, 2**31) keying the dropout
+    N <= 256, one dtype; seed, rng_offset: ints in [0, 2**31) keying the dropout (or dropout_key, their (2,)
+    int32 device tensor, which wins)
     RNG (kept values scaled by 1 / (1 - dropout_p)). Returns (y (M, N) in x's
     dtype, z (M, N) pre-norm sum, mean (M,) fp32, rstd (M,) fp32); z is None
     unless store_preln; y, mean and rstd are None unless apply_norm (then the
@@ -330,12 +333,13 @@ def linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps=
     z_arg = z if z is not None else y
     stats = (mean, rstd) if apply_norm else (torch.empty(0, dtype=torch.float32, device=x.device),) * 2
     norm_params = (ln_weight, ln_bias) if apply_norm else (bias, bias)
+    key = launch_key(dropout_key, seed, rng_offset, x.device)
     _linear_layernorm_fwd_kernel[(triton.cdiv(num_rows, config["BLOCK_M"]),)](
         x, weight, bias, residual, *norm_params, y_arg, z_arg, *stats,
         x.stride(0), weight.stride(0), residual.stride(0), y_arg.stride(0), z_arg.stride(0),
         num_rows, width, inner,
         float(eps), int(store_preln),
-        float(dropout_p), int(seed), int(rng_offset),
+        float(dropout_p), key,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         DOT_PRECISION=config["DOT_PRECISION"], UPCAST_DOT=_upcast_dot(x.dtype),
         APPLY_NORM=config["APPLY_NORM"], DROPOUT=config["DROPOUT"],
@@ -345,7 +349,7 @@ def linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps=
 
 
 def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight, dropout_p=0.0, seed=0, rng_offset=0,
-                              grad_z=None):
+                              grad_z=None, dropout_key=None):
     """LayerNorm (and dropout) backward in Triton, then the GEMM gradients with torch matmuls.
 
     grad_y: (M, N) gradient of y = LayerNorm(z), or None when y was not an
@@ -364,7 +368,8 @@ def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight, dropo
     some_grad = grad_y if apply_norm else grad_z
     if apply_norm or dropout_p > 0.0:
         dz, d_lin, dbias, dln_weight, dln_bias = torch.ops.fastdetr.layernorm_bwd(
-            grad_y, z, ln_weight, mean, rstd, grad_z, float(dropout_p), int(seed), int(rng_offset))
+            grad_y, z, ln_weight, mean, rstd, grad_z, float(dropout_p),
+            launch_key(dropout_key, seed, rng_offset, x.device))
         dz = dz if apply_norm else grad_z
         d_lin = d_lin if dropout_p > 0.0 else dz
         dbias = dbias.to(x.dtype)
@@ -390,18 +395,18 @@ def _empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
 @torch.library.custom_op("fastdetr::linear_layernorm_fwd", mutates_args=())
 def linear_layernorm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
                             ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float,
-                            store_preln: bool, dropout_p: float, seed: int, rng_offset: int,
+                            store_preln: bool, dropout_p: float, dropout_key: torch.Tensor,
                             apply_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`linear_layernorm_forward` on x's and residual's rows: (y (M, N), z (M, N), mean (M,), rstd (M,))."""
     y, z, mean, rstd = linear_layernorm_forward(x, weight, bias, residual, ln_weight, ln_bias, eps, store_preln,
-                                                dropout_p, seed, rng_offset, apply_norm=apply_norm)
+                                                dropout_p, apply_norm=apply_norm, dropout_key=dropout_key)
     if y is None:
         y, mean, rstd = _empty(x), _empty(x, torch.float32), _empty(x, torch.float32)
     return y, (z if z is not None else _empty(x)), mean, rstd
 
 
 @linear_layernorm_fwd_op.register_fake
-def _(x, weight, bias, residual, ln_weight, ln_bias, eps, store_preln, dropout_p, seed, rng_offset, apply_norm):
+def _(x, weight, bias, residual, ln_weight, ln_bias, eps, store_preln, dropout_p, dropout_key, apply_norm):
     rows = x.numel() // x.shape[-1]
     rows_by_width = (rows, weight.shape[0])
     y = x.new_empty(rows_by_width) if apply_norm else _empty(x)
@@ -413,7 +418,7 @@ def _(x, weight, bias, residual, ln_weight, ln_bias, eps, store_preln, dropout_p
 @torch.library.custom_op("fastdetr::layernorm_bwd", mutates_args=())
 def layernorm_bwd_op(grad_y: torch.Tensor | None, z: torch.Tensor | None, ln_weight: torch.Tensor | None,
                      mean: torch.Tensor | None, rstd: torch.Tensor | None, grad_z: torch.Tensor | None,
-                     dropout_p: float, seed: int, rng_offset: int
+                     dropout_p: float, dropout_key: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The row kernel of `linear_layernorm_backward` (LayerNorm and dropout backward, column partial sums):
     (dz (M, N), d_lin (M, N), dbias (N,) fp32, dln_weight (N,) fp32, dln_bias (N,) fp32); dz and the LayerNorm
@@ -437,7 +442,7 @@ def layernorm_bwd_op(grad_y: torch.Tensor | None, z: torch.Tensor | None, ln_wei
             grad_z.stride(0) if grad_z is not None else 0, dz.stride(0), d_lin.stride(0),
             num_rows, width,
             int(apply_norm), int(grad_z is not None),
-            float(dropout_p), int(seed), int(rng_offset),
+            float(dropout_p), dropout_key,
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
@@ -449,7 +454,7 @@ def layernorm_bwd_op(grad_y: torch.Tensor | None, z: torch.Tensor | None, ln_wei
 
 
 @layernorm_bwd_op.register_fake
-def _(grad_y, z, ln_weight, mean, rstd, grad_z, dropout_p, seed, rng_offset):
+def _(grad_y, z, ln_weight, mean, rstd, grad_z, dropout_p, dropout_key):
     apply_norm = grad_y is not None
     some_grad = grad_y if apply_norm else grad_z
     width = some_grad.shape[1]
@@ -501,24 +506,23 @@ class LinearResidualLayerNormFunction(torch.autograd.Function):
     """Post-norm: y = LayerNorm(residual + dropout(x W^T + b))."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed, rng_offset):
+    def forward(ctx, x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, key):
         needs_grad = any(ctx.needs_input_grad[:6])
         y, z, mean, rstd = torch.ops.fastdetr.linear_layernorm_fwd(x, weight, bias, residual, ln_weight, ln_bias,
-                                                                   eps, needs_grad, dropout_p, seed, rng_offset, True)
-        ctx.dropout_p, ctx.seed, ctx.rng_offset = dropout_p, seed, rng_offset
+                                                                   eps, needs_grad, dropout_p, key, True)
+        ctx.dropout_p = dropout_p
         if needs_grad:
-            ctx.save_for_backward(x, weight, z, mean, rstd, ln_weight)
+            ctx.save_for_backward(x, weight, z, mean, rstd, ln_weight, key)
         ctx.x_shape, ctx.residual_shape = x.shape, residual.shape
         return y.view(residual.shape)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, z, mean, rstd, ln_weight = ctx.saved_tensors
+        x, weight, z, mean, rstd, ln_weight, key = ctx.saved_tensors
         dx, dweight, dbias, dresidual, dln_weight, dln_bias = linear_layernorm_backward(
-            grad_y, as_rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight, ctx.dropout_p, ctx.seed,
-            ctx.rng_offset)
+            grad_y, as_rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight, ctx.dropout_p, dropout_key=key)
         return (dx.view(ctx.x_shape), dweight, dbias, dresidual.view(ctx.residual_shape), dln_weight, dln_bias,
-                None, None, None, None)
+                None, None, None)
 
 
 class LinearResidualFunction(torch.autograd.Function):
@@ -529,16 +533,15 @@ class LinearResidualFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed, rng_offset):
+    def forward(ctx, x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, key):
         apply_norm = ln_weight is not None
         y, z, mean, rstd = torch.ops.fastdetr.linear_layernorm_fwd(x, weight, bias, residual, ln_weight, ln_bias,
-                                                                   eps, True, dropout_p, seed, rng_offset,
-                                                                   apply_norm)
-        ctx.dropout_p, ctx.seed, ctx.rng_offset, ctx.apply_norm = dropout_p, seed, rng_offset, apply_norm
+                                                                   eps, True, dropout_p, key, apply_norm)
+        ctx.dropout_p, ctx.apply_norm = dropout_p, apply_norm
         ctx.x_shape, ctx.residual_shape = x.shape, residual.shape
         if any(ctx.needs_input_grad[:6]):
             # z and y are outputs: autograd keeps them anyway, so z costs no extra bytes
-            ctx.save_for_backward(x, weight, *((z, mean, rstd, ln_weight) if apply_norm else ()))
+            ctx.save_for_backward(x, weight, key, *((z, mean, rstd, ln_weight) if apply_norm else ()))
         z = z.view(residual.shape)
         if not apply_norm:
             return z
@@ -547,13 +550,17 @@ class LinearResidualFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z, grad_y=None):
-        x, weight, *norm_saved = ctx.saved_tensors
+        x, weight, key, *norm_saved = ctx.saved_tensors
         z, mean, rstd, ln_weight = norm_saved if ctx.apply_norm else (None,) * 4
         dx, dweight, dbias, dresidual, dln_weight, dln_bias = linear_layernorm_backward(
-            grad_y, as_rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight, ctx.dropout_p, ctx.seed,
-            ctx.rng_offset, grad_z=grad_z)
+            grad_y, as_rows(x, x.shape[-1]), weight, z, mean, rstd, ln_weight, ctx.dropout_p, grad_z=grad_z,
+            dropout_key=key)
         return (dx.view(ctx.x_shape), dweight, dbias, dresidual.view(ctx.residual_shape), dln_weight, dln_bias,
-                None, None, None, None)
+                None, None, None)
+
+
+def _key(x: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    return dropout_key(x.device) if dropout_p > 0.0 else unused_dropout_key(x.device)
 
 
 def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, dropout_p=0.0):
@@ -565,15 +572,14 @@ def linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps
     N <= 256; otherwise `linear_residual_layernorm_ref` (plain PyTorch).
     dropout_p: probability of zeroing an element of x W^T + b (kept ones scaled by
     1 / (1 - dropout_p)), always applied (the caller passes 0.0 in eval mode);
-    the Triton path draws its seed from torch's CPU generator.
+    the Triton path draws its key on the device (`common.dropout_key`).
     """
     _check_inputs(x, weight, bias, residual, ln_weight, ln_bias, dropout_p)
     if (x.dtype not in DTYPES or weight.shape[0] > MAX_FUSED_WIDTH
             or not use_triton(x, weight, bias, residual, ln_weight, ln_bias)):
         return linear_residual_layernorm_ref(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p)
-    seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
     return LinearResidualLayerNormFunction.apply(x, weight, bias, residual, ln_weight, ln_bias, float(eps),
-                                                 float(dropout_p), seed, rng_offset)
+                                                 float(dropout_p), _key(x, dropout_p))
 
 
 def linear_residual_layernorm_ref(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, dropout_p=0.0):
@@ -592,9 +598,8 @@ def linear_residual(x, weight, bias, residual, dropout_p=0.0):
     _check_inputs(x, weight, bias, residual, None, None, dropout_p, norm=False, op="linear_residual")
     if x.dtype not in DTYPES or weight.shape[0] > MAX_FUSED_WIDTH or not use_triton(x, weight, bias, residual):
         return linear_residual_ref(x, weight, bias, residual, dropout_p)
-    seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
-    return LinearResidualFunction.apply(x, weight, bias, residual, None, None, 0.0, float(dropout_p), seed,
-                                        rng_offset)
+    return LinearResidualFunction.apply(x, weight, bias, residual, None, None, 0.0, float(dropout_p),
+                                        _key(x, dropout_p))
 
 
 def linear_residual_and_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-5, dropout_p=0.0):
@@ -609,9 +614,8 @@ def linear_residual_and_layernorm(x, weight, bias, residual, ln_weight, ln_bias,
             or not use_triton(x, weight, bias, residual, ln_weight, ln_bias)):
         z = linear_residual_ref(x, weight, bias, residual, dropout_p)
         return z, F.layer_norm(z, (weight.shape[0],), ln_weight, ln_bias, eps)
-    seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
     return LinearResidualFunction.apply(x, weight, bias, residual, ln_weight, ln_bias, float(eps),
-                                        float(dropout_p), seed, rng_offset)
+                                        float(dropout_p), _key(x, dropout_p))
 
 
 def linear_residual_ref(x, weight, bias, residual, dropout_p=0.0):

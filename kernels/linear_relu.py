@@ -9,8 +9,8 @@ Forward (Triton, one kernel): a program owns a BLOCK_M x BLOCK_N tile of h, runs
 the GEMM over K in BLOCK_K steps with fp32 accumulation (ieee dots for fp32
 inputs), and in its epilogue adds the bias, applies ReLU and dropout (Philox,
 counter = (column, row, 0, offset), key = seed, as in `linear_layernorm`; seed
-and offset drawn on the host from torch's CPU generator, no device sync) and
-stores h in the input dtype.
+and offset read from a (2,) int32 device tensor, `common.dropout_key`, no device
+sync) and stores h in the input dtype.
 
 Backward: one Triton elementwise kernel computes the gradient of the
 pre-activation, d_pre = dh * scale where h > 0, else 0, and per-program fp32
@@ -60,8 +60,10 @@ from fastdetr.kernels.common import (
     _upcast_dot,
     aot_signature,
     as_rows,
-    draw_dropout_seed,
+    dropout_key,
+    launch_key,
     unit_last_stride,
+    unused_dropout_key,
 )
 
 # limits (module docstring)
@@ -120,9 +122,9 @@ def block_config(kernel: str, dtype: torch.dtype) -> dict:
 
 
 # dropout_p is a runtime argument (not a constexpr): one variant serves training
-# and inference; seed and offset unspecialised so the value 1 compiles no variant of its own.
+# and inference; the dropout key is read from memory (a tensor), never specialised.
 
-@triton.jit(do_not_specialize=["seed", "rng_offset"])
+@triton.jit
 def _linear_relu_fwd_kernel(
     X_ptr,                      # (M, K), last stride 1
     W_ptr,                      # (N, K), last stride 1
@@ -131,7 +133,7 @@ def _linear_relu_fwd_kernel(
     RowMask_ptr,                # (M,) uint8, nonzero where the row is zeroed (ROW_MASK only)
     stride_x_m, stride_w_n, stride_h_m,
     num_rows, num_cols, inner_dim,   # M, N, K
-    dropout_p, seed, rng_offset,     # dropout on relu(x W^T + b), off when dropout_p == 0
+    dropout_p, DropoutKey_ptr,     # dropout on relu(x W^T + b), off when dropout_p == 0
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     RELU: tl.constexpr = True, ROW_MASK: tl.constexpr = False,
@@ -169,7 +171,7 @@ def _linear_relu_fwd_kernel(
     if dropout_p > 0.0:
         row_ids = offs_m[:, None] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
         col_ids = offs_n[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-        keep = _gemm_dropout_keep(seed, rng_offset, row_ids, col_ids, dropout_p)
+        keep = _gemm_dropout_keep(tl.load(DropoutKey_ptr), tl.load(DropoutKey_ptr + 1), row_ids, col_ids, dropout_p)
         h = tl.where(keep, h * (1.0 / (1.0 - dropout_p)), 0.0)
     mask = row_ok[:, None] & col_ok[None, :]
     tl.store(H_ptr + rows * stride_h_m + cols[None, :], h.to(H_ptr.dtype.element_ty), mask=mask)
@@ -209,7 +211,8 @@ def _linear_relu_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def linear_relu_forward(x, weight, bias, dropout_p=0.0, seed=0, rng_offset=0, relu=True, row_mask=None):
+def linear_relu_forward(x, weight, bias, dropout_p=0.0, seed=0, rng_offset=0, relu=True, row_mask=None,
+                        dropout_key=None):
     """Launch the forward kernel.
 
     x: (M, K), weight: (N, K), bias: (N,), one dtype; seed, rng_offset: ints in
@@ -228,11 +231,12 @@ def linear_relu_forward(x, weight, bias, dropout_p=0.0, seed=0, rng_offset=0, re
         return h
     grid = (triton.cdiv(num_rows, config["BLOCK_M"]), triton.cdiv(width, config["BLOCK_N"]))
     zeroed = h if row_mask is None else row_mask.reshape(num_rows).contiguous().view(torch.uint8)
+    key = launch_key(dropout_key, seed, rng_offset, x.device)
     _linear_relu_fwd_kernel[grid](
         x, weight, bias, h, zeroed,
         x.stride(0), weight.stride(0), h.stride(0),
         num_rows, width, inner,
-        float(dropout_p), int(seed), int(rng_offset),
+        float(dropout_p), key,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         DOT_PRECISION=config["DOT_PRECISION"], UPCAST_DOT=_upcast_dot(x.dtype),
         RELU=relu, ROW_MASK=row_mask is not None,
@@ -283,20 +287,20 @@ def _(grad_h, h, dropout_p):
 
 
 @torch.library.custom_op("fastdetr::linear_relu_fwd", mutates_args=())
-def linear_relu_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dropout_p: float, seed: int,
-                       rng_offset: int, relu: bool, row_mask: torch.Tensor | None) -> torch.Tensor:
+def linear_relu_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dropout_p: float,
+                       dropout_key: torch.Tensor, relu: bool, row_mask: torch.Tensor | None) -> torch.Tensor:
     """`linear_relu_forward` on x's rows, shaped (..., N)."""
-    h = linear_relu_forward(x, weight, bias, dropout_p, seed, rng_offset, relu=relu, row_mask=row_mask)
+    h = linear_relu_forward(x, weight, bias, dropout_p, relu=relu, row_mask=row_mask, dropout_key=dropout_key)
     return h.view(*x.shape[:-1], weight.shape[0])
 
 
 @linear_relu_fwd_op.register_fake
-def _(x, weight, bias, dropout_p, seed, rng_offset, relu, row_mask):
+def _(x, weight, bias, dropout_p, dropout_key, relu, row_mask):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _linear_relu_setup_context(ctx, inputs, output):
-    x, weight, bias, dropout_p, seed, rng_offset, relu, row_mask = inputs
+    x, weight, bias, dropout_p, key, relu, row_mask = inputs
     # ReLU + dropout: the masks are read off the output; masked rows: the mask zeroes the gradient's rows
     ctx.save_for_backward(x, weight, output if relu else row_mask)
     ctx.dropout_p, ctx.relu = dropout_p, relu
@@ -311,7 +315,7 @@ def _linear_relu_backward(ctx, grad_h):
     else:   # a zeroed row passes no gradient; the rest is a plain linear's backward (cuBLAS GEMMs on a GPU)
         grad = as_rows(grad_h, grad_h.shape[-1]).masked_fill(saved.reshape(-1, 1), 0.0)
         dx, dweight, dbias = grad @ weight, grad.t() @ rows, grad.sum(0)
-    return dx.view(x.shape), dweight, dbias, None, None, None, None, None
+    return dx.view(x.shape), dweight, dbias, None, None, None, None
 
 
 torch.library.register_autograd("fastdetr::linear_relu_fwd", _linear_relu_backward,
@@ -358,13 +362,13 @@ def linear_relu_dropout(x, weight, bias, dropout_p=0.0):
     `fastdetr.backend.use_triton` says so; otherwise `linear_relu_dropout_ref`
     (plain PyTorch). dropout_p: probability of zeroing an element (kept ones
     scaled by 1 / (1 - dropout_p)), always applied (the caller passes 0.0 in
-    eval mode); the Triton path draws its seed from torch's CPU generator.
+    eval mode); the Triton path draws its key on the device (`common.dropout_key`).
     """
     _check_inputs(x, weight, bias, dropout_p)
     if x.dtype not in DTYPES or not use_triton(x, weight, bias):   # fp64: the reference
         return linear_relu_dropout_ref(x, weight, bias, dropout_p)
-    seed, rng_offset = draw_dropout_seed() if dropout_p > 0.0 else (0, 0)
-    return torch.ops.fastdetr.linear_relu_fwd(x, weight, bias, float(dropout_p), seed, rng_offset, True, None)
+    key = dropout_key(x.device) if dropout_p > 0.0 else unused_dropout_key(x.device)
+    return torch.ops.fastdetr.linear_relu_fwd(x, weight, bias, float(dropout_p), key, True, None)
 
 
 def linear_masked_rows(x, weight, bias, row_mask):
@@ -382,7 +386,7 @@ def linear_masked_rows(x, weight, bias, row_mask):
                          f"got {row_mask.dtype} {tuple(row_mask.shape)}")
     if x.dtype not in DTYPES or not use_triton(x, weight, bias, row_mask):
         return linear_masked_rows_ref(x, weight, bias, row_mask)
-    return torch.ops.fastdetr.linear_relu_fwd(x, weight, bias, 0.0, 0, 0, False, row_mask)
+    return torch.ops.fastdetr.linear_relu_fwd(x, weight, bias, 0.0, unused_dropout_key(x.device), False, row_mask)
 
 
 def linear_masked_rows_ref(x, weight, bias, row_mask):

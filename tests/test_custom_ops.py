@@ -19,6 +19,7 @@ from fastdetr.kernels import (  # noqa: F401 (importing a kernel module register
     matching_cost,
 )
 from fastdetr.kernels.attention import attention_forward, key_block_table
+from fastdetr.kernels.common import fixed_dropout_key
 from fastdetr.measure.counters import TritonLaunchCounter
 
 pytestmark = pytest.mark.skipif(not (triton_importable() and interpreter_enabled()),
@@ -51,10 +52,11 @@ def test_attention_ops(masked):
     table = key_block_table(mask, q.dtype) if masked else None
     tables = (table.index, table.count, table.block_n) if masked else (None, None, 0)
     mask = mask if masked else None
-    _check("attention_fwd", q, k, v, mask, *tables, 0.1, 32 ** -0.5, 11, 5)
+    key = fixed_dropout_key(11, 5, "cpu")
+    _check("attention_fwd", q, k, v, mask, *tables, 0.1, 32 ** -0.5, key)
     out, lse, _ = attention_forward(*(t.detach() for t in (q, k, v)), mask, 0.1, None, 11, 5)
     _check("attention_bwd", _randn(*out.shape, seed=9), q.detach(), k.detach(), v.detach(), out, lse, mask,
-           *tables, 0.1, 32 ** -0.5, 11, 5)
+           *tables, 0.1, 32 ** -0.5, key)
 
 
 @pytest.mark.parametrize("with_pos", [True, False])
@@ -69,24 +71,26 @@ def test_linear_layernorm_ops(apply_norm):
     x, weight, bias, residual = _randn(13, 48, seed=1), _randn(64, 48, seed=2), _randn(64, seed=3), _randn(13, 64,
                                                                                                              seed=4)
     norm = (_randn(64, seed=5), _randn(64, seed=6)) if apply_norm else (None, None)
-    _check("linear_layernorm_fwd", x, weight, bias, residual, *norm, 1e-5, True, 0.2, 3, 1, apply_norm)
+    key = fixed_dropout_key(3, 1, "cpu")
+    _check("linear_layernorm_fwd", x, weight, bias, residual, *norm, 1e-5, True, 0.2, key, apply_norm)
     y, z, mean, rstd = torch.ops.fastdetr.linear_layernorm_fwd(x, weight, bias, residual, *norm, 1e-5, True, 0.2,
-                                                               3, 1, apply_norm)
+                                                               key, apply_norm)
     grad = _randn(13, 64, seed=7)
     if apply_norm:
-        _check("layernorm_bwd", grad, z, norm[0], mean, rstd, _randn(13, 64, seed=8), 0.2, 3, 1)
+        _check("layernorm_bwd", grad, z, norm[0], mean, rstd, _randn(13, 64, seed=8), 0.2, key)
     else:
-        _check("layernorm_bwd", None, None, None, None, None, grad, 0.2, 3, 1)
+        _check("layernorm_bwd", None, None, None, None, None, grad, 0.2, key)
 
 
 def test_linear_relu_ops():
     x, weight, bias = _randn(5, 9, 40, seed=1, grad=True), _randn(72, 40, seed=2, grad=True), _randn(72, seed=3,
                                                                                                      grad=True)
-    _check("linear_relu_fwd", x, weight, bias, 0.25, 7, 2, True, None)
+    key = fixed_dropout_key(7, 2, "cpu")
+    _check("linear_relu_fwd", x, weight, bias, 0.25, key, True, None)
     rows = torch.zeros(5, 9, dtype=torch.bool)
     rows[2, 4:] = True
-    _check("linear_relu_fwd", x, weight, bias, 0.0, 0, 0, False, rows)
-    h = torch.ops.fastdetr.linear_relu_fwd(x.detach(), weight.detach(), bias.detach(), 0.25, 7, 2, True, None)
+    _check("linear_relu_fwd", x, weight, bias, 0.0, key, False, rows)
+    h = torch.ops.fastdetr.linear_relu_fwd(x.detach(), weight.detach(), bias.detach(), 0.25, key, True, None)
     _check("relu_dropout_bwd", _randn(45, 72, seed=4), h.view(45, 72), 0.25)
 
 
@@ -186,3 +190,46 @@ def test_a_fused_detr_training_step_compiles_fullgraph_with_the_same_gradients()
         actual = model.get_parameter(name).grad
         assert actual is not None and torch.isfinite(actual).all(), name
         assert ((actual - grad).norm() / grad.norm().clamp_min(1e-3 * total)).item() <= 1e-4, name
+
+
+def test_compiled_dropout_draws_a_new_mask_each_call_and_its_backward_uses_that_call_s():
+    """The dropout key is a device tensor drawn by torch's generator (`common.dropout_key`), not host ints: a
+    compiled function (fullgraph: nothing reads the key on the host) draws a new mask at each call, and each
+    call's gradient is the one of that call's own mask."""
+    x, weight, bias = _randn(37, 48, seed=1, grad=True), _randn(80, 48, seed=2, grad=True), _randn(80, seed=3,
+                                                                                                   grad=True)
+    grad = _randn(37, 80, seed=4)
+    dropout_p = 0.3
+    step = torch.compile(lambda x, w, b: linear_relu.linear_relu_dropout(x, w, b, dropout_p), backend="aot_eager",
+                         fullgraph=True)
+    torch.manual_seed(0)
+    outputs = []
+    for _ in range(2):
+        out = step(x, weight, bias)
+        dbias, = torch.autograd.grad((out * grad).sum(), bias)
+        kept = out != 0                                   # kept by dropout and positive before it
+        assert 0.25 < kept.double().mean().item() < 0.45     # 0.7 kept x about half positive
+        expected = (grad * kept).sum(0) / (1 - dropout_p)
+        assert torch.allclose(dbias, expected, rtol=1e-5, atol=1e-5)
+        outputs.append(out.detach())
+    assert not torch.equal(outputs[0], outputs[1])
+    torch.manual_seed(0)
+    assert torch.equal(step(x, weight, bias).detach(), outputs[0])    # reproducible under torch.manual_seed
+
+
+def test_a_fused_detr_with_dropout_compiles_fullgraph():
+    from fastdetr.models import build_model
+
+    torch.manual_seed(4)
+    model = build_model("detr_small", num_classes=5, fused=True, dropout=0.1, nheads=4).train()
+    images, mask = _images(seed=5)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with TritonLaunchCounter() as launches:
+        first = compiled((images, mask))["pred_logits"]
+        first.square().mean().backward()
+        second = compiled((images, mask))["pred_logits"]
+    assert launches.launch_counts["_attention_fwd_kernel"] > 0
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    assert not torch.equal(first, second)        # new dropout masks at the second call
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for name, p in model.named_parameters() if name.startswith("transformer.encoder"))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from kernel_checks import TOLERANCES, dtype_id, relative_error
 
+from fastdetr.kernels.common import fixed_dropout_key
 from fastdetr.kernels.linear_layernorm import (
     LinearResidualFunction,
     LinearResidualLayerNormFunction,
@@ -189,7 +190,7 @@ def test_dropout_backward_uses_the_forward_mask(dtype):
     inputs = tuple(t.requires_grad_() for t in make_inputs((100,), 64, 96, dtype, generator))
     keep = recover_keep_mask(*(t.detach() for t in inputs), dropout_p, seed, rng_offset)
     assert 0.6 < keep.double().mean().item() < 0.9
-    out = LinearResidualLayerNormFunction.apply(*inputs, 1e-5, dropout_p, seed, rng_offset)
+    out = LinearResidualLayerNormFunction.apply(*inputs, 1e-5, dropout_p, fixed_dropout_key(seed, rng_offset, "cpu"))
     grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(dtype)
     grads = torch.autograd.grad(out, inputs, grad_out)
 
@@ -269,7 +270,8 @@ def test_prenorm_dropout_backward_uses_the_forward_mask(norm):
     assert 0.6 < keep.double().mean().item() < 0.9
     x, weight, bias, residual, ln_weight, ln_bias = inputs
     norm_args = (ln_weight, ln_bias) if norm else (None, None)
-    outs = LinearResidualFunction.apply(x, weight, bias, residual, *norm_args, 1e-5, dropout_p, seed, rng_offset)
+    outs = LinearResidualFunction.apply(x, weight, bias, residual, *norm_args, 1e-5, dropout_p,
+                                        fixed_dropout_key(seed, rng_offset, "cpu"))
     outs = outs if norm else (outs,)
     used = inputs if norm else inputs[:4]
     grad_outs = [torch.randn(out.shape, generator=generator, dtype=torch.float64) for out in outs]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from kernel_checks import TOLERANCES, dtype_id, relative_error
 
+from fastdetr.kernels.common import fixed_dropout_key
 from fastdetr.kernels.linear_relu import (
     aot_configs,
     linear_masked_rows,
@@ -168,7 +169,8 @@ def test_dropout_backward_uses_the_forward_mask(dtype):
     inputs = tuple(t.requires_grad_() for t in make_inputs((100,), 64, 160, dtype, generator))
     keep = recover_keep_mask(*(t.detach() for t in inputs), dropout_p, seed, rng_offset)
     assert 0.65 < keep.double().mean().item() < 0.85
-    out = torch.ops.fastdetr.linear_relu_fwd(*inputs, dropout_p, seed, rng_offset, True, None)   # the custom op
+    out = torch.ops.fastdetr.linear_relu_fwd(*inputs, dropout_p, fixed_dropout_key(seed, rng_offset, "cpu"), True,
+                                             None)   # the custom op
     grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(dtype)
     grads = torch.autograd.grad(out, inputs, grad_out)
 
