@@ -727,7 +727,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, kv_tabl
     storage `nn.MultiheadAttention` uses are read in place); D in {32, 64}.
     key_padding_mask: (B, S) bool, True = ignore that key, or None.
     dropout_p: probability of zeroing an attention weight (kept weights are scaled
-    by 1 / (1 - dropout_p)); the RNG draw comes from torch's CPU generator.
+    by 1 / (1 - dropout_p)); its key is drawn on q's device (`common.dropout_key`), no host sync.
     scale: multiplies q k^T; default 1 / sqrt(D).
     kv_table: optional KeyBlockTable of key_padding_mask, `key_block_table(mask,
     q.dtype)`, built once by a caller that runs several attentions over one mask;

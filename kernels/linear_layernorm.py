@@ -9,8 +9,8 @@ its attention or FFN (3-4 kernels and three HBM round trips of an (M, N) tensor)
 Forward (Triton, one kernel): a program owns BLOCK_M rows and the whole row
 width N (padded to a power of two >= 64, masked), runs the GEMM over K in
 BLOCK_K steps with fp32 accumulation, and in its epilogue adds the bias, applies
-dropout (Philox, counter = (column, row, 0, offset), key = seed; seed and offset
-drawn on the host from torch's CPU generator, no device sync), adds the
+dropout (Philox, counter = (column, row, 0, offset), key = seed; seed and offset read from
+a (2,) int32 device tensor, `common.dropout_key`, no device sync), adds the
 residual, computes each row's mean and rstd in fp32, normalises, applies the
 LayerNorm affine (`_layernorm_rows`, shared with `ffn`) and stores y in the
 input dtype, plus the per-row mean and rstd (fp32) and, only when a gradient is
