@@ -115,12 +115,17 @@ def test_save_pretrained_files_load_and_give_transformers_outputs(tmp_path, weig
     model = fastdetr.load_checkpoint(tmp_path).eval()
     assert model.config.num_classes == 5 and model.config.num_queries == 7 and model.config.hidden_dim == 64
     assert model.config.position_embedding == position_embedding
-    pixel_values, pixel_mask = _padded_batch()
+    _assert_same_outputs(hf, model, seed=1)
+
+
+def _assert_same_outputs(hf, model, seed: int, tolerance: float = 1e-5) -> None:
+    """transformers' model and fastdetr's on one padded batch: logits and boxes within `tolerance`."""
+    pixel_values, pixel_mask = _padded_batch(seed=seed)
     with torch.no_grad():
         expected = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
         actual = model((pixel_values, pixel_mask == 0))
-    assert (actual["pred_logits"] - expected.logits).abs().max().item() < 1e-5
-    assert (actual["pred_boxes"] - expected.pred_boxes).abs().max().item() < 1e-5
+    assert (actual["pred_logits"] - expected.logits).abs().max().item() < tolerance
+    assert (actual["pred_boxes"] - expected.pred_boxes).abs().max().item() < tolerance
 
 
 def test_a_table_transformer_directory_loads_pre_norm_with_a_resnet18(tmp_path):
@@ -145,12 +150,7 @@ def test_a_table_transformer_directory_loads_pre_norm_with_a_resnet18(tmp_path):
     model = fastdetr.load_checkpoint(tmp_path).eval()
     assert model.config.pre_norm and model.config.backbone == "resnet18" and model.config.dec_layers == 3
     assert model.transformer.encoder.norm is not None
-    pixel_values, pixel_mask = _padded_batch(seed=6)
-    with torch.no_grad():
-        expected = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
-        actual = model((pixel_values, pixel_mask == 0))
-    assert (actual["pred_logits"] - expected.logits).abs().max().item() < 1e-5
-    assert (actual["pred_boxes"] - expected.pred_boxes).abs().max().item() < 1e-5
+    _assert_same_outputs(hf, model, seed=6)
 
 
 def test_a_live_state_dict_loads_into_a_given_model(tmp_path):
