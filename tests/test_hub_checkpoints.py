@@ -225,12 +225,7 @@ def test_saved_in_transformers_format_from_pretrained_gives_fastdetr_outputs(tmp
                                     transformers_backbone="transformers") == tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     hf = DetrForObjectDetection.from_pretrained(tmp_path).eval()     # offline: a local directory
-    pixel_values, pixel_mask = _padded_batch(seed=6)
-    with torch.no_grad():
-        expected = model((pixel_values, pixel_mask == 0))
-        actual = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
-    assert (actual.logits - expected["pred_logits"]).abs().max().item() < 1e-5
-    assert (actual.pred_boxes - expected["pred_boxes"]).abs().max().item() < 1e-5
+    _assert_same_outputs(hf, model, seed=6)
     reloaded = fastdetr.load_checkpoint(tmp_path)
     assert reloaded.config == model.config
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -247,12 +242,7 @@ def test_a_pre_norm_resnet18_detr_saves_as_a_table_transformer(tmp_path):
                 p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
     fastdetr.save_checkpoint(tmp_path, model, format="transformers", transformers_backbone="transformers")
     hf = TableTransformerForObjectDetection.from_pretrained(tmp_path).eval()
-    pixel_values, pixel_mask = _padded_batch(seed=8)
-    with torch.no_grad():
-        expected = model((pixel_values, pixel_mask == 0))
-        actual = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
-    assert (actual.logits - expected["pred_logits"]).abs().max().item() < 1e-5
-    assert (actual.pred_boxes - expected["pred_boxes"]).abs().max().item() < 1e-5
+    _assert_same_outputs(hf, model, seed=8)
     assert fastdetr.load_checkpoint(tmp_path).config == model.config
 
 
