@@ -367,13 +367,12 @@ def linear_layernorm_backward(grad_y, x, weight, z, mean, rstd, ln_weight, dropo
     grad_z = as_rows(grad_z, grad_z.shape[-1]) if grad_z is not None else None
     some_grad = grad_y if apply_norm else grad_z
     if apply_norm or dropout_p > 0.0:
-        dz, d_lin, dbias, dln_weight, dln_bias = torch.ops.fastdetr.layernorm_bwd(
-            grad_y, z, ln_weight, mean, rstd, grad_z, float(dropout_p),
-            launch_key(dropout_key, seed, rng_offset, x.device))
+        dz, d_lin, sums = torch.ops.fastdetr.layernorm_bwd(grad_y, z, ln_weight, mean, rstd, grad_z, float(dropout_p),
+                                                           launch_key(dropout_key, seed, rng_offset, x.device))
         dz = dz if apply_norm else grad_z
         d_lin = d_lin if dropout_p > 0.0 else dz
-        dbias = dbias.to(x.dtype)
-        dln_weight, dln_bias = (dln_weight.to(x.dtype), dln_bias.to(x.dtype)) if apply_norm else (None, None)
+        dbias = sums[-1].to(x.dtype)
+        dln_weight, dln_bias = sums[:2].to(x.dtype).unbind(0) if apply_norm else (None, None)
     else:   # no norm, no dropout: the linear's gradient is grad_z itself
         dz = d_lin = some_grad
         dbias = d_lin.sum(dim=0, dtype=torch.float32).to(x.dtype)
@@ -418,11 +417,11 @@ def _(x, weight, bias, residual, ln_weight, ln_bias, eps, store_preln, dropout_p
 @torch.library.custom_op("fastdetr::layernorm_bwd", mutates_args=())
 def layernorm_bwd_op(grad_y: torch.Tensor | None, z: torch.Tensor | None, ln_weight: torch.Tensor | None,
                      mean: torch.Tensor | None, rstd: torch.Tensor | None, grad_z: torch.Tensor | None,
-                     dropout_p: float, dropout_key: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     dropout_p: float, dropout_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The row kernel of `linear_layernorm_backward` (LayerNorm and dropout backward, column partial sums):
-    (dz (M, N), d_lin (M, N), dbias (N,) fp32, dln_weight (N,) fp32, dln_bias (N,) fp32); dz and the LayerNorm
-    sums are 0-element without grad_y (no norm), d_lin without dropout (it is dz then)."""
+    (dz (M, N), d_lin (M, N), sums fp32: the column sums of d ln_weight, d ln_bias and d bias (3, N), or of
+    d bias alone (1, N) without grad_y (no norm), when dz is 0-element too); d_lin is 0-element without dropout
+    (it is dz then)."""
     apply_norm = grad_y is not None
     some_grad = grad_y if apply_norm else grad_z
     num_rows, width = some_grad.shape
@@ -446,11 +445,8 @@ def layernorm_bwd_op(grad_y: torch.Tensor | None, z: torch.Tensor | None, ln_wei
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
-    dbias = partials[2].sum(dim=0)            # each output its own tensor: a custom op's outputs never alias
-    dln_weight, dln_bias = ((partials[0].sum(dim=0), partials[1].sum(dim=0)) if apply_norm
-                            else (_empty(some_grad, torch.float32), _empty(some_grad, torch.float32)))
-    return (dz if apply_norm else _empty(some_grad), d_lin if dropout_p > 0.0 else _empty(some_grad), dbias,
-            dln_weight, dln_bias)
+    return (dz if apply_norm else _empty(some_grad), d_lin if dropout_p > 0.0 else _empty(some_grad),
+            (partials if apply_norm else partials[2:]).sum(dim=1))
 
 
 @layernorm_bwd_op.register_fake
@@ -458,11 +454,9 @@ def _(grad_y, z, ln_weight, mean, rstd, grad_z, dropout_p, dropout_key):
     apply_norm = grad_y is not None
     some_grad = grad_y if apply_norm else grad_z
     width = some_grad.shape[1]
-    column = some_grad.new_empty((width,), dtype=torch.float32)
     return (torch.empty_like(some_grad) if apply_norm else _empty(some_grad),
-            torch.empty_like(some_grad) if dropout_p > 0.0 else _empty(some_grad), column,
-            column.clone() if apply_norm else _empty(some_grad, torch.float32),
-            column.clone() if apply_norm else _empty(some_grad, torch.float32))
+            torch.empty_like(some_grad) if dropout_p > 0.0 else _empty(some_grad),
+            some_grad.new_empty((3 if apply_norm else 1, width), dtype=torch.float32))
 
 
 _POINTER_TYPES = dict.fromkeys(("Mean_ptr", "Rstd_ptr", "dLnW_partial_ptr", "dLnB_partial_ptr", "dBias_partial_ptr"),

@@ -55,11 +55,28 @@ def _op_name(func) -> str:
     return f"aten.{func._schema.name.split('::', 1)[-1]}"
 
 
+def _through_custom_op(mode: TorchDispatchMode, func, args, kwargs):
+    """(True, result) for a `fastdetr::` custom op, run as its Python implementation with `mode` active again, so
+    the ATen ops and launches inside it are seen as they were before the kernels became ops (the op call itself
+    launches nothing); (False, None) for any other op."""
+    if func.namespace != "fastdetr":
+        return False, None
+    from torch._library.custom_ops import _maybe_get_opdef
+
+    opdef = _maybe_get_opdef(func._schema.name)
+    if opdef is None:
+        return False, None
+    with mode:
+        return True, opdef._init_fn(*args, **kwargs)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts ATen ops (views excluded) and host-syncing ops dispatched inside the block.
 
     Copies of a CUDA tensor to the CPU are counted as syncs too. `op_counts`
-    has a per-op breakdown; `sync_ops` lists the syncing ops in order.
+    has a per-op breakdown; `sync_ops` lists the syncing ops in order. A
+    `fastdetr::` custom op is looked into (its ATen ops count, the call itself
+    does not).
     """
 
     def __init__(self) -> None:
@@ -77,6 +94,9 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        handled, result = _through_custom_op(self, func, args, kwargs)
+        if handled:
+            return result
         name = _op_name(func)
         if not func.is_view:
             self.op_counts[name] += 1
@@ -93,8 +113,8 @@ class WrittenBytes(TorchDispatchMode):
 
     A fused kernel's outputs are the tensors its launcher allocates (`aten.empty` and friends), so they count
     too; wrap the block in a `TritonLaunchCounter` as well under the interpreter, which hides the copies it
-    makes around each launch. A `fastdetr::` custom op counts as one op: its outputs count, the layout copies a
-    launcher inside it may make (of an input with an inner stride other than 1) do not.
+    makes around each launch. A `fastdetr::` custom op is looked into: what its launcher allocates and writes
+    counts, as for any other op.
     """
 
     def __init__(self) -> None:
@@ -102,6 +122,9 @@ class WrittenBytes(TorchDispatchMode):
         self.nbytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        handled, result = _through_custom_op(self, func, args, kwargs or {})
+        if handled:
+            return result
         out = func(*args, **(kwargs or {}))
         if not func.is_view:
             outputs = out if isinstance(out, (tuple, list)) else (out,)
