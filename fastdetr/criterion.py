@@ -39,7 +39,7 @@ How it differs from the original:
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou_broadcast
 from .config import DETRConfig
 from .matcher import HungarianMatcher, Indices, Solver
 from .matcher import check_targets as check_target_shapes
+
+if TYPE_CHECKING:
+    from .padded import PaddedTargets
 
 LOSSES = ("labels", "boxes", "cardinality")
 
@@ -99,14 +102,17 @@ def describe_bad_targets(targets: Sequence[dict[str, Tensor]], num_classes: int)
             "finite, with w >= 0 and h >= 0)")
 
 
-def num_boxes_tensor(num_targets: int, device: torch.device) -> Tensor:
+def num_boxes_tensor(num_targets: int | Tensor, device: torch.device) -> Tensor:
     """Average number of target boxes per process, at least 1, as a 0-d float32 tensor on `device`.
 
-    num_targets: this process's total. All-reduced (sum) over processes when
+    num_targets: this process's total, an int or a 0-d tensor on `device`. All-reduced (sum) over processes when
     torch.distributed is initialised, then divided by the world size. Tensor
     ops only: no `.item()`, so no host sync.
     """
-    num_boxes = torch.full((), float(num_targets), dtype=torch.float32, device=device)
+    if isinstance(num_targets, Tensor):
+        num_boxes = num_targets.to(device=device, dtype=torch.float32)
+    else:
+        num_boxes = torch.full((), float(num_targets), dtype=torch.float32, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(num_boxes)
         num_boxes = num_boxes / torch.distributed.get_world_size()
@@ -231,6 +237,68 @@ class SetCriterion(nn.Module):
                 layer_losses.update(self.loss_cardinality(layer["pred_logits"], target_counts))
             suffix = "" if is_last else f"_{layer_index}"
             losses.update({name + suffix: value for name, value in layer_losses.items()})
+        return losses
+
+    def forward_padded(self, outputs: dict[str, Any], targets: "PaddedTargets") -> dict[str, Tensor]:
+        """`forward`'s losses, same keys, for targets padded to fixed slots: every layer in one batched computation.
+
+        outputs: as `forward`'s; every layer must have the same [B, Q] shape.
+        targets: a `fastdetr.padded.PaddedTargets` on the logits' device ([B, T] slots, T <= Q),
+            whose values were checked where they were padded (`pad_targets`): only shapes are checked here.
+        No shape depends on a value and nothing is read on the host (with the matcher's device
+        solver): the losses of a CUDA-graph step. The numbers equal `forward`'s on the same
+        targets (to float32 rounding: sums run in another order), when the matchings agree
+        (an optimal matching is unique unless costs tie).
+        """
+        layers = [*outputs.get("aux_outputs", []), outputs]
+        logits = torch.stack([layer["pred_logits"] for layer in layers])  # [L, B, Q, C+1]
+        boxes = torch.stack([layer["pred_boxes"] for layer in layers])  # [L, B, Q, 4]
+        num_layers, batch_size, num_queries, _ = logits.shape
+        if targets.valid.shape[0] != batch_size or targets.labels.device != logits.device:
+            raise ValueError(f"SetCriterion.forward_padded: targets for {targets.valid.shape[0]} images on "
+                             f"{targets.labels.device}, predictions for {batch_size} on {logits.device}")
+        # a NaN block is left to the losses (the trainer checks them), on every device
+        col_for_row = self.matcher.match_padded(logits, boxes, targets, check_invalid=False)  # [L, B, Q], -1: none
+        matched = col_for_row >= 0
+        slot = col_for_row.clamp(min=0)
+        slots = targets.labels.shape[1]
+        counts = targets.valid.sum(1)  # [B]
+        num_boxes = num_boxes_tensor(counts.sum(), logits.device)
+
+        per_layer: dict[str, Tensor] = {}  # loss name -> [L]
+        if "labels" in self.losses:
+            labels = targets.labels.expand(num_layers, batch_size, slots).gather(2, slot)
+            target_classes = torch.where(matched, labels, self.num_classes)  # [L, B, Q]
+            log_prob = logits.log_softmax(-1).gather(3, target_classes[..., None]).squeeze(3)
+            weight = self.empty_weight[target_classes]
+            # F.cross_entropy's weighted mean, per layer
+            per_layer["loss_ce"] = -(weight * log_prob).sum((1, 2)) / weight.sum((1, 2))
+        if "boxes" in self.losses:
+            target_boxes = targets.boxes.expand(num_layers, batch_size, slots, 4).gather(
+                2, slot[..., None].expand(-1, -1, -1, 4))  # [L, B, Q, 4]
+            l1 = (boxes - target_boxes).abs().sum(3)
+            giou = generalized_box_iou_broadcast(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes))
+            per_layer["loss_bbox"] = torch.where(matched, l1, 0).sum((1, 2)) / num_boxes
+            per_layer["loss_giou"] = torch.where(matched, 1 - giou, 0).sum((1, 2)) / num_boxes
+        class_error = None
+        with torch.no_grad():
+            if "labels" in self.losses:
+                correct = (logits[-1].argmax(-1) == target_classes[-1]) & matched[-1]
+                accuracy = correct.sum() * 100.0 / matched[-1].sum().clamp(min=1)  # 0 (error 100) when none match
+                class_error = 100 - accuracy
+            if "cardinality" in self.losses:
+                predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(2).float()  # [L, B]
+                per_layer["cardinality_error"] = (predicted - counts.float()).abs().mean(1)
+        # `forward`'s keys in its order: the last layer's losses (class_error after loss_ce), then aux layer 0, 1, ...
+        unbound = {name: values.unbind(0) for name, values in per_layer.items()}
+        losses: dict[str, Tensor] = {}
+        for layer_index in [num_layers - 1, *range(num_layers - 1)]:
+            is_last = layer_index == num_layers - 1
+            suffix = "" if is_last else f"_{layer_index}"
+            for name, values in unbound.items():
+                losses[name + suffix] = values[layer_index]
+                if name == "loss_ce" and is_last and class_error is not None:
+                    losses["class_error"] = class_error
         return losses
 
     def _screen_targets(self, targets: Sequence[dict[str, Tensor]], labels: Tensor, boxes: Tensor,

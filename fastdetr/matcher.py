@@ -49,7 +49,7 @@ How it differs from the original:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou_broadcast, validate_boxes
 from .nn import functional
+
+if TYPE_CHECKING:
+    from .padded import PaddedTargets
 
 # (cost [P, Q, T_max] float32, num_targets: P ints) -> P (pred_idx, tgt_idx) int64 pairs on cost's device
 Solver = Callable[[Tensor, Sequence[int]], list[tuple[Tensor, Tensor]]]
@@ -237,6 +240,7 @@ class HungarianMatcher(nn.Module):
         # with "auto" for CUDA tensors), else `matching_cost_ref`
         self.fused_cost = backend == "triton"
         self.validate_targets = validate_targets
+        self.check_invalid = check_invalid
 
     def extra_repr(self) -> str:
         return (f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
@@ -305,3 +309,71 @@ class HungarianMatcher(nn.Module):
                                             self.cost_giou)
         return matching_cost_ref(logits, boxes, tgt_labels, tgt_boxes, self.cost_class, self.cost_bbox,
                                  self.cost_giou)
+
+    @torch.no_grad()
+    def match_padded(self, logits: Tensor, boxes: Tensor, targets: "PaddedTargets",
+                     check_invalid: bool | None = None) -> Tensor:
+        """Match every layer of every image to padded targets, with shapes that never depend on the values.
+
+        logits [L, B, Q, C+1] and boxes [L, B, Q, 4] cxcywh: L layers' predictions stacked.
+        targets: a `fastdetr.padded.PaddedTargets` ([B, T] slots, T <= Q, each image's valid
+            targets first).
+        Returns col_for_row [L, B, Q] int64: the target slot matched to each query, -1 for none.
+        The same optimal assignment as `match_layers` (ties aside); with the "triton" solver (and
+        "auto" on CUDA) one kernel launch and no host sync; otherwise the solver runs on the host
+        (a sync for device tensors), its result scattered into the same [L, B, Q] form.
+        check_invalid: the device solver's NaN check (the matcher's `check_invalid` when None);
+            False leaves a NaN block to the losses.
+        """
+        num_layers, batch_size, num_queries, num_logits = logits.shape
+        slots = targets.labels.shape[1]
+        if boxes.shape != (num_layers, batch_size, num_queries, 4) or targets.labels.shape[0] != batch_size:
+            raise ValueError(f"HungarianMatcher.match_padded: expected logits [L, B, Q, C+1], boxes [L, B, Q, 4] and "
+                             f"targets of B images, got {list(logits.shape)}, {list(boxes.shape)} and "
+                             f"{list(targets.labels.shape)}")
+        if slots > num_queries:
+            raise ValueError(f"HungarianMatcher.match_padded: {slots} target slots per image but only {num_queries} "
+                             "queries; max_targets must be at most num_queries")
+        flat_logits, flat_boxes = logits.flatten(0, 1).float(), boxes.flatten(0, 1).float()
+        labels, target_boxes = targets.labels.long(), targets.boxes.float()
+        on_kernels = functional.matcher_kernels(flat_logits, self.backend)
+        if on_kernels:
+            cost = functional.matching_cost(flat_logits, flat_boxes, labels, target_boxes, self.cost_class,
+                                            self.cost_bbox, self.cost_giou)
+        else:
+            cost = matching_cost_ref(flat_logits, flat_boxes, labels, target_boxes, self.cost_class, self.cost_bbox,
+                                     self.cost_giou)
+        counts = targets.valid.sum(1).repeat(num_layers)  # [L*B], problem p is image p % B
+        check_invalid = self.check_invalid if check_invalid is None else check_invalid
+        solved = functional.padded_assignment(cost, counts) if on_kernels else None
+        if solved is None:
+            return self._host_col_for_row(cost, counts, check_invalid).view(num_layers, batch_size, num_queries)
+        col_for_row, status = solved
+        if check_invalid or (check_invalid is None and not cost.is_cuda):
+            failed = functional.failed_problems(status)
+            if failed:
+                raise ValueError(f"HungarianMatcher: the cost block of problem {failed[0]} is invalid "
+                                 "(NaN or -inf: non-finite predictions or targets?)")
+        return col_for_row.view(num_layers, batch_size, num_queries)
+
+    def _host_col_for_row(self, cost: Tensor, counts: Tensor, check_invalid: bool | None) -> Tensor:
+        """`match_padded`'s result from this matcher's solver: the counts read on the host (a sync on a GPU).
+
+        With check_invalid False a block holding NaN or inf gets the diagonal, as on the device, and
+        is not solved; otherwise the solver raises on it.
+        """
+        num_problems, num_queries, _ = cost.shape
+        num_targets = counts.tolist()
+        col_for_row = torch.full((num_problems, num_queries), -1, dtype=torch.int64)
+        solved = list(range(num_problems))
+        if check_invalid is False:
+            finite = torch.isfinite(cost).flatten(1).all(1).tolist()
+            solved = [p for p in solved if finite[p]]
+            for p in (p for p in range(num_problems) if not finite[p]):
+                diagonal = torch.arange(min(num_queries, num_targets[p]))
+                col_for_row[p, diagonal] = diagonal
+        if solved:
+            pairs = self.solver(cost[solved], [num_targets[p] for p in solved])
+            for p, (pred_idx, tgt_idx) in zip(solved, pairs):
+                col_for_row[p, pred_idx.cpu()] = tgt_idx.cpu()
+        return col_for_row.to(cost.device)

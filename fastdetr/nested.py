@@ -50,11 +50,12 @@ def _check_image(index: int, image: Any, reference: Tensor | None) -> None:
         )
 
 
-def batch_images(images: Sequence[Tensor]) -> ImageBatch:
+def batch_images(images: Sequence[Tensor], size: tuple[int, int] | None = None) -> ImageBatch:
     """Pad a list of (3, H_i, W_i) float tensors into an `ImageBatch`.
 
-    The batch is (B, 3, max H, max W); each image sits in the top-left corner,
-    the rest is zero, and the mask is True there.
+    The batch is (B, 3, max H, max W), or (B, 3, *size) when `size` = (H, W) is given (at
+    least the largest image: a static-shape step's bucket); each image sits in the top-left
+    corner, the rest is zero, and the mask is True there.
     """
     if len(images) == 0:
         raise ValueError("empty image list: pass at least one (3, H, W) image")
@@ -62,6 +63,10 @@ def batch_images(images: Sequence[Tensor]) -> ImageBatch:
         _check_image(index, image, images[0] if index else None)
     height = max(image.shape[1] for image in images)
     width = max(image.shape[2] for image in images)
+    if size is not None:
+        if size[0] < height or size[1] < width:
+            raise ValueError(f"batch_images: size {tuple(size)} is smaller than the largest image ({height}, {width})")
+        height, width = size
     first = images[0]
     tensors = first.new_zeros((len(images), 3, height, width))
     mask = torch.ones((len(images), height, width), dtype=torch.bool, device=first.device)

@@ -73,6 +73,8 @@ from .data import DETR_AUGMENT, SYNTHETIC_AUGMENT, AugmentConfig, CocoDetection,
 from .evaluate import autocast_context, evaluate, format_summary
 from .models import build_model
 from .optim import adamw, clip_grad_norm
+from .padded import PaddedTargets
+from .static import SizeBuckets, StaticBatch, StaticCollate, StaticStep
 
 # For short runs on the 128-px synthetic set: flips and mild scale jitter, no crops; the
 # longer side is capped at 144 px so batches stay small.
@@ -127,6 +129,11 @@ class TrainConfig:
     seed: int = 42
     matcher_backend: str = "auto"
     channels_last: bool = False            # model and images in channels_last memory format (faster convolutions)
+    # static shapes (fastdetr.static): batches padded to size buckets, targets to max_targets slots
+    static_shapes: bool = False            # the padded step, eagerly (what a CPU runs)
+    cuda_graph: bool = False               # the padded step captured per bucket as CUDA graphs (implies static_shapes)
+    max_targets: int | None = None         # target slots per image; None: the model's num_queries
+    bucket_step: int | None = None         # bucket side step in px (a multiple of 32); None: fastdetr.static's
     output_dir: str = "out/train"
     resume: str | None = None              # a checkpoint path, or "auto": output_dir/checkpoint.pth if present
     eval_every: int = 1                    # epochs; 0: only at the end
@@ -170,6 +177,15 @@ class TrainConfig:
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
                                            or self.max_steps < 1):
             raise ValueError(f"TrainConfig.max_steps: expected a positive integer, got {self.max_steps!r}")
+        if self.cuda_graph:
+            self.static_shapes = True
+        if self.max_targets is not None and (isinstance(self.max_targets, bool) or not isinstance(self.max_targets, int)
+                                             or self.max_targets < 1):
+            raise ValueError(f"TrainConfig.max_targets: expected None or a positive integer, got {self.max_targets!r}")
+        if self.bucket_step is not None and (isinstance(self.bucket_step, bool) or not isinstance(self.bucket_step, int)
+                                             or self.bucket_step < 32 or self.bucket_step % 32):
+            raise ValueError(f"TrainConfig.bucket_step: expected None or a positive multiple of 32 (pixels), got "
+                             f"{self.bucket_step!r}")
         if self.max_steps is not None and self.time_budget_s is not None:
             raise ValueError("TrainConfig: give max_steps or time_budget_s, not both (each defines the LR schedule)")
 
@@ -200,13 +216,16 @@ class StepLR:
     def __init__(self, optimizer: torch.optim.Optimizer, gamma: float):
         self.optimizer = optimizer
         self.gamma = gamma
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.drops = 0
 
     def set_drops(self, drops: int) -> None:
         self.drops = drops
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * self.gamma ** drops
+            if isinstance(group["lr"], Tensor):  # a capturable optimizer's (fastdetr.static.make_capturable)
+                group["lr"].fill_(base * self.gamma ** drops)
+            else:
+                group["lr"] = base * self.gamma ** drops
 
     def state_dict(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "base_lrs": list(self.base_lrs), "drops": self.drops}
@@ -494,6 +513,16 @@ class _TrainingRun:
         self.model = model.to(device).to(memory_format=self.memory_format)
         self.criterion = build_criterion(self.model.config, backend=config.matcher_backend).to(device)
         self.weight_dict = self.criterion.weight_dict
+        self.collate: Callable = collate_fn
+        self.static_step: StaticStep | None = None
+        self.dynamic_batches = 0  # with static shapes: batches that fit no bucket, run on the dynamic path
+        if config.static_shapes:
+            num_queries = self.model.config.num_queries
+            max_targets = config.max_targets or num_queries
+            if max_targets > num_queries:
+                raise ValueError(f"TrainConfig.max_targets={max_targets} exceeds the model's num_queries={num_queries}")
+            self.collate = StaticCollate(SizeBuckets.for_augment(self.augment, config.bucket_step), max_targets,
+                                         self.train_set.num_classes)
         _seed_everything(config.seed + runtime.rank)  # per-process streams for dropout and workers
         self._build_optimizer()
         self.start_epoch, self.step, self.train_time, self.last_eval = 0, 0, 0.0, None
@@ -525,12 +554,16 @@ class _TrainingRun:
                                                            rank=runtime.rank, shuffle=True, seed=config.seed)
         self.loader = torch.utils.data.DataLoader(self.train_set, batch_size=config.batch_size, sampler=self.sampler,
                                                   drop_last=True, num_workers=config.num_workers,
-                                                  collate_fn=collate_fn, pin_memory=device.type == "cuda")
+                                                  collate_fn=self.collate, pin_memory=device.type == "cuda")
         if len(self.loader) == 0:
             raise ValueError(f"{config.train_annotations or config.data_dir}: {len(self.train_set)} training images "
                              f"give no full batch of {config.batch_size} per process ({runtime.world_size} "
                              f"process(es))")
         self.window = _LossWindow(config.log_every, device)
+        if config.static_shapes:
+            self.static_step = StaticStep(self.ddp_model, self.criterion, self.optimizer, self.trainable,
+                                          config.clip_max_norm, runtime.amp, LOGGED, scaler=self.scaler,
+                                          cuda_graph=config.cuda_graph, memory_format=self.memory_format)
 
     # ---- output ----
 
@@ -587,7 +620,14 @@ class _TrainingRun:
         state = load_training_state(path, map_location="cpu")
         check_state_dict(self.model, state["model"], path)
         self.model.load_state_dict(state["model"])
+        built = [group.get("capturable", False) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        # A CUDA-graph run saves device learning rates and capturable groups: back to this run's optimizer
+        # (with cuda_graph, StaticStep makes it capturable again).
+        for group, capturable in zip(self.optimizer.param_groups, built):
+            group["capturable"] = capturable
+            if isinstance(group["lr"], Tensor):
+                group["lr"] = float(group["lr"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
@@ -645,8 +685,13 @@ class _TrainingRun:
                                       file=sys.stderr)
         self.epoch_start = time.perf_counter()
         stop = False
-        for batch_index, (images, targets) in enumerate(batches):
-            stop = self.train_step(epoch, batch_index, images, targets)
+        for batch_index, batch in enumerate(batches):
+            padded = None
+            if isinstance(batch, StaticBatch):
+                padded = batch.padded
+                if padded is None:
+                    self._count_dynamic(batch, epoch, batch_index)
+            stop = self.train_step(epoch, batch_index, batch[0], batch[1], padded)
             if stop:
                 break
         if self.bar is not None and self.bar is not self.run_bar:
@@ -654,14 +699,26 @@ class _TrainingRun:
         self.train_time += time.perf_counter() - self.epoch_start
         skipped = self.train_set.skipped if config.skip_bad else {}
         self.log("epoch", epoch=epoch, step=self.step, train_time_s=round(self.train_time, 2),
-                 lr=self.optimizer.param_groups[0]["lr"], **({"skipped": skipped} if skipped else {}))
+                 lr=self._lr(), **({"skipped": skipped} if skipped else {}))
         if any(skipped.values()):
             self.say(self.train_set.skip_summary())
         return stop
 
-    def train_step(self, epoch: int, batch_index: int, images: Tensor, targets: list[dict[str, Tensor]]) -> bool:
-        """One optimizer step, then the log point / LR drop / stop checks; True when the run stops here."""
+    def _count_dynamic(self, batch: StaticBatch, epoch: int, batch_index: int) -> None:
+        self.dynamic_batches += 1
+        if self.dynamic_batches == 1:
+            self.say(f"static shapes: batch {batch_index} of epoch {epoch} runs on the dynamic path ({batch.reason}); "
+                     "such batches are counted in the log (dynamic_batches)")
+
+    def train_step(self, epoch: int, batch_index: int, images: Tensor, targets: list[dict[str, Tensor]],
+                   padded: PaddedTargets | None = None) -> bool:
+        """One optimizer step, then the log point / LR drop / stop checks; True when the run stops here.
+
+        padded: the batch's targets padded to fixed slots: the static-shape step (`StaticStep`) runs it.
+        """
         image_ids = [int(target["image_id"][0]) for target in targets]  # CPU tensors: no sync
+        if padded is not None:
+            return self._record_step(self.static_step(images, padded), epoch, batch_index, image_ids)
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         targets = _to_device(targets, self.device)
         with autocast_context(self.device, self.runtime.amp):
@@ -676,8 +733,12 @@ class _TrainingRun:
             clip_grad_norm(self.trainable, self.config.clip_max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.step += 1
         logged = torch.stack([loss.detach(), *(loss_dict[name].detach() for name in LOGGED[1:])])
+        return self._record_step(logged, epoch, batch_index, image_ids)
+
+    def _record_step(self, logged: Tensor, epoch: int, batch_index: int, image_ids: list[int]) -> bool:
+        """Count the step, keep its logged losses (a device copy), then the log point / LR drop / stop checks."""
+        self.step += 1
         self.window.add(logged, self.step, epoch, batch_index, image_ids)
         if self.step_hook is not None:
             self.step_hook(StepInfo(epoch, batch_index, self.step, self.model))
@@ -712,9 +773,16 @@ class _TrainingRun:
             self._drop_lr(epoch)
         return steps_done
 
+    def _lr(self) -> float:
+        """The first group's learning rate, from the schedule (a capturable optimizer's is a device tensor)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not isinstance(lr, Tensor):
+            return lr
+        return self.scheduler.base_lrs[0] * self.scheduler.gamma ** self.scheduler.drops
+
     def _drop_lr(self, epoch: int) -> None:
         self.scheduler.set_drops(1)
-        self.log("lr_drop", epoch=epoch, step=self.step, lr=self.optimizer.param_groups[0]["lr"])
+        self.log("lr_drop", epoch=epoch, step=self.step, lr=self._lr())
 
     # ---- log points ----
 
@@ -743,9 +811,12 @@ class _TrainingRun:
         seconds = time.perf_counter() - window.start_time
         rate = window.images * runtime.world_size / max(seconds, 1e-9)
         entry = {name: round(value, 5) for name, value in zip(LOGGED, means)}
+        static = {}
+        if self.static_step is not None:
+            static = {"static": {**self.static_step.counters(), "dynamic_batches": self.dynamic_batches}}
         self.log("train", epoch=epoch, step=self.step, batch=window.where[-1][2],
-                 lr=self.optimizer.param_groups[0]["lr"], images_per_s=round(rate, 2),
-                 train_time_s=round(self.train_time + time.perf_counter() - self.epoch_start, 2), **entry)
+                 lr=self._lr(), images_per_s=round(rate, 2),
+                 train_time_s=round(self.train_time + time.perf_counter() - self.epoch_start, 2), **entry, **static)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{rate:.1f}", refresh=False)
         window.reset()

@@ -134,6 +134,27 @@ def augment_train(image: Image.Image, target: Target, config: AugmentConfig,
     return resize(image, target, _choice(config.scales, generator), config.max_size)
 
 
+def train_output_size(width: int, height: int, config: AugmentConfig,
+                      generator: torch.Generator | None = None) -> tuple[int, int]:
+    """(height, width) of `augment_train`'s output for a width x height image, without an image.
+
+    Draws the same random numbers in the same order as `augment_train`, so with equal
+    generator states the two agree (a test holds them together): what the size-bucket
+    policy's padding report samples.
+    """
+    _rand(generator)  # the flip
+    if _rand(generator) < config.crop_prob:
+        width, height = resized_size(width, height, _choice(config.crop_resize_scales, generator), None)
+        min_size, max_size = config.crop_size
+        crop_height = _randint(min(min_size, height), min(height, max_size), generator)
+        crop_width = _randint(min(min_size, width), min(width, max_size), generator)
+        _randint(0, height - crop_height, generator)
+        _randint(0, width - crop_width, generator)
+        width, height = crop_width, crop_height
+    width, height = resized_size(width, height, _choice(config.scales, generator), config.max_size)
+    return height, width
+
+
 def augment_val(image: Image.Image, target: Target, config: AugmentConfig) -> tuple[Image.Image, Target]:
     """DETR's validation resize (deterministic)."""
     return resize(image, target, config.val_size, config.max_size)

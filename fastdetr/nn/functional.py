@@ -429,3 +429,26 @@ def assignment(cost: Tensor, num_targets: Sequence[int]):
         return None
     result = padded_assignment(cost, [num_queries] * num_problems, num_targets)
     return assignment_pairs(result, [min(num_queries, n) for n in num_targets]), result.status
+
+
+def padded_assignment(cost: Tensor, num_targets: Tensor):
+    """The query -> target map of every padded problem (P, Q, T), solved in one launch; no host sync, no shape
+    that depends on a value. None when max(Q, T) exceeds the kernel's column block (`MAX_BLOCK`).
+
+    num_targets: [P] integer tensor on cost's device, problem p's valid columns (the first ones).
+    Returns (col_for_row, status): col_for_row [P, Q] int64, the target column matched to each
+    query, -1 for none (every one of the min(Q, n_p) targets is matched); status, the [P]
+    int32 STATUS_* tensor, unread. A problem whose status is not OK (a NaN block) gets the
+    diagonal, query k to target k for k < n_p: valid indices, and its NaN reaches the loss.
+    """
+    from fastdetr.kernels.assignment import MAX_BLOCK, STATUS_OK, assignment_forward
+
+    num_problems, num_queries, t_max = cost.shape
+    if max(num_queries, t_max) > MAX_BLOCK:
+        return None
+    num_targets = num_targets.to(torch.int32)
+    num_rows = torch.full((num_problems,), num_queries, dtype=torch.int32, device=cost.device)
+    result = assignment_forward(cost, num_rows, num_targets)
+    query = torch.arange(num_queries, device=cost.device)
+    diagonal = torch.where(query < num_targets[:, None], query, -1)
+    return torch.where((result.status == STATUS_OK)[:, None], result.col_for_row, diagonal), result.status
