@@ -207,6 +207,7 @@ export repo
 # A test file that learns to run on CUDA tensors is added to this list.
 GPU_TESTS=(
     tests/test_gpu.py
+    tests/test_gpu_graph.py
     tests/test_memory.py
 )
 pytest_options=(-v -ra -p no:cacheprovider --junitxml "$results/pytest.xml")

@@ -7,6 +7,7 @@
     fastdetr eval --checkpoint C --images DIR --annotations FILE
     fastdetr predict IMAGE... --checkpoint C [--threshold T] [--out DIR]
     fastdetr export --checkpoint C --onnx OUT.onnx [--mask] [--postprocess] [--verify]
+    fastdetr buckets [--augment A] ... the padding the static-shape step's size buckets cost (COCO's sizes)
     fastdetr proxies [--quick] ...     one training step's launches, host syncs and saved bytes, counted on a CPU
     fastdetr memory [--small] ...      what one layer keeps for backward, reference against fused
     fastdetr kernel-report [...]       compile every kernel configuration for sm_80 / sm_90, fail on a spill
@@ -124,6 +125,22 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, dest=field.name, default=default, metavar=kind.upper(),
                             type=lambda text, kind=kind: None if text.lower() == "none" else _parse_field(kind, text),
                             help=f"(default {default})")
+
+
+def _buckets(args: argparse.Namespace) -> int:
+    from .static import COCO_IMAGE_SIZES, annotation_sizes, default_step, format_padding_report, padding_report
+    from .train import AUGMENTS
+
+    if args.augment not in AUGMENTS:
+        raise SystemExit(f"fastdetr buckets: unknown --augment {args.augment!r}; expected one of {sorted(AUGMENTS)}")
+    augment = AUGMENTS[args.augment]
+    sizes = annotation_sizes(args.annotations) if args.annotations else COCO_IMAGE_SIZES
+    rows = [padding_report(augment, batch_size, step, sizes, args.batches) for batch_size in args.batch_sizes
+            for step in args.steps or [default_step(augment)]]
+    print(f"augment {args.augment!r}, {args.batches} random batches per row, image sizes from "
+          f"{args.annotations or 'fastdetr.static.COCO_IMAGE_SIZES (an approximate mix)'}\n")
+    print(format_padding_report(rows))
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -345,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a DETR. Every field of fastdetr.train.TrainConfig is a flag.")
     _add_dataclass_flags(train, TrainConfig)
     train.set_defaults(func=_train)
+
+    buckets = sub.add_parser("buckets", help="the padding the static-shape step's size buckets cost",
+                             description="Random training batches of DETR's augmentation over COCO's image sizes "
+                                         "(fastdetr.static.COCO_IMAGE_SIZES, or an annotations file's): the "
+                                         "pixels padded to each batch's largest image and to its size bucket.")
+    buckets.add_argument("--augment", default="detr", help="an augment preset of fastdetr.train.AUGMENTS")
+    buckets.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4, 8])
+    buckets.add_argument("--steps", type=int, nargs="+", help="bucket steps in px (default: the augment's default)")
+    buckets.add_argument("--batches", type=int, default=4000, help="random batches per row")
+    buckets.add_argument("--annotations", help="a COCO annotations file: its image sizes instead of the built-in mix")
+    buckets.set_defaults(func=_buckets)
 
     evaluate = sub.add_parser("eval", help="COCO evaluation of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True)

@@ -9,9 +9,9 @@ CUDA graph replays fixed shapes only. So, with `fastdetr train --static-shapes t
   larger side fits no bucket. With DETR's COCO augmentation and the default
   step (`default_step`: a twelfth of the longest side, rounded up to 32 px: 128
   px for COCO's 1333) there are at most 11 x 11 buckets (30-38 seen at batch
-  2-8), and the padding they add costs what `python -m fastdetr.static`
-  reports (the README quotes it: about 13% more pixels than padding each batch
-  to its largest image).
+  2-8), and the padding they add costs what `fastdetr buckets` reports (the
+  README quotes it: about 12-14% more pixels than padding each batch to its
+  largest image).
 - Targets: padded to `max_targets` slots per image with a validity mask
   (`fastdetr.padded`); matcher and criterion take that form
   (`SetCriterion.forward_padded`: every decoder layer's losses in one batched
@@ -34,12 +34,11 @@ solver (scipy); `StaticStep` refuses those with a clear error.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -334,37 +333,20 @@ def padding_report(augment: AugmentConfig, batch_size: int, step: int | None = N
             "extra_cost": static / dynamic - 1}
 
 
-def _annotation_sizes(path: str) -> list[tuple[int, int, float]]:
+def annotation_sizes(path: str) -> list[tuple[int, int, float]]:
+    """(width, height, share) of the images of a COCO annotations file: `padding_report`'s `image_sizes`."""
     with open(path) as file:
         images = json.load(file)["images"]
     counts = Counter((int(image["width"]), int(image["height"])) for image in images)
     return [(width, height, count / len(images)) for (width, height), count in counts.items()]
 
 
-def main(argv: Sequence[str] | None = None,
-         printer: Callable[[str], None] = print) -> int:
-    from .train import AUGMENTS
-
-    parser = argparse.ArgumentParser(prog="python -m fastdetr.static",
-                                     description="The padding that size buckets cost on COCO's size distribution.")
-    parser.add_argument("--augment", default="detr", choices=sorted(AUGMENTS))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--steps", type=int, nargs="+", help="bucket steps in px (default: the augment's default)")
-    parser.add_argument("--batches", type=int, default=4000, help="random batches per row")
-    parser.add_argument("--annotations", help="a COCO annotations file: its image sizes instead of the built-in mix")
-    args = parser.parse_args(argv)
-    augment = AUGMENTS[args.augment]
-    sizes = _annotation_sizes(args.annotations) if args.annotations else COCO_IMAGE_SIZES
-    printer(f"augment {args.augment!r}, image sizes: {args.annotations or 'COCO_IMAGE_SIZES (approximate mix)'}")
-    printer("batch  step  buckets used/possible  no bucket  pixels/image px dynamic  static  extra cost")
-    for batch_size in args.batch_sizes:
-        for step in args.steps or [default_step(augment)]:
-            row = padding_report(augment, batch_size, step, sizes, args.batches)
-            printer(f"{batch_size:5d}  {row['step']:4d}  {row['buckets_used']:7d}/{row['buckets_possible']:<13d}"
-                    f"  {row['unfit_share']:8.1%}  {row['dynamic_pixels']:22.3f}  {row['static_pixels']:6.3f}"
-                    f"  {row['extra_cost']:9.1%}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def format_padding_report(rows: Sequence[dict[str, Any]]) -> str:
+    """`padding_report` rows as a markdown table (what `fastdetr buckets` prints)."""
+    lines = ["| batch | step px | buckets used / possible | fit no bucket | padded px per image px, dynamic | "
+             "static | extra cost |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['batch_size']} | {row['step']} | {row['buckets_used']} / {row['buckets_possible']} | "
+                     f"{row['unfit_share']:.1%} | {row['dynamic_pixels']:.3f} | {row['static_pixels']:.3f} | "
+                     f"{row['extra_cost']:.1%} |")
+    return "\n".join(lines) + "\n"

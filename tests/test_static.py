@@ -23,7 +23,15 @@ from fastdetr.models import build_model
 from fastdetr.nested import batch_images
 from fastdetr.optim import adamw
 from fastdetr.padded import PaddedTargets, pad_targets, unpad_targets
-from fastdetr.static import COCO_IMAGE_SIZES, SizeBuckets, StaticCollate, StaticStep, default_step, main, padding_report
+from fastdetr.static import (
+    COCO_IMAGE_SIZES,
+    SizeBuckets,
+    StaticCollate,
+    StaticStep,
+    default_step,
+    format_padding_report,
+    padding_report,
+)
 from fastdetr.train import LIGHT_AUGMENT, LOGGED, TrainConfig, train
 
 KERNELS = triton_importable() and interpreter_enabled()
@@ -82,9 +90,8 @@ def test_padding_report_counts_the_pixels_buckets_add():
     assert padding_report(DETR_AUGMENT, 2, 64, batches=300)["extra_cost"] < report["extra_cost"]
     single = padding_report(DETR_AUGMENT, 1, batches=50, image_sizes=[(640, 480, 1.0)])
     assert single["dynamic_pixels"] == pytest.approx(1.0)
-    lines = []
-    assert main(["--batch-sizes", "2", "--batches", "50"], printer=lines.append) == 0
-    assert "COCO_IMAGE_SIZES" in lines[0] and len(lines) == 3
+    table = format_padding_report([report, single]).splitlines()
+    assert len(table) == 4 and table[2].startswith("| 2 | 128 |")
     assert math.isclose(sum(share for _, _, share in COCO_IMAGE_SIZES), 1.0)
 
 
@@ -394,3 +401,13 @@ def test_static_config_checks_the_model(data_dir, tmp_path):
 def test_padded_targets_move_as_one():
     padded = PaddedTargets(torch.zeros(1, 2, dtype=torch.int64), torch.rand(1, 2, 4), torch.ones(1, 2, dtype=bool))
     assert all(t.device.type == "cpu" for t in padded.to("cpu"))
+
+
+def test_buckets_command_prints_the_padding_table(capsys):
+    from fastdetr.cli import main as cli
+
+    assert cli(["buckets", "--batches", "30", "--batch-sizes", "2", "--steps", "64", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "COCO_IMAGE_SIZES" in out and "| 2 | 64 |" in out and "| 2 | 128 |" in out
+    with pytest.raises(SystemExit, match="unknown --augment 'coco'"):
+        cli(["buckets", "--augment", "coco"])
