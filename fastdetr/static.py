@@ -24,9 +24,13 @@ CUDA graph replays fixed shapes only. So, with `fastdetr train --static-shapes t
   (foreach, on the device) and AdamW. Eagerly (on a CPU: the path CI tests),
   or with `cuda_graph=True` captured once per bucket after `warmup` eager steps
   of that bucket, all graphs in one memory pool, then replayed: the optimizer is
-  capturable with a device learning rate, gradients persist (zeroed in place,
-  never set to None), and each step's logged losses are a row of a device
-  tensor that the trainer copies out (no sync).
+  capturable with a device learning rate, and each step's logged losses are a
+  row of a device tensor that the trainer copies out (no sync). Gradients are
+  set to None before each backward, as on the dynamic path, so the backward
+  writes them rather than adding into old ones; under graphs each graph's live
+  in its pool. The graphs share the pool safely because they never run at
+  once and everything one replay leaves behind (its logged row) is copied out
+  before the next replay.
 
 What a captured step cannot do: fp16 with a GradScaler (its inf check reads
 the host), several processes (DDP's reducer is not captured here), and a host
@@ -265,7 +269,7 @@ class StaticStep:
     def step(self, images: Tensor, mask: Tensor, labels: Tensor, boxes: Tensor, valid: Tensor) -> Tensor:
         """The step itself on device tensors; returns the logged row. Every op's shape follows the inputs' shapes."""
         images = images.contiguous(memory_format=self.memory_format)
-        self.optimizer.zero_grad(set_to_none=False)  # gradients persist: every graph accumulates into the same ones
+        self.optimizer.zero_grad(set_to_none=True)
         with self._autocast(images.device):
             outputs = self.model(ImageBatch(images, mask))
         loss_dict = self.criterion.forward_padded(_to_float(outputs), PaddedTargets(labels, boxes, valid))
