@@ -2,7 +2,7 @@
 
 benchmarks/run.py runs it (`--suites proxies`) in a process of its own, through
 Triton's interpreter; what is counted, and how, is fastdetr.measure.proxies'
-docstring. case "detr_r50_step_proxies", provider "<reference|fastdetr>-<matcher>",
+docstring. case "detr_r50_step_proxies", provider "<reference|fastdetr|fastdetr-static>-<matcher>",
 mode "train_step", one row per configuration and metric, p50 = p20 = p80 = the count.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ def _metrics(result: StepProxies) -> list[tuple[str, str, int]]:
     """(metric, unit, value) of one configuration."""
     return [("aten_ops", "count", result.aten_ops), ("allocations", "count", result.allocations),
             ("triton_launches", "count", result.triton_launches), ("launches", "count", result.launches),
-            ("host_syncs", "count", result.host_syncs),
+            ("optimizer_launches", "count", result.optimizer_launches),
+            ("step_launches", "count", result.step_launches), ("host_syncs", "count", result.host_syncs),
             ("saved_activation_bytes", "bytes", result.saved_activation_bytes)]
 
 

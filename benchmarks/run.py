@@ -198,6 +198,15 @@ def run_model(env: dict, level: str) -> list[dict]:
     rows = model.measure(batch, torch.device("cuda"), env, warmup, rep, providers=providers)
     if level == "full" and importlib.util.find_spec("transformers") is not None:
         rows += model.measure_transformers(model.HF_BATCH, torch.device("cuda"), env, warmup, rep)
+    # The static-shape case (issue 17) without its torch.compile providers: they compile once per size bucket
+    # and batch size, tens of minutes (`python benchmarks/model.py --case static` runs them). Estimated, not
+    # measured: --quick (batch 2) adds 10-30 s, most of it the graphs' eager warm-up steps and captures and
+    # the Triton JIT at new shapes; full (batches 2, 4, 8) about 60-120 s.
+    quick = level == "quick"
+    static_providers = ("reference-bf16", *(() if quick else ("fastdetr-bf16",)), "fastdetr-bf16+graph")
+    rows += model.measure_static(torch.device("cuda"), env, 25, 250 if quick else 500,
+                                 providers=static_providers,
+                                 train_batches=(2,) if quick else model.STATIC_TRAIN_BATCHES)
     return rows
 
 
@@ -244,7 +253,7 @@ def _suite_of(row: dict) -> str:
     case = row["case"]
     if case == "ceiling":
         return "ceiling"
-    if case in ("detr_r50", "transformers_detr_r50_finetune"):
+    if case in ("detr_r50", "detr_r50_static", "transformers_detr_r50_finetune"):
         return "model"
     if case.startswith("msda_"):
         return "deformable_attention"

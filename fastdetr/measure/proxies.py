@@ -27,11 +27,21 @@ and counts:
   keeps it (`fastdetr.measure.saved_bytes.gpu_dropout`, also for the op count:
   one `native_dropout` as on CUDA).
 
-Three configurations (`CONFIGURATIONS`): the reference model with the scipy
+Four configurations (`CONFIGURATIONS`): the reference model with the scipy
 matcher (the original's setting), the fused model (`fastdetr.optimize`) with
-the same matcher, and the fused model with the "triton" matcher (fused cost
+the same matcher, the fused model with the "triton" matcher (fused cost
 kernel and batched assignment kernel) without its CPU-only status check, the
-path a GPU takes: `resolve_solver("triton", check_invalid=False)`.
+path a GPU takes: `resolve_solver("triton", check_invalid=False)`, and
+"fastdetr-static": that step in the static-shape form a CUDA graph captures
+(`fastdetr.static`: the batch padded to its size bucket, the targets to
+num_queries slots, `SetCriterion.forward_padded` with every layer's losses in
+one batched computation).
+
+The optimizer phase -- gradient clipping at 0.1 and the AdamW step, its state
+made beforehand so the step counted is a steady one -- is counted apart
+(`optimizer_launches`; `step_launches` adds it): the reference runs what the
+original gets on a GPU (torch's AdamW and `clip_grad_norm_`, foreach there),
+fastdetr its fused AdamW and one foreach clipping call (`fastdetr.optim`).
 
 Shapes. Op, launch and sync counts do not depend on the image sizes or the
 number of queries (tests/test_proxies.py checks it for the reference); from two
@@ -62,9 +72,14 @@ from .problem import DETR_R50
 from .saved_bytes import SavedBytes, gpu_dropout, saved_tensor_bytes
 
 MATCHERS = ("scipy", "triton")
-# (provider, fused, matcher): the reference with the original's matcher, then fastdetr with it and with its own
-CONFIGURATIONS = (("reference", False, "scipy"), ("fastdetr", True, "scipy"), ("fastdetr", True, "triton"))
+# (provider, fused, matcher, static): the reference with the original's matcher, then fastdetr with it and with its
+# own, then fastdetr's static-shape step (`fastdetr.static`: padded batch and targets, `forward_padded`)
+CONFIGURATIONS = (("reference", False, "scipy", False), ("fastdetr", True, "scipy", False),
+                  ("fastdetr", True, "triton", False), ("fastdetr-static", True, "triton", True))
 PHASES = ("forward", "criterion", "backward")
+# Ops of the optimizer phase that launch nothing on a GPU: the reference AdamW's reads of its host-side step
+# counters (one `.item()` per tensor) and the profiler's record_function markers.
+OPTIMIZER_HOST_OPS = ("aten._local_scalar_dense", "aten._record_function_enter_new", "aten._record_function_exit")
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,7 @@ class StepProxies:
     launch_counts: Triton launches by kernel name. seconds: the step's wall time,
     through the interpreter for the fused kernels on a CPU (not a GPU's time).
     """
-    provider: str                       # "reference" or "fastdetr"
+    provider: str                       # "reference", "fastdetr" or "fastdetr-static"
     matcher: str                        # "scipy" or "triton"
     shape: StepShape
     device: str
@@ -118,10 +133,17 @@ class StepProxies:
     op_counts: dict[str, int] = field(repr=False)
     launch_counts: dict[str, int] = field(repr=False)
     seconds: float = field(repr=False)
+    optimizer_launches: int = 0          # gradient clipping and the AdamW step (module docstring)
 
     @property
     def launches(self) -> int:
+        """Forward, criterion and backward (the phases in PHASES)."""
         return self.aten_ops - self.allocations + self.triton_launches
+
+    @property
+    def step_launches(self) -> int:
+        """The whole step: `launches` and the optimizer's."""
+        return self.launches + self.optimizer_launches
 
     @property
     def name(self) -> str:
@@ -157,7 +179,8 @@ class _HostSolverCopies:
 
 
 def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R50_STEP,
-                 device: torch.device | str = "cpu", seed: int = 0, gpu_dropout_on_cpu: bool = True) -> StepProxies:
+                 device: torch.device | str = "cpu", seed: int = 0, gpu_dropout_on_cpu: bool = True,
+                 static: bool = False) -> StepProxies:
     """Count one training step of a model with DETR-R50's widths (module docstring), reference or fused.
 
     fused: apply `fastdetr.optimize` (same weights). matcher: "scipy" or "triton";
@@ -166,6 +189,9 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
     before the first kernel module import); without it the fused layers would
     fall back to the reference math, so this raises instead. Train mode, dropout
     0.1; the weights come from `seed`, the batch from `seed + 1`.
+    static: the static-shape step's form (`fastdetr.static`): the batch padded to its 32-px
+    size bucket, the targets to num_queries slots, the criterion's `forward_padded`.
+    The optimizer phase (clipping at 0.1 and AdamW, `_optimizer`) is counted apart.
     """
     import fastdetr
     from fastdetr.backend import interpreter_enabled
@@ -191,6 +217,9 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
     else:
         criterion.matcher.solver = resolve_solver("triton", check_invalid=False)
     images, targets = _batch(shape, device, seed)
+    if static:
+        images, targets = _static_batch(images, targets, shape, device)
+    optimizer, clip = _optimizer(model, fused, device)
 
     snapshots: dict[str, tuple[int, int, int]] = {}
     kept: list[Tensor] = []   # the loss, so that its graph outlives saved_tensor_bytes for the backward
@@ -202,7 +231,8 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
     def forward_and_loss(model, criterion, images, targets) -> Tensor:
         outputs = model(images)
         snapshot("forward")
-        loss = total_loss(criterion(outputs, targets), criterion.weight_dict)
+        losses = criterion.forward_padded(outputs, targets) if static else criterion(outputs, targets)
+        loss = total_loss(losses, criterion.weight_dict)
         snapshot("criterion")
         kept.append(loss)
         return loss
@@ -215,6 +245,14 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
         kept.pop().backward()
         snapshot("backward")
     seconds = time.perf_counter() - start
+    # The optimizer phase apart, outside the counters above: the reference's per-tensor `step.item()` reads host
+    # scalars (foreach AdamW keeps its step counters on the host on a GPU too), not syncs, so its ops count as
+    # launches but not as syncs.
+    with OpCounter() as optimizer_ops:
+        clip()
+        optimizer.step()
+    optimizer_launches = optimizer_ops.ops - sum(optimizer_ops.op_counts[name] for name in
+                                                 (*ALLOCATION_OPS, *OPTIMIZER_HOST_OPS))
 
     phase_launches, previous = {}, 0
     for phase in PHASES:
@@ -224,17 +262,60 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
     copies = host_copies.calls if host_copies is not None else 0
     sync_ops = (*ops.sync_ops, *["host solver: cost blocks to the host"] * copies)
     return StepProxies(
-        provider="fastdetr" if fused else "reference", matcher=matcher, shape=shape, device=str(device),
+        provider=_provider(fused, static), matcher=matcher, shape=shape, device=str(device),
         aten_ops=ops.ops, allocations=snapshots["backward"][1], triton_launches=launches.launches,
         host_syncs=len(sync_ops), sync_ops=sync_ops, saved_activation_bytes=saved.activation_bytes, saved=saved,
         phase_launches=phase_launches, op_counts=dict(ops.op_counts), launch_counts=dict(launches.launch_counts),
-        seconds=seconds)
+        seconds=seconds, optimizer_launches=optimizer_launches)
+
+
+def _provider(fused: bool, static: bool) -> str:
+    return ("fastdetr-static" if static else "fastdetr") if fused else "reference"
+
+
+def _static_batch(images: list[Tensor], targets: list[dict[str, Tensor]], shape: StepShape, device: torch.device):
+    """The batch as the static-shape step takes it: images padded to their 32-px bucket, targets to Q slots."""
+    from ..nested import batch_images
+    from ..padded import pad_targets
+    from ..static import SizeBuckets
+
+    height, width = max(h for h, _ in shape.image_sizes), max(w for _, w in shape.image_sizes)
+    bucket = SizeBuckets(32, max(height, width)).bucket(height, width)
+    host_targets = [{key: value.cpu() for key, value in target.items()} for target in targets]
+    return batch_images(images, bucket), pad_targets(host_targets, shape.num_queries, DETR_R50.num_classes).to(device)
+
+
+def _optimizer(model: torch.nn.Module, fused: bool, device: torch.device):
+    """(optimizer, clip) with its state already made, so the counted step is a steady one.
+
+    The reference: what the original DETR gets on a GPU, `torch.optim.AdamW` (foreach there) and
+    `clip_grad_norm_` (foreach there); fastdetr: `fastdetr.optim`'s fused AdamW and one foreach clipping.
+    """
+    from ..optim import adamw, clip_grad_norm
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if fused:
+        optimizer = adamw([{"params": trainable}], lr=1e-4, weight_decay=1e-4, device=device)
+
+        def clip():
+            clip_grad_norm(trainable, 0.1)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4, foreach=True)
+
+        def clip():
+            torch.nn.utils.clip_grad_norm_(trainable, 0.1, foreach=True)
+    with torch.no_grad():
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer, clip
 
 
 def measure(shape: StepShape = DETR_R50_STEP, device: torch.device | str = "cpu",
-            configurations: Sequence[tuple[str, bool, str]] = CONFIGURATIONS) -> list[StepProxies]:
-    """`step_proxies` of each (provider, fused, matcher) configuration, in order."""
-    return [step_proxies(fused, matcher, shape, device) for _, fused, matcher in configurations]
+            configurations: Sequence[tuple[str, bool, str, bool]] = CONFIGURATIONS) -> list[StepProxies]:
+    """`step_proxies` of each (provider, fused, matcher, static) configuration, in order."""
+    return [step_proxies(fused, matcher, shape, device, static=static) for _, fused, matcher, static in configurations]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,14 +326,17 @@ def format_table(results: Sequence[StepProxies]) -> str:
     """A markdown table, one row per configuration; ratios against the first (the reference)."""
     base = results[0]
     header = ("| provider | matcher | ATen ops | of which allocations | Triton launches | launches "
-              "(forward / criterion / backward) | vs first | host syncs | saved activations MiB | vs first |\n"
-              "|---|---|---|---|---|---|---|---|---|---|\n")
+              "(forward / criterion / backward) | vs first | optimizer launches | step launches | vs first "
+              "| host syncs | saved activations MiB | vs first |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for result in results:
         phases = " / ".join(str(result.phase_launches[phase]) for phase in PHASES)
         lines.append(f"| {result.provider} | {result.matcher} | {result.aten_ops} | {result.allocations} "
                      f"| {result.triton_launches} | {result.launches} ({phases}) "
-                     f"| {result.launches / base.launches:.2f} | {result.host_syncs} "
+                     f"| {result.launches / base.launches:.2f} | {result.optimizer_launches} "
+                     f"| {result.step_launches} | {result.step_launches / base.step_launches:.2f} "
+                     f"| {result.host_syncs} "
                      f"| {result.saved_activation_bytes / 2**20:.2f} "
                      f"| {result.saved_activation_bytes / max(base.saved_activation_bytes, 1):.2f} |")
     return header + "\n".join(lines) + "\n"
@@ -267,8 +351,8 @@ def run_report(shape: StepShape, device: torch.device | str = "cpu", verbose: bo
     print(f"one training step (forward, SetCriterion with aux losses, backward), train mode, dropout 0.1: "
           f"{shape.describe()}, {device}", flush=True)
     results = []
-    for _, fused, matcher in CONFIGURATIONS:
-        result = step_proxies(fused, matcher, shape, device)
+    for _, fused, matcher, static in CONFIGURATIONS:
+        result = step_proxies(fused, matcher, shape, device, static=static)
         results.append(result)
         print(f"  {result.name}: measured in {result.seconds:.1f} s", flush=True)
     print()
