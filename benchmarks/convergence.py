@@ -324,7 +324,8 @@ def train_run(provider: str, model: nn.Module, train_set, setup: Setup, max_step
     """
     from fastdetr.criterion import build_criterion, total_loss
     from fastdetr.evaluate import autocast_context
-    from fastdetr.train import _to_device, _to_float  # the trainer's own helpers: the two loops cannot drift
+    from fastdetr.static import float_outputs as _to_float  # the trainer's own helpers: the two loops cannot drift
+    from fastdetr.train import _to_device
 
     if max_steps is None and budget_s is None:
         raise ValueError("train_run: give max_steps, budget_s or both")

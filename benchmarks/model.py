@@ -589,7 +589,8 @@ def build_static_provider(name: str, base: nn.Module, device: torch.device,
     import fastdetr
     from fastdetr.criterion import build_criterion, total_loss
     from fastdetr.optim import adamw, clip_grad_norm
-    from fastdetr.static import StaticStep, _to_float  # _to_float: the fp32 outputs StaticStep's criterion takes
+    from fastdetr.static import StaticStep
+    from fastdetr.static import float_outputs as _to_float  # the fp32 outputs StaticStep's criterion takes
     from fastdetr.train import LOGGED
 
     graph, compiled, fused = name.endswith("+graph"), name.endswith("+compile"), name.startswith("fastdetr")

@@ -156,7 +156,7 @@ class StaticCollate:
 # ---- the step ----------------------------------------------------------------------------------------
 
 
-def _to_float(outputs: dict[str, Any]) -> dict[str, Any]:
+def float_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     """Model outputs in fp32 (the criterion's softmax, L1 and GIoU run in fp32 under mixed precision)."""
     converted = {key: value.float() for key, value in outputs.items() if isinstance(value, Tensor)}
     if "aux_outputs" in outputs:
@@ -272,7 +272,7 @@ class StaticStep:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast(images.device):
             outputs = self.model(ImageBatch(images, mask))
-        loss_dict = self.criterion.forward_padded(_to_float(outputs), PaddedTargets(labels, boxes, valid))
+        loss_dict = self.criterion.forward_padded(float_outputs(outputs), PaddedTargets(labels, boxes, valid))
         loss = total_loss(loss_dict, self.criterion.weight_dict)
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.scale(loss).backward()

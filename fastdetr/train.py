@@ -74,7 +74,7 @@ from .evaluate import autocast_context, evaluate, format_summary
 from .models import build_model
 from .optim import adamw, clip_grad_norm
 from .padded import PaddedTargets
-from .static import SizeBuckets, StaticBatch, StaticCollate, StaticStep
+from .static import SizeBuckets, StaticBatch, StaticCollate, StaticStep, float_outputs
 
 # For short runs on the 128-px synthetic set: flips and mild scale jitter, no crops; the
 # longer side is capped at 144 px so batches stay small.
@@ -723,7 +723,7 @@ class _TrainingRun:
         targets = _to_device(targets, self.device)
         with autocast_context(self.device, self.runtime.amp):
             outputs = self.ddp_model(images)
-        outputs = _to_float(outputs)
+        outputs = float_outputs(outputs)
         loss_dict = self._losses(outputs, targets, epoch, batch_index, image_ids)
         loss = total_loss(loss_dict, self.weight_dict)
         self.optimizer.zero_grad(set_to_none=True)
@@ -886,12 +886,3 @@ def _all_finite(outputs: dict[str, Any]) -> bool:
     tensors = [value for value in outputs.values() if isinstance(value, Tensor)]
     tensors += [value for aux in outputs.get("aux_outputs", []) for value in aux.values()]
     return all(bool(torch.isfinite(value).all()) for value in tensors)
-
-
-def _to_float(outputs: dict[str, Any]) -> dict[str, Any]:
-    """Model outputs in fp32 (the criterion's softmax, L1 and GIoU run in fp32 under mixed precision)."""
-    converted = {key: value.float() for key, value in outputs.items() if isinstance(value, Tensor)}
-    if "aux_outputs" in outputs:
-        converted["aux_outputs"] = [{key: value.float() for key, value in aux.items()}
-                                    for aux in outputs["aux_outputs"]]
-    return converted
