@@ -10,7 +10,7 @@ features).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +29,71 @@ RESNET_LAYOUTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
 }
 
 
+def _fold(weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+          eps: float) -> tuple[Tensor, Tensor]:
+    """(C,) buffers -> scale, shift (1, C, 1, 1) with y = x * scale + shift, computed in this order as the original
+    does."""
+    scale = weight.reshape(1, -1, 1, 1) * (running_var.reshape(1, -1, 1, 1) + eps).rsqrt()
+    shift = bias.reshape(1, -1, 1, 1) - running_mean.reshape(1, -1, 1, 1) * scale
+    return scale, shift
+
+
+def _recorded() -> bool:
+    """Whether the forward is being recorded rather than run: torch.compile and torch.export (the torch.export-based
+    ONNX exporter too), torch.jit.trace (what the TorchScript-based ONNX exporter runs), a functorch transform."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+
+
+class _Folded(NamedTuple):
+    """FrozenBatchNorm2d's cached scale and shift (1, C, 1, 1), and what they were folded from."""
+    key: list                       # per buffer id, _version, data_ptr, dtype, device, shape; autocast on
+    buffers: tuple[Tensor, ...]     # held so that no later tensor can take a buffer's id()
+    scale: Tensor
+    shift: Tensor
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers.
 
     y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, with eps = 1e-5.
     Checkpoints written with a trainable BatchNorm2d carry `num_batches_tracked`;
     it is ignored on load.
+
+    The statistics fold into scale = weight * rsqrt(running_var + eps) and
+    shift = bias - running_mean * scale, (1, C, 1, 1), computed as the original
+    does, bit for bit. They are cached on the module, not as buffers (the
+    state_dict holds the four buffers only), so the forward is one op,
+    `torch.addcmul(shift, x, scale)`, where the original runs seven: five for
+    the fold, then `x * scale + shift`. addcmul may round once (the CPU kernel is
+    a fused multiply-add) where the original rounds twice: the outputs differ by
+    at most two roundings of the output dtype (2**-23 of |x * scale| + |shift|
+    in float32). The output dtype is the original's, x's promoted with the
+    buffers' (also under autocast, without the cast of x that CUDA autocast's
+    promotion of addcmul would launch); the layout is x's (channels_last stays
+    channels_last). The gradient of x is the original's, bit for bit, in two ops
+    where the original's takes one (addcmul's backward multiplies scale by its
+    `value`, 1, first): a small (1, C, 1, 1) op.
+
+    The cache is refolded when a buffer changes, seen from host metadata only
+    (no value read, no sync): a buffer replaced (`.to()`, `.half()`, assignment)
+    or changed in place (`load_state_dict`'s `copy_`, `running_var.mul_(2)`:
+    its `_version`), or autocast switched on or off (CUDA autocast runs rsqrt in
+    float32). A refold of the same shape, dtype and device is copied into the
+    cached tensors: a CUDA graph captured after a warm-up forward reads them by
+    address, and sees new values after `load_state_dict` (which refolds at once)
+    or after the next eager forward (any other change). A backward still pending
+    through a forward from before such a change then fails ("modified by an
+    inplace operation") rather than use the new values.
+
+    Compiled, exported or traced (torch.compile, torch.export, both ONNX
+    exporters, torch.jit.trace and script, functorch transforms), with a buffer
+    that is a FakeTensor, meta, an inference tensor or requires grad, or with an
+    input that is not a plain tensor, the forward is the original's: the fold
+    from the buffers, then `x * scale + shift`, no cache read or written.
+    Pickling and deepcopy drop the cache.
     """
+
+    _fold_cache = None   # a _Folded once folded; a class default, so that modules pickled before it load too
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
@@ -50,11 +108,54 @@ class FrozenBatchNorm2d(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if self._fold_cache is not None:
+            self._folded()   # now: a CUDA graph captured earlier reads the new values at once
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_fold_cache", None)
+        return state
+
+    def _folded(self) -> tuple[Tensor, Tensor] | None:
+        """The cached (scale, shift), refolded first if the buffers or the autocast state changed; None where a
+        buffer is not a plain tensor with data whose in-place changes bump `_version` (a FakeTensor or other
+        subclass, a meta tensor, an inference tensor: it has no version counter) or requires grad."""
+        named = self._buffers   # not the attributes: nn.Module.__getattr__ costs a microsecond each
+        buffers = named["weight"], named["bias"], named["running_mean"], named["running_var"]
+        key = []
+        for buffer in buffers:
+            if type(buffer) is not Tensor or buffer.is_meta or buffer.is_inference() or buffer.requires_grad:
+                return None
+            key += (id(buffer), buffer._version, buffer.data_ptr(), buffer.dtype, buffer.device, buffer.shape)
+        device = buffers[0].device.type
+        key.append(torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
+        cache = self._fold_cache
+        if cache is not None and cache.key == key:
+            return cache.scale, cache.shift
+        with torch.inference_mode(False):   # a cache made in inference mode could not be updated outside it
+            scale, shift = _fold(*buffers, self.eps)
+        if cache is not None and all(old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
+                                     for old, new in ((cache.scale, scale), (cache.shift, shift))):
+            cache.scale.copy_(scale)        # in place: what a captured CUDA graph reads
+            cache.shift.copy_(shift)
+            scale, shift = cache.scale, cache.shift
+        self._fold_cache = _Folded(key, buffers, scale, shift)
+        return scale, shift
 
     def forward(self, x: Tensor) -> Tensor:
-        # Folded into one scale and shift, computed in this order as the original does.
-        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
-        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        """x (B, C, H, W) -> (B, C, H, W) in x's dtype promoted with the buffers', x's layout."""
+        if not torch.jit.is_scripting():   # TorchScript compiles only the original's forward below
+            folded = None if _recorded() or type(x) is not Tensor or x.is_meta else self._folded()
+            if folded is not None:
+                scale, shift = folded
+                if x.is_cuda and torch.is_autocast_enabled("cuda"):
+                    # addcmul is on CUDA autocast's promote list, which would launch a cast of x first; mul and
+                    # add, the original's ops, are on no list: without autocast addcmul promotes as they do.
+                    with torch.autocast("cuda", enabled=False):
+                        return torch.addcmul(shift, x, scale)
+                return torch.addcmul(shift, x, scale)
+        # the original's forward, the buffers read as attributes: what torch.fx's tracer records
+        scale, shift = _fold(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
         return x * scale + shift
 
     def extra_repr(self) -> str:
