@@ -19,10 +19,14 @@ from .checkpoint import (
 )
 from .config import PRESETS, DETRConfig
 from .criterion import SetCriterion, build_criterion
+from .deformable_config import DEFORMABLE_PRESETS, DeformableDETRConfig
 from .export import export_onnx
 from .matcher import HungarianMatcher
 from .models import (
+    build_deformable_model,
     build_model,
+    deformable_detr_resnet50,
+    deformable_detr_small,
     detr_resnet50,
     detr_resnet50_dc5,
     detr_resnet101,
@@ -31,6 +35,7 @@ from .models import (
 )
 from .nested import ImageBatch, batch_images
 from .nn.convert import optimize
+from .reference.deformable_detr import DeformableDETR
 from .reference.detr import DETR, MLP, PostProcess
 
 __version__ = "0.1.0"
@@ -40,4 +45,6 @@ __all__ = [
     "build_model", "detr_resnet50", "detr_resnet101", "detr_resnet50_dc5", "detr_resnet101_dc5", "detr_small",
     "load_checkpoint", "save_checkpoint", "load_backbone_checkpoint", "infer_config", "CheckpointError",
     "HungarianMatcher", "SetCriterion", "build_criterion", "optimize", "export_onnx",
+    "DeformableDETR", "DeformableDETRConfig", "DEFORMABLE_PRESETS", "build_deformable_model",
+    "deformable_detr_resnet50", "deformable_detr_small",
 ]

@@ -6,6 +6,7 @@ original DETR so its checkpoints load unchanged.
 """
 from . import deformable_attention
 from .backbone import Backbone, FrozenBatchNorm2d, Joiner, ResNetBody
+from .deformable_detr import DeformableDETR, DeformableTransformer, MSDeformAttn
 from .detr import DETR, MLP, PostProcess
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .transformer import (
@@ -20,4 +21,5 @@ __all__ = [
     "deformable_attention", "Backbone", "FrozenBatchNorm2d", "Joiner", "ResNetBody", "DETR", "MLP", "PostProcess",
     "PositionEmbeddingLearned", "PositionEmbeddingSine", "Transformer", "TransformerDecoder",
     "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
+    "DeformableDETR", "DeformableTransformer", "MSDeformAttn",
 ]

@@ -16,11 +16,15 @@ class PositionEmbeddingSine(nn.Module):
 
     With `normalize`, positions are scaled to (0, scale] per image by dividing
     by the last unpadded row/column's cumulative count (+ eps 1e-6). Frequencies
-    follow temperature ** (2 * (i // 2) / num_pos_feats).
+    follow temperature ** (2 * (i // 2) / num_pos_feats). `offset` is added to
+    the cumulative counts before that division: 0 in DETR, -0.5 in Deformable
+    DETR (pixel centres).
     """
 
+    offset: float = 0.0   # a class default too, so that modules pickled before it existed load
+
     def __init__(self, num_pos_feats: int = 64, temperature: float = 10000, normalize: bool = False,
-                 scale: float | None = None):
+                 scale: float | None = None, offset: float = 0.0):
         super().__init__()
         if scale is not None and not normalize:
             raise ValueError("PositionEmbeddingSine: scale is only used with normalize=True")
@@ -28,6 +32,7 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self.offset = offset
 
     def forward(self, features: Tensor, mask: Tensor) -> Tensor:
         """features (B, C, h, w) (only its device is used), mask (B, h, w) True on padding -> (B, 2F, h, w) fp32."""
@@ -36,8 +41,11 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+            y_last, x_last = y_embed[:, -1:, :], x_embed[:, :, -1:]
+            if self.offset:
+                y_embed, x_embed = y_embed + self.offset, x_embed + self.offset
+            y_embed = y_embed / (y_last + eps) * self.scale
+            x_embed = x_embed / (x_last + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=features.device)
         dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = x_embed[:, :, :, None] / dim_t
