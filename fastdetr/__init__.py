@@ -20,6 +20,7 @@ from .checkpoint import (
 from .config import PRESETS, DETRConfig
 from .criterion import SetCriterion, build_criterion
 from .deformable_config import DEFORMABLE_PRESETS, DeformableDETRConfig
+from .deformable_criterion import DeformableSetCriterion, FocalHungarianMatcher, build_deformable_criterion
 from .export import export_onnx
 from .matcher import HungarianMatcher
 from .models import (
@@ -36,6 +37,7 @@ from .models import (
 from .nested import ImageBatch, batch_images
 from .nn.convert import optimize
 from .reference.deformable_detr import DeformableDETR
+from .reference.deformable_detr import PostProcess as DeformablePostProcess
 from .reference.detr import DETR, MLP, PostProcess
 
 __version__ = "0.1.0"
@@ -47,4 +49,5 @@ __all__ = [
     "HungarianMatcher", "SetCriterion", "build_criterion", "optimize", "export_onnx",
     "DeformableDETR", "DeformableDETRConfig", "DEFORMABLE_PRESETS", "build_deformable_model",
     "deformable_detr_resnet50", "deformable_detr_small",
+    "DeformableSetCriterion", "FocalHungarianMatcher", "build_deformable_criterion", "DeformablePostProcess",
 ]

@@ -304,10 +304,16 @@ class HungarianMatcher(nn.Module):
         tgt_labels = pad_sequence([t["labels"].long() for t in targets], batch_first=True)  # [B, T_max]
         tgt_boxes = pad_sequence([t["boxes"].float() for t in targets], batch_first=True,
                                  padding_value=_PAD_BOX)  # [B, T_max, 4]
+        return self.padded_cost(logits, boxes, tgt_labels, tgt_boxes)
+
+    def padded_cost(self, logits: Tensor, boxes: Tensor, target_labels: Tensor, target_boxes: Tensor) -> Tensor:
+        """The cost [P, Q, T] of predictions logits [P, Q, C+1] / boxes [P, Q, 4] against padded targets
+        target_labels [B, T] / target_boxes [B, T, 4] (problem p is image p % B): the one place a subclass
+        changes the cost (`FocalHungarianMatcher`)."""
         if functional.matcher_kernels(logits, self.backend):
-            return functional.matching_cost(logits, boxes, tgt_labels, tgt_boxes, self.cost_class, self.cost_bbox,
-                                            self.cost_giou)
-        return matching_cost_ref(logits, boxes, tgt_labels, tgt_boxes, self.cost_class, self.cost_bbox,
+            return functional.matching_cost(logits, boxes, target_labels, target_boxes, self.cost_class,
+                                            self.cost_bbox, self.cost_giou)
+        return matching_cost_ref(logits, boxes, target_labels, target_boxes, self.cost_class, self.cost_bbox,
                                  self.cost_giou)
 
     @torch.no_grad()
@@ -336,13 +342,8 @@ class HungarianMatcher(nn.Module):
                              "queries; max_targets must be at most num_queries")
         flat_logits, flat_boxes = logits.flatten(0, 1).float(), boxes.flatten(0, 1).float()
         labels, target_boxes = targets.labels.long(), targets.boxes.float()
-        on_kernels = functional.matcher_kernels(flat_logits, self.backend)
-        if on_kernels:
-            cost = functional.matching_cost(flat_logits, flat_boxes, labels, target_boxes, self.cost_class,
-                                            self.cost_bbox, self.cost_giou)
-        else:
-            cost = matching_cost_ref(flat_logits, flat_boxes, labels, target_boxes, self.cost_class, self.cost_bbox,
-                                     self.cost_giou)
+        cost = self.padded_cost(flat_logits, flat_boxes, labels, target_boxes)
+        on_kernels = functional.matcher_kernels(flat_logits, self.backend)  # the device solver
         counts = targets.valid.sum(1).repeat(num_layers)  # [L*B], problem p is image p % B
         check_invalid = self.check_invalid if check_invalid is None else check_invalid
         solved = functional.padded_assignment(cost, counts) if on_kernels else None

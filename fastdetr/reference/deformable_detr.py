@@ -536,3 +536,39 @@ def _position_embedding(kind: str, hidden_dim: int) -> nn.Module:
     if kind == "learned":
         return PositionEmbeddingLearned(hidden_dim // 2)
     raise ValueError(f"unknown position_embedding {kind!r}; expected 'sine' or 'learned'")
+
+
+class PostProcess(nn.Module):
+    """Turns Deformable DETR outputs into per-image detections in pixel coordinates, as the official.
+
+    The `num_select` best (query, class) pairs of the sigmoid scores, over all queries x classes of an
+    image (a query may report several classes); num_select is capped at Q x C.
+    forward(outputs, target_sizes) with target_sizes (B, 2) as (height, width) of each original
+    image -> a list of B dicts, by descending score: "scores" (k,), "labels" (k,) int64 and
+    "boxes" (k, 4) xyxy in pixels.
+    """
+
+    def __init__(self, num_select: int = 100):
+        super().__init__()
+        self.num_select = num_select
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
+        from ..box_ops import box_cxcywh_to_xyxy
+
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if not isinstance(target_sizes, Tensor):
+            target_sizes = torch.as_tensor(target_sizes, device=logits.device)
+        if target_sizes.dim() != 2 or target_sizes.shape != (logits.shape[0], 2):
+            raise ValueError(f"target_sizes: expected ({logits.shape[0]}, 2) (height, width) per image, "
+                             f"got {tuple(target_sizes.shape)}")
+        batch_size, num_queries, num_classes = logits.shape
+        prob = logits.sigmoid().view(batch_size, -1)
+        scores, index = torch.topk(prob, min(self.num_select, num_queries * num_classes), dim=1)
+        labels = index % num_classes
+        query = index // num_classes
+        boxes = box_cxcywh_to_xyxy(boxes).gather(1, query[..., None].expand(-1, -1, 4))
+        img_h, img_w = target_sizes.unbind(1)
+        scale = torch.stack((img_w, img_h, img_w, img_h), dim=1).to(boxes.dtype)
+        boxes = boxes * scale[:, None, :]
+        return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
