@@ -4,6 +4,7 @@ with static shapes against the dynamic path."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import sys
@@ -411,3 +412,109 @@ def test_buckets_command_prints_the_padding_table(capsys):
     assert "COCO_IMAGE_SIZES" in out and "| 2 | 64 |" in out and "| 2 | 128 |" in out
     with pytest.raises(SystemExit, match="unknown --augment 'coco'"):
         cli(["buckets", "--augment", "coco"])
+
+
+# ---- the graph bookkeeping, on a CPU ---------------------------------------------------------------------
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on a CPU: "capturing" runs the step once with the weights, optimizer
+    state and RNG put back afterwards (a capture records, it does not run), and each replay runs it again on the
+    captured static inputs, writing into the captured output, as a graph's replay would."""
+
+    capturing: list = []
+
+    def __init__(self):
+        self.call = None
+
+    def replay(self):
+        args, output, step = self.call
+        output.copy_(step(*args))
+
+    def pool(self):
+        return "pool"
+
+
+@contextlib.contextmanager
+def _fake_capture(graph, pool=None):
+    _FakeGraph.capturing.append(graph)
+    try:
+        yield
+    finally:
+        _FakeGraph.capturing.pop()
+
+
+def test_graph_bookkeeping_warms_up_captures_once_per_bucket_and_replays_on_new_inputs(monkeypatch):
+    """The capture path's Python (what tests/test_gpu_graph.py checks on a GPU), with the CUDA calls faked:
+    warm-up steps per bucket, one capture per bucket into one pool, replays that copy each batch into the static
+    inputs; the logged losses are an eager StaticStep's for the same batches."""
+    torch.manual_seed(0)
+    model = build_model("detr_small", num_classes=3, backbone_width=8, hidden_dim=32, nheads=2, enc_layers=1,
+                        dec_layers=2, dim_feedforward=64, num_queries=6, dropout=0.0)
+    eager_model = copy.deepcopy(model)
+
+    def make(m, graphs):
+        criterion = build_criterion(m.config, backend="scipy")
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        optimizer = adamw([{"params": trainable}], lr=1e-3, weight_decay=1e-4, device=torch.device("cpu"))
+        step = StaticStep(m, criterion, optimizer, trainable, 0.1, None, LOGGED, warmup=2)
+        step.cuda_graph = graphs  # past _check_capturable, which wants CUDA
+        return step
+
+    graphed, eager = make(model, True), make(eager_model, False)
+    real_step = graphed.step
+
+    def step(*args):
+        if not _FakeGraph.capturing:
+            return real_step(*args)
+        saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(graphed.optimizer.state_dict()),
+                 torch.get_rng_state())
+        output = real_step(*args)
+        model.load_state_dict(saved[0])
+        graphed.optimizer.load_state_dict(saved[1])
+        torch.set_rng_state(saved[2])
+        _FakeGraph.capturing[-1].call = (args, output, real_step)
+        return output
+
+    monkeypatch.setattr(graphed, "step", step)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _fake_capture)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+
+    generator = torch.Generator().manual_seed(3)
+    collate = StaticCollate(SizeBuckets(32, 160), max_targets=4, num_classes=3)
+    sizes = [(100, 100), (64, 60), (120, 97), (60, 50), (99, 128), (40, 64), (128, 128), (64, 64)]  # 2 buckets
+    for index, (height, width) in enumerate(sizes):
+        images = [torch.randn(3, height, width, generator=generator),
+                  torch.randn(3, height - 7, width, generator=generator)]
+        batch = collate(list(zip(images, _targets([index % 4 + 1, 1], 3, generator))))
+        expected = eager(batch.images, batch.padded).clone()
+        logged = graphed(batch.images, batch.padded).clone()
+        assert torch.allclose(logged, expected, rtol=1e-5, atol=1e-6), (index, logged, expected)
+    # buckets (128, 128) and (64, 64) alternate: 2 warm-up steps each, then a capture (and its replay) each,
+    # then the remaining 2 batches replay
+    assert graphed.counters() == {"eager_steps": 4, "replays": 4, "graphs": 2}
+    assert len(graphed.graph_buckets) == 2 and graphed.pool == "pool"
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_capturable_optimizers_learning_rate_is_a_device_tensor_the_schedule_fills():
+    from fastdetr.static import make_capturable
+    from fastdetr.train import StepLR
+
+    parameter = torch.nn.Parameter(torch.randn(3))
+    optimizer = torch.optim.AdamW([{"params": [parameter], "lr": 2e-4}], lr=2e-4)
+    schedule = StepLR(optimizer, 0.1)
+    make_capturable(optimizer, torch.device("cpu"))
+    lr = optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and optimizer.param_groups[0]["capturable"]
+    schedule.set_drops(1)
+    assert optimizer.param_groups[0]["lr"] is lr  # filled in place: what a replayed graph reads
+    assert lr.item() == pytest.approx(2e-5) and schedule.base_lrs == [2e-4]
