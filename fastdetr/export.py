@@ -1,4 +1,4 @@
-"""ONNX export of a DETR for inference: `export_onnx(model, path)` and `fastdetr export`.
+"""ONNX export of a DETR or a Deformable DETR for inference: `export_onnx(model, path)` and `fastdetr export`.
 
 The exported graph takes
     images      (B, 3, H, W) float32, normalised RGB; B, H and W dynamic
@@ -29,6 +29,15 @@ Why DETR exports traced at one size break at another, and what is done here:
   `.train(previous)` on it, which overwrites every submodule's own mode; each
   module's mode is saved and restored here.
 - The auxiliary (per-decoder-layer) outputs are training-only and not exported.
+
+A `fastdetr.DeformableDETR` (`DeformableInferenceGraph`) exports the same way, from opset 16 (MSDA's
+reference math, grid_sample per level, is ONNX GridSample): pred_logits are (B, Q, num_classes)
+sigmoid logits (no "no object" class), and with_postprocess gives its `PostProcess`'s top
+min(100, Q * num_classes) (query, class) pairs: scores, labels, boxes (B, 100, ...). Each level's
+padding mask is `downsample_mask`ed as above; the levels' sizes, start tokens, reference-point
+grids and two-stage proposal grids come from the feature maps' Shape ops
+(`fastdetr.reference.deformable_detr._level_sizes`); two-stage's top-k keeps Q proposals, so an
+input needs at least Q tokens over its levels.
 
 The exporter is torch's TorchScript-based one (`torch.onnx.export(...,
 dynamo=False)`): the torch.export-based exporter needs the `onnxscript`
@@ -62,11 +71,15 @@ from .nn.attention import MultiheadAttention as FusedMultiheadAttention
 from .nn.transformer import TransformerDecoderLayer as FusedDecoderLayer
 from .nn.transformer import TransformerEncoderLayer as FusedEncoderLayer
 from .reference import transformer as reference
+from .reference.deformable_detr import DeformableDETR, top_detections
+from .reference.deformable_detr import PostProcess as DeformablePostProcess
 from .reference.detr import DETR, PostProcess
 
 # CumSum (the sine position embedding) is an ONNX op from opset 11; LayerNormalization
 # (opset 17) is decomposed by the exporter for older opsets.
 MIN_OPSET = 11
+# GridSample, for multi-scale deformable attention, is an ONNX op from opset 16.
+MIN_OPSET_DEFORMABLE = 16
 
 _REFERENCE_CLASS: dict[type, type] = {
     FusedEncoderLayer: reference.TransformerEncoderLayer,
@@ -181,6 +194,48 @@ class InferenceGraph(nn.Module):
         return (logits, boxes, *postprocess(logits, boxes, extra[-1]))
 
 
+class DeformableInferenceGraph(nn.Module):
+    """What gets traced for a `fastdetr.DeformableDETR`: its inference forward on plain tensors.
+
+    forward(images (B, 3, H, W)[, mask (B, H, W) bool][, orig_sizes (B, 2)]) -> a tuple of
+    pred_logits (B, Q, C), pred_boxes (B, Q, 4)[, scores (B, k), labels (B, k), boxes (B, k, 4)],
+    k = min(100, Q * C). Equal to `model((images, mask))` (and its `PostProcess`) in eager mode; the masks
+    of the levels are gathered (`downsample_mask`) where the model interpolates.
+    """
+
+    def __init__(self, model: DeformableDETR, with_mask: bool, with_postprocess: bool):
+        super().__init__()
+        self.model = model
+        self.with_mask = with_mask
+        self.with_postprocess = with_postprocess
+        self.num_select = min(DeformablePostProcess().num_select, model.num_queries * model.config.num_classes)
+
+    def forward(self, images: Tensor, *extra: Tensor) -> tuple[Tensor, ...]:
+        model = self.model
+        mask = extra[0] if self.with_mask else torch.zeros_like(images[:, 0], dtype=torch.bool)
+        position = model.backbone[1]
+        maps = model.backbone[0].feature_maps(images)
+        srcs, masks, pos = [], [], []
+        for level in range(model.num_feature_levels):
+            if level < len(maps):
+                features = maps[level]
+                src = model.input_proj[level](features)
+            else:
+                # the first extra level convolves C5 itself, the next ones the previous projection
+                src = features = model.input_proj[level](maps[-1] if level == len(maps) else srcs[-1])
+            level_mask = downsample_mask(mask, features.shape[-2:])
+            srcs.append(src)
+            masks.append(level_mask)
+            pos.append(position(features, level_mask).to(features.dtype))
+        query_embeds = None if model.two_stage else model.query_embed.weight
+        hs, init_reference, inter_references, _, _ = model.transformer(srcs, masks, pos, query_embeds)
+        last = len(model.transformer.decoder.layers) - 1   # earlier layers' outputs serve training only
+        logits, boxes = model.predict(last, hs[last], init_reference if last == 0 else inter_references[last - 1])
+        if not self.with_postprocess:
+            return logits, boxes
+        return (logits, boxes, *top_detections(logits, boxes, extra[-1], self.num_select))
+
+
 def postprocess(logits: Tensor, boxes: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """`fastdetr.PostProcess` on whole batches: logits (B, Q, C + 1), boxes (B, Q, 4) cxcywh in [0, 1],
     orig_sizes (B, 2) (height, width) -> scores (B, Q), labels (B, Q) int64, boxes (B, Q, 4) xyxy pixels."""
@@ -191,10 +246,10 @@ def postprocess(logits: Tensor, boxes: Tensor, orig_sizes: Tensor) -> tuple[Tens
 
 
 def _check_model(model: nn.Module) -> None:
-    if not isinstance(model, DETR):
+    if not isinstance(model, (DETR, DeformableDETR)):
         raise TypeError(
-            f"export_onnx: expected a fastdetr.DETR (reference or optimized), got {type(model).__name__}; "
-            "build one with fastdetr.detr_resnet50() or fastdetr.load_checkpoint(path)"
+            f"export_onnx: expected a fastdetr.DETR or fastdetr.DeformableDETR (reference or optimized), got "
+            f"{type(model).__name__}; build one with fastdetr.detr_resnet50() or fastdetr.load_checkpoint(path)"
         )
     dtypes = sorted({str(t.dtype) for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()})
     if dtypes != ["torch.float32"]:
@@ -204,12 +259,15 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
-def _check_arguments(opset: int, image_size: Sequence[int], batch_size: int) -> tuple[int, int]:
+def _check_arguments(opset: int, image_size: Sequence[int], batch_size: int,
+                     deformable: bool = False) -> tuple[int, int]:
     newest = max_opset()
-    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
+    oldest, why = (MIN_OPSET_DEFORMABLE, "GridSample, for deformable attention") if deformable else \
+        (MIN_OPSET, "CumSum, for the sine position embedding")
+    if not isinstance(opset, int) or isinstance(opset, bool) or not oldest <= opset <= newest:
         raise ValueError(
-            f"export_onnx: opset {opset!r} is not supported: DETR needs opset >= {MIN_OPSET} (CumSum, for the "
-            f"sine position embedding) and torch's TorchScript exporter writes opsets up to {newest}"
+            f"export_onnx: opset {opset!r} is not supported: {'Deformable ' if deformable else ''}DETR needs "
+            f"opset >= {oldest} ({why}) and torch's TorchScript exporter writes opsets up to {newest}"
         )
     if (len(image_size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                                         for v in image_size)):
@@ -222,8 +280,9 @@ def _check_arguments(opset: int, image_size: Sequence[int], batch_size: int) -> 
 def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, dynamic: bool = True,
                 with_postprocess: bool = False, *, with_mask: bool = False,
                 image_size: Sequence[int] = (320, 480), batch_size: int = 2) -> Path:
-    """Export `model` (a reference or fused DETR) for inference to the ONNX file `path`; returns the path.
+    """Export `model` (a reference or fused DETR or DeformableDETR) for inference to the ONNX file `path`.
 
+    Returns the path.
     Inputs and outputs are listed in the module docstring. dynamic: batch,
     height and width are symbolic (`batch`, `height`, `width`), so one file
     serves every size and batch; with False the graph is fixed at
@@ -238,7 +297,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, dyna
     installed the file is checked with onnx.checker.
     """
     _check_model(model)
-    height, width = _check_arguments(opset, image_size, batch_size)
+    deformable = isinstance(model, DeformableDETR)
+    height, width = _check_arguments(opset, image_size, batch_size, deformable)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     parameter = next(model.parameters())
@@ -260,7 +320,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, dyna
     for name in output_names:
         dynamic_axes[name] = {0: "batch"}
 
-    graph = InferenceGraph(model, with_mask, with_postprocess)
+    graph_class = DeformableInferenceGraph if deformable else InferenceGraph
+    graph = graph_class(model, with_mask, with_postprocess)
     options = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     # A caller's autocast would write casts to bfloat16 / float16 into the float32 graph.
     no_autocast = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else \
@@ -275,6 +336,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, dyna
         # The learned embedding's size check (feature map <= 50 x 50) is fixed in the trace; see above.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
                                 module="fastdetr.reference.position_encoding")
+        # Deformable DETR: points (x, y) or boxes (x, y, w, h) as reference points is a static fact of the graph.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
+                                module="fastdetr.reference.deformable_detr")
         torch.onnx.export(
             graph, tuple(inputs), str(path), input_names=input_names, output_names=output_names,
             opset_version=opset, dynamic_axes=dynamic_axes if dynamic else None, do_constant_folding=True,
@@ -284,12 +348,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, dyna
         import onnx
     except ImportError:
         return path
-    _fix_query_dims(onnx, path, model.query_embed.num_embeddings)
+    # Deformable DETR's post-processed outputs hold k detections, not Q, and the exporter writes k itself.
+    _fix_query_dims(onnx, path, model.num_queries if deformable else model.query_embed.num_embeddings,
+                    OUTPUT_NAMES if deformable else output_names)
     onnx.checker.check_model(str(path), full_check=True)
     return path
 
 
-def _fix_query_dims(onnx, path: Path, num_queries: int) -> None:
+def _fix_query_dims(onnx, path: Path, num_queries: int, names: Sequence[str]) -> None:
     """Write the number of queries into the outputs' dim 1, which the exporter leaves symbolic.
 
     The exporter's shape inference loses Q in the query embedding's batch
@@ -299,7 +365,7 @@ def _fix_query_dims(onnx, path: Path, num_queries: int) -> None:
     proto = onnx.load(str(path))
     for output in proto.graph.output:
         dims = output.type.tensor_type.shape.dim
-        if len(dims) >= 2 and not dims[1].HasField("dim_value"):
+        if output.name in names and len(dims) >= 2 and not dims[1].HasField("dim_value"):
             dims[1].dim_value = num_queries
     onnx.save(proto, str(path))
 
@@ -347,7 +413,8 @@ def compare_onnx(model: nn.Module, path: str | os.PathLike | Any, images: Tensor
         outputs = model((images, mask.to(device)))
     expected = {name: outputs[name] for name in OUTPUT_NAMES}
     if orig_sizes is not None:
-        detections = PostProcess()(outputs, orig_sizes.to(device))
+        postprocessor = DeformablePostProcess() if isinstance(model, DeformableDETR) else PostProcess()
+        detections = postprocessor(outputs, orig_sizes.to(device))
         for name in POSTPROCESS_NAMES:
             expected[name] = torch.stack([d[name] for d in detections])
     errors = {}

@@ -11,7 +11,10 @@ checkpoints (num_classes 91) strict-load. How it differs:
   official calls its CUDA extension; `fastdetr.optimize` turns it into
   `fastdetr.nn.MultiScaleDeformableAttention` (the fused kernels), same parameters;
 - two-stage: the proposals' sine embedding has d_model / 2 features per coordinate (the official
-  hard-codes 128, the same at d_model 256), so narrower models work.
+  hard-codes 128, the same at d_model 256), so narrower models work;
+- traceable for ONNX export (`fastdetr.export_onnx`): the levels' sizes come from the feature maps'
+  shapes, not host ints, while tracing (`_level_sizes`), and pixel grids are `arange` + offset where the
+  official calls linspace with int sizes (the same floats: every step is exactly 1).
 
 Layouts are batch-first, as the official: tokens (B, S, d_model) with S = sum of H_l * W_l over the
 levels, stacked in order; queries (B, Q, d_model). Masks are True on padding.
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 from ..deformable_config import DeformableDETRConfig
 from ..nested import to_image_batch
 from .backbone import Backbone
-from .deformable_attention import ms_deform_attn, sampling_locations
+from .deformable_attention import ms_deform_attn, sampling_locations, tracing
 from .detr import MLP, _autocast_enabled
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .transformer import _activation
@@ -43,6 +46,25 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 
 def _clones(module: nn.Module, count: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
+
+
+def _spatial_shapes(srcs: list[Tensor], device: torch.device) -> Tensor:
+    """(L, 2) int64 (H_l, W_l) of the levels; while tracing from their Shape ops, so an export stays dynamic."""
+    if tracing():
+        return torch.stack([torch.stack(list(src.shape[-2:])) for src in srcs]).to(device)
+    return torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long, device=device)
+
+
+def _level_sizes(spatial_shapes: Tensor) -> list[tuple[Any, Any]]:
+    """Each level's (H_l, W_l) from spatial_shapes (L, 2): ints, or while tracing 0-d tensors the trace records."""
+    if tracing():
+        return [tuple(shape.unbind(0)) for shape in spatial_shapes.unbind(0)]
+    return [(height, width) for height, width in spatial_shapes.tolist()]
+
+
+def _pixel_grid(size: Any, offset: float, device: torch.device) -> Tensor:
+    """(size,) float32 offset, offset + 1, ...: the official's linspace(offset, size - 1 + offset, size), exactly."""
+    return torch.arange(size, dtype=torch.float32, device=device) + offset
 
 
 class MSDeformAttn(nn.Module):
@@ -139,10 +161,9 @@ class DeformableTransformerEncoder(nn.Module):
         """Each token's pixel centre as a fraction of its image's valid area, seen from every level:
         (B, S, L, 2) as (x, y), from spatial_shapes (L, 2) and valid_ratios (B, L, 2) (w, h)."""
         per_level = []
-        for level, (height, width) in enumerate(spatial_shapes.tolist()):
-            ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
-                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device), indexing="ij")
+        for level, (height, width) in enumerate(_level_sizes(spatial_shapes)):
+            ref_y, ref_x = torch.meshgrid(_pixel_grid(height, 0.5, device), _pixel_grid(width, 0.5, device),
+                                          indexing="ij")
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
             per_level.append(torch.stack((ref_x, ref_y), -1))
@@ -290,13 +311,12 @@ class DeformableTransformer(nn.Module):
         enc_output and its norm (B, S, d)."""
         batch = memory.shape[0]
         proposals, start = [], 0
-        for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        for level, (height, width) in enumerate(_level_sizes(spatial_shapes)):
             level_mask = memory_padding_mask[:, start:start + height * width].view(batch, height, width, 1)
             valid_h = torch.sum(~level_mask[:, :, 0, 0], 1)
             valid_w = torch.sum(~level_mask[:, 0, :, 0], 1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device), indexing="ij")
+            grid_y, grid_x = torch.meshgrid(_pixel_grid(height, 0.0, memory.device),
+                                            _pixel_grid(width, 0.0, memory.device), indexing="ij")
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
             scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(batch, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
@@ -330,8 +350,7 @@ class DeformableTransformer(nn.Module):
         mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
         lvl_pos_embed_flatten = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
                                            for level, pos in enumerate(pos_embeds)], 1)
-        spatial_shapes = torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long,
-                                         device=src_flatten.device)
+        spatial_shapes = _spatial_shapes(srcs, src_flatten.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(mask) for mask in masks], 1)
 
@@ -376,17 +395,20 @@ class MultiLevelBackbone(Backbone):
         if kwargs.get("dilation"):
             self.strides[-1] //= 2
 
-    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """images (B, 3, H, W), mask (B, H, W) -> [(features (B, C_l, h_l, w_l), mask (B, h_l, w_l))]."""
+    def feature_maps(self, images: Tensor) -> list[Tensor]:
+        """images (B, 3, H, W) -> [C3, C4, C5] (or [C5]), each (B, C_l, h_l, w_l)."""
         body = self.body
         x = body.layer1(body.maxpool(body.relu(body.bn1(body.conv1(images)))))
         c3 = body.layer2(x)
         c4 = body.layer3(c3)
         c5 = body.layer4(c4)
-        maps = [c3, c4, c5] if self.return_interm_layers else [c5]
+        return [c3, c4, c5] if self.return_interm_layers else [c5]
+
+    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """images (B, 3, H, W), mask (B, H, W) -> [(features (B, C_l, h_l, w_l), mask (B, h_l, w_l))]."""
         # nearest-neighbour downsampling of the padding mask, as in the official
         return [(features, F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0])
-                for features in maps]
+                for features in self.feature_maps(images)]
 
 
 class DeformableJoiner(nn.Sequential):
@@ -499,14 +521,9 @@ class DeformableDETR(nn.Module):
 
         outputs_classes, outputs_coords = [], []
         for lvl in range(hs.shape[0]):
-            reference = inverse_sigmoid(init_reference if lvl == 0 else inter_references[lvl - 1])
-            outputs_classes.append(self.class_embed[lvl](hs[lvl]))
-            delta = self.bbox_embed[lvl](hs[lvl])
-            if reference.shape[-1] == 4:
-                delta = delta + reference
-            else:
-                delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            outputs_coords.append(delta.sigmoid())
+            logits, boxes = self.predict(lvl, hs[lvl], init_reference if lvl == 0 else inter_references[lvl - 1])
+            outputs_classes.append(logits)
+            outputs_coords.append(boxes)
         outputs_class = torch.stack(outputs_classes)
         outputs_coord = torch.stack(outputs_coords)
 
@@ -517,6 +534,18 @@ class DeformableDETR(nn.Module):
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_outputs_class, "pred_boxes": enc_outputs_coord_unact.sigmoid()}
         return out
+
+    def predict(self, layer: int, hidden: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder layer `layer`'s heads: hidden (B, Q, d) and its input reference points (B, Q, 2 or 4) in
+        [0, 1] -> logits (B, Q, num_classes), boxes (B, Q, 4) cxcywh in [0, 1] (the box head's delta on the
+        reference's logit)."""
+        reference = inverse_sigmoid(reference)
+        delta = self.bbox_embed[layer](hidden)
+        if reference.shape[-1] == 4:
+            delta = delta + reference
+        else:
+            delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+        return self.class_embed[layer](hidden), delta.sigmoid()
 
     def _check_dtype(self, images: Tensor) -> None:
         """TypeError when the images' floating dtype is not the weights' (metadata only), except under autocast."""
@@ -554,21 +583,29 @@ class PostProcess(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
-        from ..box_ops import box_cxcywh_to_xyxy
-
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if not isinstance(target_sizes, Tensor):
             target_sizes = torch.as_tensor(target_sizes, device=logits.device)
         if target_sizes.dim() != 2 or target_sizes.shape != (logits.shape[0], 2):
             raise ValueError(f"target_sizes: expected ({logits.shape[0]}, 2) (height, width) per image, "
                              f"got {tuple(target_sizes.shape)}")
-        batch_size, num_queries, num_classes = logits.shape
-        prob = logits.sigmoid().view(batch_size, -1)
-        scores, index = torch.topk(prob, min(self.num_select, num_queries * num_classes), dim=1)
-        labels = index % num_classes
-        query = index // num_classes
-        boxes = box_cxcywh_to_xyxy(boxes).gather(1, query[..., None].expand(-1, -1, 4))
-        img_h, img_w = target_sizes.unbind(1)
-        scale = torch.stack((img_w, img_h, img_w, img_h), dim=1).to(boxes.dtype)
-        boxes = boxes * scale[:, None, :]
+        _, num_queries, num_classes = logits.shape
+        num_select = min(self.num_select, num_queries * num_classes)
+        scores, labels, boxes = top_detections(logits, boxes, target_sizes, num_select)
         return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+
+
+def top_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor,
+                   num_select: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`PostProcess` on whole batches: logits (B, Q, C), boxes (B, Q, 4) cxcywh in [0, 1], target_sizes (B, 2)
+    (height, width), num_select <= Q * C -> scores (B, k), labels (B, k) int64, boxes (B, k, 4) xyxy pixels."""
+    from ..box_ops import box_cxcywh_to_xyxy
+
+    num_classes = logits.shape[-1]
+    scores, index = torch.topk(logits.sigmoid().flatten(1), num_select, dim=1)
+    labels = index % num_classes
+    query = index // num_classes
+    boxes = box_cxcywh_to_xyxy(boxes).gather(1, query[..., None].expand(-1, -1, 4))
+    img_h, img_w = target_sizes.unbind(1)
+    scale = torch.stack((img_w, img_h, img_w, img_h), dim=1).to(boxes.dtype)
+    return scores, labels, boxes * scale[:, None, :]
