@@ -1,7 +1,9 @@
 """FrozenBatchNorm2d's cached fold: one op per forward, refolded when a buffer changes, the original when recorded.
 
 The oracle is the original's forward, written out here: the fold from the buffers, then `x * scale + shift`.
-The cached forward is `torch.addcmul(shift, x, scale)`, which this CPU computes as a fused multiply-add: measured
+By default the cached forward is that last expression on the cached fold, bit for bit (tested at the end);
+with `single_op` (what fastdetr.optimize sets, and what the tests use) it is `torch.addcmul(shift, x, scale)`,
+which this CPU computes as a fused multiply-add: measured
 against the oracle, at most 1.19e-7 (2**-23) of |x * scale| + |shift| for a float32 output, so the bound below is
 1e-6 of that; a bfloat16 output (bfloat16 buffers and input) differs by up to a bfloat16 rounding (1e-2 bound).
 """
@@ -24,6 +26,7 @@ STATE_DICT_KEYS = ["weight", "bias", "running_mean", "running_var"]
 def _random_module(channels: int = CHANNELS, seed: int = 0) -> FrozenBatchNorm2d:
     generator = torch.Generator().manual_seed(seed)
     module = FrozenBatchNorm2d(channels)
+    module.single_op = True   # the tests below are of the one-op forward; the default's are at the end
     module.load_state_dict({
         "weight": torch.randn(channels, generator=generator),
         "bias": torch.randn(channels, generator=generator),
@@ -268,3 +271,25 @@ def test_cuda_graph_replay_sees_a_loaded_state_dict():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, _original(module, x), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_the_default_forward_is_the_originals_bit_for_bit_in_two_ops(input_dtype):
+    module = _random_module()
+    module.single_op = False
+    x = _input(input_dtype)
+    module(x)
+    with OpCounter() as counter:
+        out = module(x)
+    assert torch.equal(out, _original(module, x)) and out.dtype == _original(module, x).dtype
+    assert counter.op_counts == {"aten.mul": 1, "aten.add": 1}
+
+
+def test_optimize_makes_every_frozen_norm_one_op():
+    import fastdetr
+
+    model = fastdetr.build_model("detr_resnet50", num_classes=3, enc_layers=1, dec_layers=1)  # frozen norms
+    norms = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and not any(m.single_op for m in norms)
+    fastdetr.optimize(model)
+    assert all(m.single_op for m in norms)

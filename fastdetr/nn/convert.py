@@ -40,6 +40,7 @@ from fastdetr.nn.transformer import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from fastdetr.reference.backbone import FrozenBatchNorm2d
 
 logger = logging.getLogger("fastdetr.optimize")
 
@@ -160,8 +161,8 @@ def _stack_class(module: nn.Module) -> type | None:
 
 
 def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
-    """Convert, in place, every DETR encoder / decoder layer and MSDA module in `model` to its fused class;
-    returns `model`.
+    """Convert, in place, every DETR encoder / decoder layer and MSDA module in `model` to its fused class, and
+    make every FrozenBatchNorm2d one elementwise op (`single_op`); returns `model`.
 
     A module that already is fused is left alone (calling this twice is harmless).
     A module that has `self_attn` but not the rest of a DETR layer's attributes, or
@@ -212,6 +213,10 @@ def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
             target = _stack_class(module)
             if target is not None:
                 module.__class__ = target
+    # the backbone's frozen norms: one addcmul each on their cached fold (FrozenBatchNorm2d's docstring)
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.single_op = True
     logger.debug("fastdetr.optimize: converted %d transformer layers", converted)
     if transformers_layers:
         logger.info("fastdetr.optimize: converted %s transformers DETR layers (%s)", sum(transformers_layers.values()),

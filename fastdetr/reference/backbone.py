@@ -62,9 +62,10 @@ class FrozenBatchNorm2d(nn.Module):
     The statistics fold into scale = weight * rsqrt(running_var + eps) and
     shift = bias - running_mean * scale, (1, C, 1, 1), computed as the original
     does, bit for bit. They are cached on the module, not as buffers (the
-    state_dict holds the four buffers only), so the forward is one op,
-    `torch.addcmul(shift, x, scale)`, where the original runs seven: five for
-    the fold, then `x * scale + shift`. addcmul may round once (the CPU kernel is
+    state_dict holds the four buffers only), so the forward is the original's
+    last two ops, `x * scale + shift`, bit for bit, where the original runs
+    seven (five for the fold). With `single_op` (what `fastdetr.optimize` sets)
+    it is one op, `torch.addcmul(shift, x, scale)`. addcmul may round once (the CPU kernel is
     a fused multiply-add) where the original rounds twice: the outputs differ by
     at most two roundings of the output dtype (2**-23 of |x * scale| + |shift|
     in float32). The output dtype is the original's, x's promoted with the
@@ -94,6 +95,7 @@ class FrozenBatchNorm2d(nn.Module):
     """
 
     _fold_cache = None   # a _Folded once folded; a class default, so that modules pickled before it load too
+    single_op = False    # one addcmul instead of x * scale + shift; `fastdetr.optimize` sets it (class docstring)
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
@@ -148,6 +150,8 @@ class FrozenBatchNorm2d(nn.Module):
             folded = None if _recorded() or type(x) is not Tensor or x.is_meta else self._folded()
             if folded is not None:
                 scale, shift = folded
+                if not self.single_op:
+                    return x * scale + shift   # the original's two ops on the cached fold: bit for bit
                 if x.is_cuda and torch.is_autocast_enabled("cuda"):
                     # addcmul is on CUDA autocast's promote list, which would launch a cast of x first; mul and
                     # add, the original's ops, are on no list: without autocast addcmul promotes as they do.
