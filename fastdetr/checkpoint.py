@@ -6,12 +6,14 @@ prefixes), always with `torch.load(weights_only=True)`: nothing in a
 checkpoint can run code; and Hugging Face transformers' DETR weights
 (safetensors or `pytorch_model.bin`, `fastdetr.hub`). The trainer's checkpoints (`save_training_state`,
 `load_training_state`) are fastdetr's files plus what a resumed run needs to
-continue exactly. Writes are atomic (a temporary file in the same
-folder, flushed, then renamed over the target), so an interrupted save never
-leaves a truncated checkpoint behind.
+continue exactly. A fastdetr file's "config" holds a DETRConfig's or a DeformableDETRConfig's
+fields (`config_from_dict` tells them apart; `model_from_config` builds either model).
+Writes are atomic (a temporary file in the same folder, flushed, then renamed over
+the target), so an interrupted save never leaves a truncated checkpoint behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tempfile
@@ -22,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import DETRConfig
+from .deformable_config import DeformableDETRConfig
+from .reference.deformable_detr import DeformableDETR
 from .reference.detr import DETR
 
 FORMAT_VERSION = 1
@@ -107,6 +111,20 @@ def infer_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> D
     )
 
 
+def config_from_dict(values: dict[str, Any]) -> DETRConfig | DeformableDETRConfig:
+    """A checkpoint's stored "config": a DeformableDETRConfig where it holds a field only that class has
+    (num_feature_levels, enc_n_points, ...), else a DETRConfig (whose older files may lack newer fields)."""
+    deformable_only = ({f.name for f in dataclasses.fields(DeformableDETRConfig)}
+                       - {f.name for f in dataclasses.fields(DETRConfig)})
+    config_class = DeformableDETRConfig if deformable_only & set(values) else DETRConfig
+    return config_class.from_dict(values)
+
+
+def model_from_config(config: DETRConfig | DeformableDETRConfig) -> DETR | DeformableDETR:
+    """A freshly initialised model of `config`'s family."""
+    return DeformableDETR(config) if isinstance(config, DeformableDETRConfig) else DETR(config)
+
+
 def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Raise CheckpointError listing missing keys, unexpected keys and shape mismatches, if any."""
     expected = model.state_dict()
@@ -132,7 +150,7 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: st
 
 
 def load_checkpoint(path_or_url: str | os.PathLike, model: nn.Module | None = None, *,
-                    config: DETRConfig | None = None, map_location: Any = "cpu") -> nn.Module:
+                    config: DETRConfig | DeformableDETRConfig | None = None, map_location: Any = "cpu") -> nn.Module:
     """Load DETR weights into `model` (strictly) and return it.
 
     Reads fastdetr's and the official DETR's files, and Hugging Face
@@ -164,8 +182,8 @@ def load_checkpoint(path_or_url: str | os.PathLike, model: nn.Module | None = No
         state_dict = hub.from_transformers(state_dict, source)
     if model is None:
         if config is None and isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict):
-            config = DETRConfig.from_dict(checkpoint["config"])
-        model = DETR(config if config is not None else infer_config(state_dict, source))
+            config = config_from_dict(checkpoint["config"])
+        model = model_from_config(config if config is not None else infer_config(state_dict, source))
     check_state_dict(model, state_dict, source)
     model.load_state_dict(state_dict, strict=False)  # check_state_dict is the strict check
     return model
@@ -221,7 +239,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, format: str = 
         raise ValueError(f"save_checkpoint: format must be 'fastdetr' or 'transformers'; got {format!r}")
     checkpoint: dict[str, Any] = {"model": model.state_dict(), "format_version": FORMAT_VERSION}
     config = getattr(model, "config", None)
-    if isinstance(config, DETRConfig):
+    if isinstance(config, (DETRConfig, DeformableDETRConfig)):
         checkpoint["config"] = config.to_dict()
     checkpoint.update(extra)
     return atomic_save(checkpoint, path)
@@ -254,10 +272,11 @@ class _Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
 
-def save_training_state(path: str | os.PathLike, model: DETR, *, optimizer: _Stateful, scheduler: _Stateful,
-                        scaler: _Stateful, epoch: int, step: int, train_time_s: float, rng: list[dict[str, Any]],
-                        eval_stats: dict[str, float] | None, world_size: int, categories: dict[int, str],
-                        val_transform: dict[str, int], train_config: dict[str, Any]) -> Path:
+def save_training_state(path: str | os.PathLike, model: DETR | DeformableDETR, *, optimizer: _Stateful,
+                        scheduler: _Stateful, scaler: _Stateful, epoch: int, step: int, train_time_s: float,
+                        rng: list[dict[str, Any]], eval_stats: dict[str, float] | None, world_size: int,
+                        categories: dict[int, str], val_transform: dict[str, int],
+                        train_config: dict[str, Any]) -> Path:
     """Write a training checkpoint atomically: a fastdetr checkpoint plus everything `train` resumes from.
 
     epoch: epochs done; step: optimizer steps done; train_time_s: training seconds so far; rng: each

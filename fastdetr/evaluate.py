@@ -10,7 +10,9 @@ maxDets=100). Boxes are scaled to each image's ORIGINAL size (the target's
 pixels; the category id is the predicted label, which is the file's own
 category id (the head has max id + 1 classes). Detections of a label that is
 not a category of the file (e.g. id 0 of a 1-based file) are dropped: COCOeval
-would ignore them anyway.
+would ignore them anyway. A Deformable DETR's detections are its official
+PostProcess's instead: the 100 best (query, class) sigmoid scores per image
+(`postprocess_for`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .reference.deformable_detr import DeformableDETR
+from .reference.deformable_detr import PostProcess as DeformablePostProcess
 from .reference.detr import PostProcess
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -104,6 +108,11 @@ def coco_evaluate(coco_gt: Any, results: list[dict[str, Any]],
     return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
 
 
+def postprocess_for(model: nn.Module) -> nn.Module:
+    """The PostProcess of `model`'s family: Deformable DETR's (top-100 sigmoid scores) or DETR's (one per query)."""
+    return DeformablePostProcess() if isinstance(model, DeformableDETR) else PostProcess()
+
+
 def autocast_context(device: torch.device, amp: str | None):
     """torch.autocast for `amp` ("bf16" / "fp16") on CUDA; a no-op context otherwise (fp32)."""
     if device.type == "cuda" and amp in ("bf16", "fp16"):
@@ -127,7 +136,7 @@ def predict_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 8, dev
                         collate_fn=collate_fn)
     was_training = model.training
     model.eval()
-    postprocess = PostProcess()
+    postprocess = postprocess_for(model)
     detections: list[dict[str, Tensor]] = []
     image_ids: list[int] = []
     try:

@@ -22,20 +22,30 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from .checkpoint import CheckpointError, check_state_dict, extract_state_dict, infer_config
-from .config import DETRConfig
+from .checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    config_from_dict,
+    extract_state_dict,
+    infer_config,
+    model_from_config,
+)
 from .data.transforms import DETR_AUGMENT, AugmentConfig, augment_val, to_model_input
-from .reference.detr import DETR, PostProcess
+from .evaluate import postprocess_for
+from .reference.deformable_detr import DeformableDETR
+from .reference.detr import DETR
 
 # Distinct box colours, cycled by category id.
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0))
 
 
-def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[DETR, dict[str, Any]]:
-    """Build and load the model of a checkpoint (eval mode, on `device`).
+def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
+               ) -> tuple[DETR | DeformableDETR, dict[str, Any]]:
+    """Build and load the model of a checkpoint (eval mode, on `device`): a DETR, or a DeformableDETR where
+    the checkpoint's stored config is one (`fastdetr.checkpoint.config_from_dict`).
 
-    Returns (model, info) with info = {"config": DETRConfig, "categories": {category id: name}
+    Returns (model, info) with info = {"config": DETRConfig or DeformableDETRConfig, "categories": {category id: name}
     (empty when the checkpoint stores none), "augment": AugmentConfig whose val_size / max_size are
     the checkpoint's validation resize}. The file is read with weights_only=True.
     """
@@ -48,8 +58,8 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {error}") from error
     state_dict = extract_state_dict(data, str(path))
     stored = data.get("config") if isinstance(data, dict) else None
-    config = DETRConfig.from_dict(stored) if isinstance(stored, dict) else infer_config(state_dict, str(path))
-    model = DETR(config)
+    config = config_from_dict(stored) if isinstance(stored, dict) else infer_config(state_dict, str(path))
+    model = model_from_config(config)
     check_state_dict(model, state_dict, str(path))
     model.load_state_dict(state_dict, strict=False)  # check_state_dict was the strict check
     categories = {int(k): str(v) for k, v in (data.get("categories") or {}).items()} if isinstance(data, dict) else {}
@@ -74,13 +84,14 @@ def predict_image(model: nn.Module, image: Image.Image, augment: AugmentConfig =
 
     Boxes are in the pixels of `image` (not of the resized model input), clipped to it (DETR's
     boxes may cross the border; `evaluate` keeps them unclipped, as the original does); only
-    queries whose best real-class probability is at least `threshold` are kept.
+    queries whose best real-class probability is at least `threshold` are kept (a Deformable DETR: of its
+    100 best (query, class) sigmoid scores, those at least `threshold`).
     """
     device = next(model.parameters()).device
     pixels = preprocess(image, augment).to(device)
     outputs = model([pixels])
     size = torch.tensor([[image.height, image.width]], device=device)
-    result = PostProcess()({key: outputs[key].float() for key in ("pred_logits", "pred_boxes")}, size)[0]
+    result = postprocess_for(model)({key: outputs[key].float() for key in ("pred_logits", "pred_boxes")}, size)[0]
     result["boxes"][:, 0::2] = result["boxes"][:, 0::2].clamp(0, image.width)
     result["boxes"][:, 1::2] = result["boxes"][:, 1::2].clamp(0, image.height)
     order = result["scores"].argsort(descending=True).tolist()

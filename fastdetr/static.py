@@ -162,6 +162,8 @@ def float_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     if "aux_outputs" in outputs:
         converted["aux_outputs"] = [{key: value.float() for key, value in aux.items()}
                                     for aux in outputs["aux_outputs"]]
+    if "enc_outputs" in outputs:  # a two-stage Deformable DETR's encoder proposals
+        converted["enc_outputs"] = {key: value.float() for key, value in outputs["enc_outputs"].items()}
     return converted
 
 

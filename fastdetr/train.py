@@ -5,6 +5,11 @@ What a run does (the original DETR's recipe, main.py/engine.py, rewritten):
   `lr_backbone`, everything else at `lr`; weight decay on both; gradient
   norm clipped at `clip_max_norm` (`fastdetr.optim`: fused AdamW, foreach clipping); the LR
   multiplied by `lr_gamma` after `lr_drop` epochs (or, with `max_steps` or a time budget, see below).
+- A Deformable DETR preset (`fastdetr.deformable_config.DEFORMABLE_PRESETS`) trains with its own
+  criterion (focal loss, `build_deformable_criterion`) and the official Deformable DETR's recipe
+  (fundamentalvision/Deformable-DETR main.py): a third parameter group, the sampling offsets and
+  reference points (`LINEAR_PROJ_NAMES`) at `lr * LINEAR_PROJ_LR_MULT`, and its defaults (`RECIPES`)
+  for every recipe field left at None. Static shapes and CUDA graphs are DETR-only so far.
 - Mixed precision on CUDA (bf16 autocast, or fp16 autocast with a GradScaler);
   fp32 on the CPU. The criterion always runs in fp32.
 - No host sync per step: each step's losses go into a small device buffer
@@ -70,8 +75,10 @@ from .backend import usable_cpus
 from .checkpoint import check_state_dict, load_training_state, save_training_state
 from .criterion import BadTargetError, build_criterion, total_loss
 from .data import DETR_AUGMENT, SYNTHETIC_AUGMENT, AugmentConfig, CocoDetection, collate_fn, make_splits
+from .deformable_config import DEFORMABLE_PRESETS
+from .deformable_criterion import build_deformable_criterion
 from .evaluate import autocast_context, evaluate, format_summary
-from .models import build_model
+from .models import build_deformable_model, build_model
 from .optim import adamw, clip_grad_norm
 from .padded import PaddedTargets
 from .static import SizeBuckets, StaticBatch, StaticCollate, StaticStep, float_outputs
@@ -90,6 +97,27 @@ AUGMENTS = {"detr": DETR_AUGMENT, "synthetic": SYNTHETIC_AUGMENT, "light": LIGHT
 # Losses logged (and checked for non-finite values) every log_every steps; "loss" is the weighted total.
 LOGGED = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
 
+# Each model family's training recipe: what a TrainConfig field left at None becomes (`recipe`).
+# DETR's main.py defaults; Deformable DETR's main.py defaults (50 epochs, LR drop after 40).
+RECIPES: dict[str, dict[str, Any]] = {
+    "detr": dict(epochs=300, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, clip_max_norm=0.1, lr_drop=200),
+    "deformable_detr": dict(epochs=50, lr=2e-4, lr_backbone=2e-5, weight_decay=1e-4, clip_max_norm=0.1, lr_drop=40),
+}
+# Deformable DETR: parameters whose name contains one of these train at lr * LINEAR_PROJ_LR_MULT
+# (the official lr_linear_proj_names and lr_linear_proj_mult).
+LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+LINEAR_PROJ_LR_MULT = 0.1
+
+
+def model_family(model: str) -> str:
+    """"deformable_detr" for a preset of fastdetr.deformable_config.DEFORMABLE_PRESETS, else "detr"."""
+    return "deformable_detr" if model in DEFORMABLE_PRESETS else "detr"
+
+
+def recipe(model: str) -> dict[str, Any]:
+    """The training recipe (RECIPES) of the preset `model`'s family: epochs, lr, lr_backbone, ..."""
+    return dict(RECIPES[model_family(model)])
+
 
 @dataclass
 class TrainConfig:
@@ -106,17 +134,20 @@ class TrainConfig:
     num_val: int = 200
     augment: str = "auto"                  # "detr" | "synthetic" | "light"; auto: synthetic sets "synthetic"
     skip_bad: bool = False                 # bad images/annotations: warn, skip and count (logged), not raise
-    # model: a preset of fastdetr.config.PRESETS; num_classes comes from the data
+    # model: a preset of fastdetr.config.PRESETS or fastdetr.deformable_config.DEFORMABLE_PRESETS;
+    # num_classes comes from the data
     model: str = "detr_small"
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    # optimisation (DETR's defaults)
-    epochs: int = 300
+    # optimisation. None: the model family's recipe (RECIPES; set in __post_init__, so a made config
+    # holds numbers): DETR's 300 epochs, lr 1e-4, lr_backbone 1e-5, weight_decay 1e-4, clip 0.1,
+    # lr_drop 200; Deformable DETR's 50 epochs, lr 2e-4, lr_backbone 2e-5, lr_drop 40, the rest the same.
+    epochs: int | None = None
     batch_size: int = 2                    # per process
-    lr: float = 1e-4
-    lr_backbone: float = 1e-5
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1             # 0 disables clipping
-    lr_drop: int = 200                     # epochs before the LR drop (without a time budget)
+    lr: float | None = None
+    lr_backbone: float | None = None
+    weight_decay: float | None = None
+    clip_max_norm: float | None = None     # 0 disables clipping
+    lr_drop: int | None = None             # epochs before the LR drop (without a time budget)
     lr_gamma: float = 0.1
     max_steps: int | None = None           # stop after this many optimizer steps (module docstring)
     time_budget_s: float | None = None     # stop after this much training time (module docstring)
@@ -142,6 +173,9 @@ class TrainConfig:
     progress: bool = True                  # tqdm bar on rank 0
 
     def __post_init__(self) -> None:
+        for name, value in recipe(self.model).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.synthetic is None and not (self.train_images and self.train_annotations):
             raise ValueError("TrainConfig: give train_images and train_annotations, or synthetic='demo'/'easy'")
         if self.augment != "auto" and self.augment not in AUGMENTS:
@@ -179,6 +213,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_steps: expected a positive integer, got {self.max_steps!r}")
         if self.cuda_graph:
             self.static_shapes = True
+        if self.static_shapes and model_family(self.model) == "deformable_detr":
+            raise ValueError(f"TrainConfig.{'cuda_graph' if self.cuda_graph else 'static_shapes'}: not supported "
+                             f"yet for Deformable DETR (model {self.model!r}); train it on the dynamic path")
         if self.max_targets is not None and (isinstance(self.max_targets, bool) or not isinstance(self.max_targets, int)
                                              or self.max_targets < 1):
             raise ValueError(f"TrainConfig.max_targets: expected None or a positive integer, got {self.max_targets!r}")
@@ -508,10 +545,15 @@ class _TrainingRun:
             output_dir.mkdir(parents=True, exist_ok=True)
         self.train_set, self.val_set, self.augment = _datasets(config, runtime)
         _seed_everything(config.seed)  # the same initial weights on every process (DDP also broadcasts them)
-        model = build_model(config.model, num_classes=self.train_set.num_classes, **config.model_overrides)
+        # num_classes = max category id + 1 for both: DETR adds its no-object class on top, Deformable
+        # DETR's focal head has exactly these outputs, so every label (a category id) lies in [0, num_classes).
+        self.deformable = model_family(config.model) == "deformable_detr"
+        build, build_loss = ((build_deformable_model, build_deformable_criterion) if self.deformable
+                             else (build_model, build_criterion))
+        model = build(config.model, num_classes=self.train_set.num_classes, **config.model_overrides)
         self.memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         self.model = model.to(device).to(memory_format=self.memory_format)
-        self.criterion = build_criterion(self.model.config, backend=config.matcher_backend).to(device)
+        self.criterion = build_loss(self.model.config, backend=config.matcher_backend).to(device)
         self.weight_dict = self.criterion.weight_dict
         self.collate: Callable = collate_fn
         self.static_step: StaticStep | None = None
@@ -534,12 +576,21 @@ class _TrainingRun:
         self.bar: Any = None      # the bar being drawn: the run's, or the current epoch's
 
     def _build_optimizer(self) -> None:
-        config, named = self.config, list(self.model.named_parameters())
-        backbone = [p for name, p in named if name.startswith("backbone.") and p.requires_grad]
-        rest = [p for name, p in named if not name.startswith("backbone.") and p.requires_grad]
-        self.optimizer = adamw([{"params": rest, "lr": config.lr}, {"params": backbone, "lr": config.lr_backbone}],
-                               lr=config.lr, weight_decay=config.weight_decay, device=self.device)
-        self.trainable = rest + backbone
+        """AdamW over the trainable parameters: [rest at lr, backbone at lr_backbone], and for Deformable DETR
+        a third group, the names containing one of LINEAR_PROJ_NAMES, at lr * LINEAR_PROJ_LR_MULT (the official's
+        group order)."""
+        config, named = self.config, [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        backbone = [p for name, p in named if name.startswith("backbone.")]
+        linear_proj_names = LINEAR_PROJ_NAMES if self.deformable else ()
+        linear_proj = [p for name, p in named if not name.startswith("backbone.")
+                       and any(key in name for key in linear_proj_names)]
+        rest = [p for name, p in named if not name.startswith("backbone.")
+                and not any(key in name for key in linear_proj_names)]
+        groups = [{"params": rest, "lr": config.lr}, {"params": backbone, "lr": config.lr_backbone}]
+        if self.deformable:
+            groups.append({"params": linear_proj, "lr": config.lr * LINEAR_PROJ_LR_MULT})
+        self.optimizer = adamw(groups, lr=config.lr, weight_decay=config.weight_decay, device=self.device)
+        self.trainable = rest + backbone + linear_proj
         self.scheduler = StepLR(self.optimizer, config.lr_gamma)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.runtime.amp == "fp16")
 
@@ -823,6 +874,10 @@ class _TrainingRun:
         return flags[0] > 0, flags[1] > 0
 
     def _raise_if_bad_targets(self, rows: int) -> None:
+        if self.deformable:
+            # DeformableSetCriterion records no value check: a label outside [0, num_classes) fails in its
+            # one-hot scatter, in the step itself, as in the official
+            return
         try:  # the criterion's target check, recorded on the device; the device has caught up by now
             self.criterion.raise_if_bad_targets()
         except BadTargetError as error:  # its forwards since the last check are this window's rows
