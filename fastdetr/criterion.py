@@ -156,6 +156,31 @@ class _MatchedBatch:
         self.target_index = torch.cat([tgt_idx for _, tgt_idx in indices]).to(device) + offsets[1]
 
 
+@torch.no_grad()
+def matched_class_error(flat_logits: Tensor, matched_labels: Tensor, matched: _MatchedBatch) -> Tensor:
+    """100 - top-1 accuracy (%) of the matched queries, 100 when nothing is matched (the original's class_error).
+
+    flat_logits [B*Q, classes]; matched_labels [K], the matched targets' labels.
+    """
+    if matched.num_matched == 0:
+        return torch.full((), 100.0, device=flat_logits.device)
+    correct = flat_logits[matched.query_index].argmax(-1) == matched_labels
+    return 100 - correct.float().sum() * (100.0 / matched.num_matched)
+
+
+def matched_box_losses(pred_boxes: Tensor, target_boxes: Tensor, matched: _MatchedBatch,
+                       num_boxes: Tensor) -> dict[str, Tensor]:
+    """"loss_bbox" and "loss_giou": L1 and 1 - GIoU of the matched cxcywh pairs, summed and divided by num_boxes.
+
+    pred_boxes [B, Q, 4]; target_boxes [N, 4] (all targets of the batch); num_boxes 0-d.
+    """
+    src = pred_boxes.flatten(0, 1)[matched.query_index]  # [K, 4]
+    tgt = target_boxes[matched.target_index]  # [K, 4]
+    loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
+    giou = generalized_box_iou_broadcast(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+    return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
+
+
 class SetCriterion(nn.Module):
     """DETR's loss: match predictions to targets, then supervise matched pairs and the no-object class.
 
@@ -368,13 +393,7 @@ class SetCriterion(nn.Module):
         target_classes[matched.query_index] = matched_labels
         losses = {"loss_ce": F.cross_entropy(flat_logits, target_classes, self.empty_weight)}
         if log:
-            with torch.no_grad():
-                if matched.num_matched == 0:
-                    accuracy = torch.zeros((), device=logits.device)
-                else:
-                    correct = flat_logits[matched.query_index].argmax(-1) == matched_labels
-                    accuracy = correct.float().sum() * (100.0 / matched.num_matched)
-                losses["class_error"] = 100 - accuracy
+            losses["class_error"] = matched_class_error(flat_logits, matched_labels, matched)
         return losses
 
     def loss_boxes(self, pred_boxes: Tensor, target_boxes: Tensor, matched: _MatchedBatch,
@@ -383,12 +402,7 @@ class SetCriterion(nn.Module):
 
         pred_boxes [B, Q, 4]; target_boxes [N, 4] (all targets of the batch); num_boxes 0-d.
         """
-        src = pred_boxes.flatten(0, 1)[matched.query_index]  # [K, 4]
-        tgt = target_boxes[matched.target_index]  # [K, 4]
-        loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
-        giou = generalized_box_iou_broadcast(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
-        loss_giou = (1 - giou).sum() / num_boxes
-        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        return matched_box_losses(pred_boxes, target_boxes, matched, num_boxes)
 
     @torch.no_grad()
     def loss_cardinality(self, logits: Tensor, target_counts: Tensor) -> dict[str, Tensor]:

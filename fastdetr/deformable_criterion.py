@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou_broadcast
-from .criterion import _MatchedBatch, num_boxes_tensor
+from .criterion import _MatchedBatch, matched_box_losses, matched_class_error, num_boxes_tensor
 from .deformable_config import DeformableDETRConfig
 from .matcher import HungarianMatcher, Indices, Solver, check_targets
 
@@ -223,26 +223,13 @@ class DeformableSetCriterion(nn.Module):
                                    self.focal_gamma)
         losses = {"loss_ce": focal.mean(1).sum() / num_boxes * num_queries}
         if log:
-            with torch.no_grad():
-                if matched.num_matched == 0:
-                    accuracy = torch.zeros((), device=logits.device)
-                else:
-                    correct = logits.flatten(0, 1)[matched.query_index].argmax(-1) == matched_labels
-                    accuracy = correct.float().sum() * (100.0 / matched.num_matched)
-                losses["class_error"] = 100 - accuracy
+            losses["class_error"] = matched_class_error(logits.flatten(0, 1), matched_labels, matched)
         return losses
 
     def loss_boxes(self, pred_boxes: Tensor, target_boxes: Tensor, matched: _MatchedBatch,
                    num_boxes: Tensor) -> dict[str, Tensor]:
-        """L1 and 1 - GIoU of the matched cxcywh pairs, summed and divided by num_boxes.
-
-        pred_boxes [B, Q, 4]; target_boxes [N, 4] (all targets of the batch); num_boxes 0-d.
-        """
-        src = pred_boxes.flatten(0, 1)[matched.query_index]  # [K, 4]
-        tgt = target_boxes[matched.target_index]  # [K, 4]
-        loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
-        giou = generalized_box_iou_broadcast(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
-        return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
+        """L1 and 1 - GIoU of the matched cxcywh pairs, summed and divided by num_boxes (DETR's)."""
+        return matched_box_losses(pred_boxes, target_boxes, matched, num_boxes)
 
     @torch.no_grad()
     def loss_cardinality(self, logits: Tensor, target_counts: Tensor) -> dict[str, Tensor]:
