@@ -124,7 +124,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         kind = next((name for name in ("bool", "int", "float") if name in annotation.split(" | ")), "str")
         parser.add_argument(flag, dest=field.name, default=default, metavar=kind.upper(),
                             type=lambda text, kind=kind: None if text.lower() == "none" else _parse_field(kind, text),
-                            help=f"(default {default})")
+                            help=field.metadata.get("help", f"(default {default})"))
 
 
 def _buckets(args: argparse.Namespace) -> int:

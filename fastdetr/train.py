@@ -109,6 +109,12 @@ LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 LINEAR_PROJ_LR_MULT = 0.1
 
 
+# `fastdetr train -h` for the recipe fields, whose default None means the model's recipe
+_RECIPE_HELP = {"help": "(default: the model's recipe, fastdetr.train.RECIPES: DETR "
+                        + ", ".join(f"{k} {v}" for k, v in RECIPES["detr"].items()) + "; Deformable DETR "
+                        + ", ".join(f"{k} {v}" for k, v in RECIPES["deformable_detr"].items()) + ")"}
+
+
 def model_family(model: str) -> str:
     """"deformable_detr" for a preset of fastdetr.deformable_config.DEFORMABLE_PRESETS, else "detr"."""
     return "deformable_detr" if model in DEFORMABLE_PRESETS else "detr"
@@ -141,13 +147,13 @@ class TrainConfig:
     # optimisation. None: the model family's recipe (RECIPES; set in __post_init__, so a made config
     # holds numbers): DETR's 300 epochs, lr 1e-4, lr_backbone 1e-5, weight_decay 1e-4, clip 0.1,
     # lr_drop 200; Deformable DETR's 50 epochs, lr 2e-4, lr_backbone 2e-5, lr_drop 40, the rest the same.
-    epochs: int | None = None
+    epochs: int | None = field(default=None, metadata=_RECIPE_HELP)
     batch_size: int = 2                    # per process
-    lr: float | None = None
-    lr_backbone: float | None = None
-    weight_decay: float | None = None
-    clip_max_norm: float | None = None     # 0 disables clipping
-    lr_drop: int | None = None             # epochs before the LR drop (without a time budget)
+    lr: float | None = field(default=None, metadata=_RECIPE_HELP)
+    lr_backbone: float | None = field(default=None, metadata=_RECIPE_HELP)
+    weight_decay: float | None = field(default=None, metadata=_RECIPE_HELP)
+    clip_max_norm: float | None = field(default=None, metadata=_RECIPE_HELP)   # 0 disables clipping
+    lr_drop: int | None = field(default=None, metadata=_RECIPE_HELP)   # epochs before the LR drop (no time budget)
     lr_gamma: float = 0.1
     max_steps: int | None = None           # stop after this many optimizer steps (module docstring)
     time_budget_s: float | None = None     # stop after this much training time (module docstring)
