@@ -54,21 +54,23 @@ transformers' value masks are True on valid tokens).
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastdetr.nn import functional
 from fastdetr.reference.deformable_attention import sampling_locations, tracing
+from fastdetr.reference.deformable_detr import MSDeformAttn
 
 
-class MultiScaleDeformableAttention(nn.Module):
+class MultiScaleDeformableAttention(MSDeformAttn):
     """Multi-scale deformable attention (module docstring): (N, Lq, d_model) -> (N, Lq, d_model).
 
     d_model: channels of query, input_flatten and the output; n_levels: feature levels L;
     n_heads: heads M (d_model % n_heads == 0); n_points: sampling points P per head and level.
+    Parameters and the official initialisation come from the reference `MSDeformAttn` it subclasses
+    (fastdetr.reference.deformable_detr); the forward is fastdetr's.
     """
 
     # the two fusions around the sampling core (module docstring): set either False on an instance to measure
@@ -76,44 +78,6 @@ class MultiScaleDeformableAttention(nn.Module):
     fuse_query_side: bool = True
     fuse_value_side: bool = True
     fuse_query_gemm: bool = True     # inference: the offsets+logits GEMM inside the query side's kernel
-
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
-        super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model must be divisible by n_heads, but got {d_model} and {n_heads}")
-        self.d_model = d_model
-        self.n_levels = n_levels
-        self.n_heads = n_heads
-        self.n_points = n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
-        self._reset_parameters()
-
-    def _reset_parameters(self) -> None:
-        """The official initialisation: offsets start from a fixed pattern, weights uniform, projections xavier.
-
-        Head m's points start in direction 2*pi*m/M, scaled so that the larger of |dx|, |dy| is 1 (a point
-        on the unit square), and point p at p + 1 times that, the same on every level (in pixels of the level
-        for 2-d reference points). The offsets' weight and the attention logits start at zero, so every query
-        starts with this pattern and equal weights 1 / (L * P).
-        """
-        nn.init.zeros_(self.sampling_offsets.weight)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        directions = torch.stack([thetas.cos(), thetas.sin()], -1)                       # (M, 2) as (x, y)
-        directions = directions / directions.abs().max(-1, keepdim=True).values
-        scales = torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, self.n_points, 1)
-        pattern = directions.view(self.n_heads, 1, 1, 2) * scales                         # (M, 1, P, 2)
-        pattern = pattern.expand(self.n_heads, self.n_levels, self.n_points, 2)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(pattern.reshape(-1))
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        nn.init.xavier_uniform_(self.value_proj.weight)
-        nn.init.zeros_(self.value_proj.bias)
-        nn.init.xavier_uniform_(self.output_proj.weight)
-        nn.init.zeros_(self.output_proj.bias)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"

@@ -33,7 +33,7 @@ from ..deformable_config import DeformableDETRConfig
 from ..nested import to_image_batch
 from .backbone import Backbone
 from .deformable_attention import ms_deform_attn, sampling_locations, tracing
-from .detr import MLP, _autocast_enabled
+from .detr import MLP, check_image_dtype
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .transformer import _activation
 
@@ -549,13 +549,7 @@ class DeformableDETR(nn.Module):
 
     def _check_dtype(self, images: Tensor) -> None:
         """TypeError when the images' floating dtype is not the weights' (metadata only), except under autocast."""
-        expected = self.input_proj[0][0].weight.dtype
-        if images.dtype == expected or _autocast_enabled(images.device.type):
-            return
-        raise TypeError(
-            f"images are {images.dtype} but the model's weights are {expected}: convert the images "
-            f"(images.to({expected})), or the model (model.to({images.dtype})), or run it under "
-            f"torch.autocast('{images.device.type}') for mixed precision")
+        check_image_dtype(images, self.input_proj[0][0].weight.dtype)
 
 
 def _position_embedding(kind: str, hidden_dim: int) -> nn.Module:

@@ -95,13 +95,17 @@ class DETR(nn.Module):
         Under autocast for the images' device the ops cast their inputs themselves, so any
         floating dtype is fine there.
         """
-        expected = self.input_proj.weight.dtype
-        if images.dtype == expected or _autocast_enabled(images.device.type):
-            return
-        raise TypeError(
-            f"images are {images.dtype} but the model's weights are {expected}: convert the images "
-            f"(images.to({expected})), or the model (model.to({images.dtype})), or run it under "
-            f"torch.autocast('{images.device.type}') for mixed precision")
+        check_image_dtype(images, self.input_proj.weight.dtype)
+
+
+def check_image_dtype(images: Tensor, expected: torch.dtype) -> None:
+    """TypeError when the images' floating dtype is not `expected` (the weights'), except under autocast."""
+    if images.dtype == expected or _autocast_enabled(images.device.type):
+        return
+    raise TypeError(
+        f"images are {images.dtype} but the model's weights are {expected}: convert the images "
+        f"(images.to({expected})), or the model (model.to({images.dtype})), or run it under "
+        f"torch.autocast('{images.device.type}') for mixed precision")
 
 
 def _autocast_enabled(device_type: str) -> bool:
