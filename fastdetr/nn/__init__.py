@@ -8,7 +8,9 @@ is the one place they (and the matcher) call kernels from and decide when;
 from . import functional
 from .attention import MultiheadAttention
 from .deformable_attention import MultiScaleDeformableAttention
+from .deformable_transformer import DeformableTransformerDecoderLayer, DeformableTransformerEncoderLayer
 from .transformer import TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer
 
 __all__ = ["functional", "MultiheadAttention", "MultiScaleDeformableAttention", "TransformerEncoderLayer",
-           "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder"]
+           "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder", "DeformableTransformerEncoderLayer",
+           "DeformableTransformerDecoderLayer"]

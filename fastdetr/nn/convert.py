@@ -14,6 +14,12 @@ Hugging Face transformers' `DetrEncoderLayer` / `DetrDecoderLayer` (the layouts 
 >= 5) and `TableTransformerEncoderLayer` / `TableTransformerDecoderLayer` become subclasses of their own
 class running the same fused chain (`fastdetr.nn.hf_detr`).
 
+Deformable DETR's encoder and decoder layers (`fastdetr.reference.deformable_detr`'s and the official
+repository's: the same attributes, and forward arguments of the same names) become
+`fastdetr.nn.DeformableTransformerEncoderLayer` / `DeformableTransformerDecoderLayer`
+(`fastdetr.nn.deformable_transformer`): their MSDA output projection, residual and LayerNorm as one kernel,
+the decoder's self-attention through the attention kernel, the FFNs through the GEMM-epilogue kernels.
+
 The MSDA modules, converted the same way (their sampling then runs
 `fastdetr.nn.functional.ms_deform_attn`):
 - Deformable DETR's official `MSDeformAttn` (its four Linears, d_model /
@@ -33,6 +39,7 @@ from torch import Tensor, nn
 
 from fastdetr.nn import hf_detr
 from fastdetr.nn.deformable_attention import MultiScaleDeformableAttention
+from fastdetr.nn.deformable_transformer import DeformableTransformerDecoderLayer, DeformableTransformerEncoderLayer
 from fastdetr.nn.hf import FusedRTDetrV2Attention, FusedSamplingCore, fused_subclass
 from fastdetr.nn.transformer import (
     TransformerDecoder,
@@ -127,6 +134,33 @@ def _is_hf_rtdetr_v2(module: nn.Module) -> bool:
             and len(counts) == getattr(module, "n_levels", None) and _msda_sizes(module, sum(counts)))
 
 
+_DEFORMABLE_FFN = {"linear1": nn.Linear, "linear2": nn.Linear, "dropout1": nn.Dropout, "dropout2": nn.Dropout,
+                   "dropout3": nn.Dropout, "norm1": nn.LayerNorm, "norm2": nn.LayerNorm}
+_DEFORMABLE_ENCODER_FORWARD = ("src", "pos", "reference_points", "spatial_shapes", "level_start_index",
+                               "padding_mask")
+_DEFORMABLE_DECODER_FORWARD = ("tgt", "query_pos", "reference_points", "src", "src_spatial_shapes",
+                               "level_start_index", "src_padding_mask")
+
+
+def _is_msda(module: nn.Module | None) -> bool:
+    return module is not None and (isinstance(module, MultiScaleDeformableAttention) or _is_official_msda(module))
+
+
+def _deformable_layer_class(module: nn.Module) -> type | None:
+    """The fused class a Deformable DETR encoder / decoder layer (fastdetr.reference.deformable_detr's or the
+    official's: the same attributes and forward arguments) can become, or None."""
+    if not _has(module, _DEFORMABLE_FFN) or not hasattr(module, "activation"):
+        return None
+    arguments = _forward_arguments(module)
+    if (arguments == _DEFORMABLE_ENCODER_FORWARD and _is_msda(getattr(module, "self_attn", None))
+            and not hasattr(module, "norm3")):
+        return DeformableTransformerEncoderLayer
+    if (arguments == _DEFORMABLE_DECODER_FORWARD and _is_msda(getattr(module, "cross_attn", None))
+            and _has(module, {"self_attn": nn.MultiheadAttention, "norm3": nn.LayerNorm, "dropout4": nn.Dropout})):
+        return DeformableTransformerDecoderLayer
+    return None
+
+
 def _msda_class(module: nn.Module) -> type | None:
     """The fused class an MSDA module (or transformers' sampling core) can become, or None."""
     if isinstance(module, (MultiScaleDeformableAttention, FusedSamplingCore, FusedRTDetrV2Attention)):
@@ -161,7 +195,8 @@ def _stack_class(module: nn.Module) -> type | None:
 
 
 def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
-    """Convert, in place, every DETR encoder / decoder layer and MSDA module in `model` to its fused class, and
+    """Convert, in place, every DETR and Deformable DETR encoder / decoder layer and MSDA module in `model` to
+    its fused class, and
     make every FrozenBatchNorm2d one elementwise op (`single_op`); returns `model`.
 
     A module that already is fused is left alone (calling this twice is harmless).
@@ -173,7 +208,7 @@ def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
     "discrete" sampling falls back to its own forward (fastdetr.nn.hf).
     inference: also put the model in eval mode (dropout off).
     """
-    converted, deformable, transformers_layers = 0, {}, {}
+    converted, deformable, transformers_layers, deformable_layers = 0, {}, {}, {}
     for name, module in model.named_modules():
         if isinstance(module, (TransformerEncoderLayer, TransformerDecoderLayer, *hf_detr.MIXINS)):
             continue
@@ -187,6 +222,13 @@ def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
             if reason is not None:
                 logger.info("fastdetr.optimize: %s (%s) runs transformers' own forward: %s", name or "<root>",
                             original, reason)
+            continue
+        if isinstance(module, (DeformableTransformerEncoderLayer, DeformableTransformerDecoderLayer)):
+            continue
+        layer_class = None if "forward" in vars(module) else _deformable_layer_class(module)
+        if layer_class is not None:
+            module.__class__ = layer_class
+            deformable_layers[layer_class.__name__] = deformable_layers.get(layer_class.__name__, 0) + 1
             continue
         msda = _msda_class(module)
         if msda is not None:
@@ -224,6 +266,9 @@ def optimize(model: nn.Module, inference: bool = False) -> nn.Module:
     if deformable:
         logger.info("fastdetr.optimize: converted %s deformable attention modules (%s)", sum(deformable.values()),
                     ", ".join(f"{count} {kind}" for kind, count in sorted(deformable.items())))
+    if deformable_layers:
+        logger.info("fastdetr.optimize: converted %s Deformable DETR layers (%s)", sum(deformable_layers.values()),
+                    ", ".join(f"{count} {kind}" for kind, count in sorted(deformable_layers.items())))
     if inference:
         model.eval()
     return model

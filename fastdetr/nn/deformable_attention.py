@@ -70,7 +70,8 @@ class MultiScaleDeformableAttention(MSDeformAttn):
     d_model: channels of query, input_flatten and the output; n_levels: feature levels L;
     n_heads: heads M (d_model % n_heads == 0); n_points: sampling points P per head and level.
     Parameters and the official initialisation come from the reference `MSDeformAttn` it subclasses
-    (fastdetr.reference.deformable_detr); the forward is fastdetr's.
+    (fastdetr.reference.deformable_detr), and so does `forward` (output_proj of `sample`); `sample` is
+    fastdetr's.
     """
 
     # the two fusions around the sampling core (module docstring): set either False on an instance to measure
@@ -82,13 +83,17 @@ class MultiScaleDeformableAttention(MSDeformAttn):
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"
 
-    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, input_spatial_shapes: Tensor,
-                input_level_start_index: Tensor, input_padding_mask: Tensor | None = None) -> Tensor:
-        """query (N, Lq, d_model); reference_points (N, Lq, L, 2) as (x, y) or (N, Lq, L, 4) as (x, y, w, h),
+    def sample(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, input_spatial_shapes: Tensor,
+               input_level_start_index: Tensor, input_padding_mask: Tensor | None = None) -> Tensor:
+        """`forward` (the reference's: output_proj of this) up to, not including, output_proj.
+
+        query (N, Lq, d_model); reference_points (N, Lq, L, 2) as (x, y) or (N, Lq, L, 4) as (x, y, w, h),
         in [0, 1] of each level, top-left (0, 0), bottom-right (1, 1), padding area included;
         input_flatten (N, S, d_model), the L levels' tokens stacked in order, S = sum of H_l * W_l;
         input_spatial_shapes (L, 2) integer (H_l, W_l); input_level_start_index (L,) each level's first token;
-        input_padding_mask (N, S) bool, True on padding, or None. Returns (N, Lq, d_model).
+        input_padding_mask (N, S) bool, True on padding, or None. Returns the heads' sampled values
+        (N, Lq, d_model); the fused Deformable DETR layers (fastdetr.nn.deformable_transformer) run
+        output_proj inside their residual + LayerNorm kernel.
         """
         with warnings.catch_warnings():
             if tracing():
@@ -106,15 +111,14 @@ class MultiScaleDeformableAttention(MSDeformAttn):
         value = value.view(batch, tokens, heads, self.d_model // heads)
         if self.fuse_query_side and functional.msda_query_side_fusable(value, query, reference_points):
             # one GEMM for offsets and logits; the softmax and the locations happen inside the kernel
-            return self.output_proj(functional.ms_deform_attn_query_side(
+            return functional.ms_deform_attn_query_side(
                 value, input_spatial_shapes, input_level_start_index, query, self.sampling_offsets,
-                self.attention_weights, reference_points, gemm_on_chip=self.fuse_query_gemm))
+                self.attention_weights, reference_points, gemm_on_chip=self.fuse_query_gemm)
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
         locations = sampling_locations(reference_points, offsets, input_spatial_shapes)
-        return self.output_proj(self._core(value, input_spatial_shapes, input_level_start_index, locations,
-                                           weights))
+        return self._core(value, input_spatial_shapes, input_level_start_index, locations, weights)
 
     def _core(self, value: Tensor, shapes: Tensor, starts: Tensor, locations: Tensor, weights: Tensor) -> Tensor:
         """The sampling core: value (N, S, M, D), shapes (L, 2), starts (L,), locations (N, Lq, M, L, P, 2),

@@ -171,30 +171,35 @@ def key_padding_table(key_padding_mask: Tensor | None, dtype: torch.dtype):
     return key_block_table(key_padding_mask, dtype)
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """(L, B, E) -> (B, H, L, D), a view: the attention kernel reads it in place."""
-    return x.unflatten(-1, (heads, x.shape[-1] // heads)).permute(1, 2, 0, 3)
+def _split_heads(x: Tensor, heads: int, batch_first: bool = False) -> Tensor:
+    """(L, B, E) -> (B, H, L, D), or (B, L, E) -> (B, H, L, D) when batch_first: a view, the attention
+    kernel reads it in place."""
+    x = x.unflatten(-1, (heads, x.shape[-1] // heads))
+    return x.permute(0, 2, 1, 3) if batch_first else x.permute(1, 2, 0, 3)
 
 
-def _merge_heads(x: Tensor) -> Tensor:
-    """(B, H, L, D) -> (L, B, E); a view when the kernel wrote (L, B, H, D) storage."""
+def _merge_heads(x: Tensor, batch_first: bool = False) -> Tensor:
+    """(B, H, L, D) -> (L, B, E), or (B, L, E) when batch_first; a view when the kernel wrote storage in
+    that order."""
     batch, heads, length, head_dim = x.shape
+    if batch_first:
+        return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
     return x.permute(2, 0, 1, 3).reshape(length, batch, heads * head_dim)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, num_heads: int, key_padding_mask: Tensor | None,
-           dropout_p: float, kv_table=None) -> Tensor:
+           dropout_p: float, kv_table=None, batch_first: bool = False) -> Tensor:
     """softmax(q k^T / sqrt(D), padded keys masked) -> dropout -> @ v, per head, by the attention kernel.
 
-    q (L, B, E), k and v (S, B, E): projected, heads not yet split; key_padding_mask
-    (B, S) bool, True = ignore; kv_table from `key_padding_table` or None.
-    Returns (L, B, E). A query whose keys are all padded gets zeros.
+    q (L, B, E), k and v (S, B, E) -- (B, L, E) and (B, S, E) when batch_first -- projected, heads not
+    yet split; key_padding_mask (B, S) bool, True = ignore; kv_table from `key_padding_table` or None.
+    Returns (L, B, E) ((B, L, E) when batch_first). A query whose keys are all padded gets zeros.
     """
     from fastdetr.kernels.attention import attention
 
-    out = attention(_split_heads(q, num_heads), _split_heads(k, num_heads), _split_heads(v, num_heads),
-                    key_padding_mask=key_padding_mask, dropout_p=dropout_p, kv_table=kv_table)
-    return _merge_heads(out)
+    split = [_split_heads(x, num_heads, batch_first) for x in (q, k, v)]
+    out = attention(*split, key_padding_mask=key_padding_mask, dropout_p=dropout_p, kv_table=kv_table)
+    return _merge_heads(out, batch_first)
 
 
 def multihead_attention(module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
@@ -235,8 +240,10 @@ def multihead_attention(module: nn.MultiheadAttention, query: Tensor, key: Tenso
 # ---------------------------------------------------------------------------------------------
 
 def self_attention(attn: nn.MultiheadAttention, x: Tensor, pos: Tensor | None, key_padding_mask: Tensor | None,
-                   training: bool, cast, kv_table=None) -> Tensor:
-    """DETR's self-attention core (q = k = x + pos, v = x) up to, not including, out_proj: (L, B, E).
+                   training: bool, cast, kv_table=None, batch_first: bool = False) -> Tensor:
+    """DETR's self-attention core (q = k = x + pos, v = x) up to, not including, out_proj: (L, B, E), or
+    (B, L, E) in and out when batch_first (Deformable DETR's decoder, whose module is sequence-first but
+    whose layer holds batch-first tensors: no transposed copies).
 
     One kernel projects Q, K and V, adding pos while it loads x for the Q and K columns.
     """
@@ -244,7 +251,8 @@ def self_attention(attn: nn.MultiheadAttention, x: Tensor, pos: Tensor | None, k
 
     qkv = in_projection(x, pos, cast(attn.in_proj_weight), cast(attn.in_proj_bias))
     q, k, v = qkv.split(x.shape[-1], dim=-1)
-    return attend(q, k, v, attn.num_heads, key_padding_mask, attn.dropout if training else 0.0, kv_table)
+    return attend(q, k, v, attn.num_heads, key_padding_mask, attn.dropout if training else 0.0, kv_table,
+                  batch_first)
 
 
 def cross_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
@@ -285,14 +293,17 @@ def _needs_grad(layer: nn.Module, *tensors: Tensor | None) -> bool:
 
 
 def ffn(layer: nn.Module, x: Tensor, residual: Tensor, norm: nn.LayerNorm | None, dropout: nn.Dropout,
-        cast) -> Tensor:
-    """residual + dropout(linear2(dropout(relu(linear1(x))))), then `norm` when given (post-norm).
+        cast, hidden_dropout: nn.Dropout | None = None) -> Tensor:
+    """residual + dropout(linear2(hidden_dropout(relu(linear1(x))))), then `norm` when given (post-norm).
+
+    hidden_dropout: the hidden's dropout module, `layer.dropout` (DETR's name) when None.
 
     Inference with d_model within the kernel's tile (`ffn_on_chip`): one kernel,
     the hidden never leaves the chip. Otherwise two: GEMM + ReLU + dropout, then
     GEMM + residual (+ LayerNorm).
     """
     training = layer.training
+    hidden_dropout = layer.dropout if hidden_dropout is None else hidden_dropout
     if ffn_on_chip(x, training, _needs_grad(layer, x, residual)):
         from fastdetr.kernels.ffn import ffn_inference
 
@@ -303,7 +314,7 @@ def ffn(layer: nn.Module, x: Tensor, residual: Tensor, norm: nn.LayerNorm | None
     from fastdetr.kernels.linear_relu import linear_relu_dropout
 
     hidden = linear_relu_dropout(x, cast(layer.linear1.weight), cast(layer.linear1.bias),
-                                 dropout_p=layer.dropout.p if training else 0.0)
+                                 dropout_p=hidden_dropout.p if training else 0.0)
     if norm is not None:
         return residual_norm(hidden, layer.linear2, residual, norm, dropout, training, cast)
     return linear_residual(hidden, cast(layer.linear2.weight), cast(layer.linear2.bias), residual,

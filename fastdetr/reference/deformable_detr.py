@@ -111,6 +111,13 @@ class MSDeformAttn(nn.Module):
         """query (N, Lq, C); reference_points (N, Lq, L, 2) (x, y) or (N, Lq, L, 4) (x, y, w, h) in [0, 1];
         input_flatten (N, S, C); input_spatial_shapes (L, 2) (H, W); input_level_start_index (L,);
         input_padding_mask (N, S) True on padding, or None. -> (N, Lq, C)."""
+        return self.output_proj(self.sample(query, reference_points, input_flatten, input_spatial_shapes,
+                                            input_level_start_index, input_padding_mask))
+
+    def sample(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, input_spatial_shapes: Tensor,
+               input_level_start_index: Tensor, input_padding_mask: Tensor | None = None) -> Tensor:
+        """The forward up to, not including, output_proj: the heads' sampled values (N, Lq, C). A fused layer
+        adds output_proj inside its residual + LayerNorm kernel."""
         batch, queries, _ = query.shape
         tokens = input_flatten.shape[1]
         value = self.value_proj(input_flatten)
@@ -121,8 +128,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(batch, queries, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(batch, queries, self.n_heads, self.n_levels, self.n_points)
         locations = sampling_locations(reference_points, offsets, input_spatial_shapes)
-        output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
-        return self.output_proj(output)
+        return ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
@@ -203,14 +209,20 @@ class DeformableTransformerDecoderLayer(nn.Module):
                 src_spatial_shapes: Tensor, level_start_index: Tensor, src_padding_mask: Tensor | None = None
                 ) -> Tensor:
         """tgt, query_pos (B, Q, d); reference_points (B, Q, L, 2 or 4); src (B, S, d) -> (B, Q, d)."""
-        q = k = (tgt + query_pos).transpose(0, 1)
-        attended = self.self_attn(q, k, tgt.transpose(0, 1))[0].transpose(0, 1)
-        tgt = self.norm2(tgt + self.dropout2(attended))
+        tgt = self.self_attention_block(tgt, query_pos)
         attended = self.cross_attn(tgt + query_pos, reference_points, src, src_spatial_shapes, level_start_index,
                                    src_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
         ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
+
+
+    def self_attention_block(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
+        """norm2(tgt + dropout2(self_attn(q = k = tgt + query_pos, v = tgt))), batch-first (B, Q, d) in and out
+        (the module is sequence-first, as the official)."""
+        q = k = (tgt + query_pos).transpose(0, 1)
+        attended = self.self_attn(q, k, tgt.transpose(0, 1))[0].transpose(0, 1)
+        return self.norm2(tgt + self.dropout2(attended))
 
 
 class DeformableTransformerDecoder(nn.Module):
