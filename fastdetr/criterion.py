@@ -39,7 +39,7 @@ How it differs from the original:
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -181,7 +181,158 @@ def matched_box_losses(pred_boxes: Tensor, target_boxes: Tensor, matched: _Match
     return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
 
-class SetCriterion(nn.Module):
+class PaddedMatch(NamedTuple):
+    """Every layer's predictions stacked and matched to padded targets (`match_padded_layers`)."""
+
+    logits: Tensor        # [L, B, Q, C']
+    boxes: Tensor         # [L, B, Q, 4]
+    col_for_row: Tensor   # [L, B, Q] each query's target slot, -1 for none
+    matched: Tensor       # [L, B, Q] bool
+    labels: Tensor        # [L, B, Q] the matched slot's label (slot 0's where unmatched)
+    counts: Tensor        # [B] targets per image
+    num_boxes: Tensor     # 0-d, `num_boxes_tensor`
+
+
+def match_padded_layers(matcher: HungarianMatcher, caller: str, layers: Sequence[dict[str, Tensor]],
+                        targets: "PaddedTargets") -> PaddedMatch:
+    """Stack the layers' "pred_logits" / "pred_boxes" (each [B, Q, ...]) and match them all in one
+    `matcher.match_padded` call; no host sync with a device solver. A NaN cost block is left to the losses
+    (the trainer checks them), on every device."""
+    logits = torch.stack([layer["pred_logits"] for layer in layers])
+    boxes = torch.stack([layer["pred_boxes"] for layer in layers])
+    num_layers, batch_size = logits.shape[:2]
+    if targets.valid.shape[0] != batch_size or targets.labels.device != logits.device:
+        raise ValueError(f"{caller}.forward_padded: targets for {targets.valid.shape[0]} images on "
+                         f"{targets.labels.device}, predictions for {batch_size} on {logits.device}")
+    col_for_row = matcher.match_padded(logits, boxes, targets, check_invalid=False)
+    labels = targets.labels.expand(num_layers, *targets.labels.shape).gather(2, col_for_row.clamp(min=0))
+    counts = targets.valid.sum(1)
+    return PaddedMatch(logits, boxes, col_for_row, col_for_row >= 0, labels, counts,
+                       num_boxes_tensor(counts.sum(), logits.device))
+
+
+def padded_box_losses(boxes: Tensor, target_boxes: Tensor, col_for_row: Tensor, num_boxes: Tensor) -> dict[str, Tensor]:
+    """Per layer "loss_bbox" and "loss_giou" [L] of the matched pairs, from a padded matching.
+
+    boxes [L, B, Q, 4] cxcywh; target_boxes [B, T, 4] (the padded slots); col_for_row [L, B, Q] each query's
+    slot or -1 (`HungarianMatcher.match_padded`); num_boxes 0-d.
+    """
+    num_layers, batch_size, num_queries, _ = boxes.shape
+    slot = col_for_row.clamp(min=0)[..., None].expand(-1, -1, -1, 4)
+    matched_boxes = target_boxes.expand(num_layers, *target_boxes.shape).gather(2, slot)  # [L, B, Q, 4]
+    matched = col_for_row >= 0
+    l1 = (boxes - matched_boxes).abs().sum(3)
+    giou = generalized_box_iou_broadcast(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(matched_boxes))
+    return {"loss_bbox": torch.where(matched, l1, 0).sum((1, 2)) / num_boxes,
+            "loss_giou": torch.where(matched, 1 - giou, 0).sum((1, 2)) / num_boxes}
+
+
+@torch.no_grad()
+def padded_class_error(logits: Tensor, target_classes: Tensor, matched: Tensor) -> Tensor:
+    """100 - top-1 accuracy (%) of the matched queries of one layer: logits [B, Q, C'], target_classes and
+    matched [B, Q]; 100 when nothing is matched (`matched_class_error`'s, padded)."""
+    correct = (logits.argmax(-1) == target_classes) & matched
+    return 100 - correct.sum() * 100.0 / matched.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def padded_cardinality_error(logits: Tensor, counts: Tensor) -> Tensor:
+    """Per layer [L]: mean over images of |queries whose top class is not the last one - targets|;
+    logits [L, B, Q, C'], counts [B]."""
+    predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(2).float()  # [L, B]
+    return (predicted - counts.float()).abs().mean(1)
+
+
+def layer_losses_in_order(per_layer: dict[str, Tensor], class_error: Tensor | None,
+                          extra: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """`forward`'s keys in its order from per-layer values (name -> [L]): the last layer's losses
+    (class_error after loss_ce), then aux layer 0, 1, ..., then `extra` as given."""
+    unbound = {name: values.unbind(0) for name, values in per_layer.items()}
+    num_layers = len(next(iter(unbound.values()))) if unbound else 0
+    losses: dict[str, Tensor] = {}
+    for layer_index in [num_layers - 1, *range(num_layers - 1)] if num_layers else []:
+        is_last = layer_index == num_layers - 1
+        suffix = "" if is_last else f"_{layer_index}"
+        for name, values in unbound.items():
+            losses[name + suffix] = values[layer_index]
+            if name == "loss_ce" and is_last and class_error is not None:
+                losses["class_error"] = class_error
+    losses.update(extra or {})
+    return losses
+
+
+class TargetCheck(nn.Module):
+    """The target value check of SetCriterion and DeformableSetCriterion (module docstring): at once, or
+    recorded on the device and read by `raise_if_bad_targets`.
+
+    A subclass sets `num_classes` and `check_targets` and calls `_init_target_check()`;
+    `replacement_label` is the label a bad one becomes on the recorded path (no-object for DETR).
+    """
+
+    num_classes: int
+    check_targets: bool | None
+    replacement_label: int
+
+    def _init_target_check(self) -> None:
+        # The recorded check: 0-d int64 on the device, -1 or the index (since the last check) of the first
+        # forward with a bad target; None until a forward records one. The recent targets name it.
+        self.target_status: Tensor | None = None
+        self._forwards_since_check = 0
+        self._recent_targets: deque[tuple[int, list[dict[str, Tensor]]]] = deque(maxlen=KEPT_TARGET_BATCHES)
+
+    def _screen_targets(self, targets: Sequence[dict[str, Tensor]], labels: Tensor, boxes: Tensor,
+                        num_targets: Sequence[int]) -> tuple[Sequence[dict[str, Tensor]], Tensor, Tensor]:
+        """Check the target values: raise at once, or record the check and replace bad values (module docstring).
+
+        labels [N] int64 and boxes [N, 4]: every target of the batch, on the logits' device.
+        Returns (targets, labels, boxes): as given when checked at once, else with a bad label
+        replaced by `replacement_label` and a bad box by (0.5, 0.5, 0.5, 0.5), all on the device.
+        """
+        bad_label = (labels < 0) | (labels >= self.num_classes)
+        bad_box = ~torch.isfinite(boxes).all(1) | (boxes[:, 2:] < 0).any(1)
+        bad = (bad_label | bad_box).any()
+        at_once = self.check_targets if self.check_targets is not None else labels.device.type == "cpu"
+        if at_once:
+            # A CPU tensor is read through numpy (its memory, no op and no sync); elsewhere this is the sync.
+            if bool(bad.numpy() if bad.device.type == "cpu" else bad.item()):
+                raise BadTargetError(f"{type(self).__name__}: {describe_bad_targets(targets, self.num_classes)}")
+            return targets, labels, boxes
+        call = self._forwards_since_check
+        self._forwards_since_check += 1
+        self._recent_targets.append((call, [{key: target[key] for key in ("labels", "boxes", "image_id")
+                                             if key in target} for target in targets]))
+        if self.target_status is None or self.target_status.device != labels.device:
+            self.target_status = torch.full((), -1, dtype=torch.int64, device=labels.device)
+        self.target_status = torch.where(bad & (self.target_status < 0), call, self.target_status)
+        labels = torch.where(bad_label, self.replacement_label, labels)
+        boxes = torch.where(bad_box[:, None], 0.5, boxes)
+        targets = [{**target, "labels": image_labels, "boxes": image_boxes} for target, image_labels, image_boxes
+                   in zip(targets, labels.split(list(num_targets)), boxes.split(list(num_targets)))]
+        return targets, labels, boxes
+
+    def raise_if_bad_targets(self) -> None:
+        """Read the recorded target check on the host (one sync on a GPU); raise BadTargetError if it failed.
+
+        The error names the first forward since the previous call that had a bad target
+        (`error.call`: its index among them) and, from its kept targets, the images and values.
+        Each call starts a new period. Nothing recorded (checks at once, no forward): no read.
+        """
+        status, forwards, recent = self.target_status, self._forwards_since_check, dict(self._recent_targets)
+        self.target_status, self._forwards_since_check = None, 0
+        self._recent_targets.clear()
+        if status is None:
+            return
+        first_bad = int(status)
+        if first_bad < 0:
+            return
+        kept = recent.get(first_bad)
+        detail = (describe_bad_targets(kept, self.num_classes) if kept is not None else
+                  f"its targets are no longer kept (those of the last {KEPT_TARGET_BATCHES} forwards are)")
+        raise BadTargetError(f"{type(self).__name__}: forward {first_bad + 1} of the {forwards} since the last check: "
+                             f"{detail}", call=first_bad)
+
+
+class SetCriterion(TargetCheck):
     """DETR's loss: match predictions to targets, then supervise matched pairs and the no-object class.
 
     num_classes: object classes, without no-object (the logits have num_classes + 1 entries).
@@ -210,11 +361,11 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
-        # The recorded check: 0-d int64 on the device, -1 or the index (since the last check) of the first
-        # forward with a bad target; None until a forward records one. The recent targets name it.
-        self.target_status: Tensor | None = None
-        self._forwards_since_check = 0
-        self._recent_targets: deque[tuple[int, list[dict[str, Tensor]]]] = deque(maxlen=KEPT_TARGET_BATCHES)
+        self._init_target_check()
+
+    @property
+    def replacement_label(self) -> int:
+        return self.num_classes   # no-object
 
     def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Losses of the last layer and (with "aux_outputs") of every aux layer.
@@ -275,107 +426,25 @@ class SetCriterion(nn.Module):
         targets (to float32 rounding: sums run in another order), when the matchings agree
         (an optimal matching is unique unless costs tie).
         """
-        layers = [*outputs.get("aux_outputs", []), outputs]
-        logits = torch.stack([layer["pred_logits"] for layer in layers])  # [L, B, Q, C+1]
-        boxes = torch.stack([layer["pred_boxes"] for layer in layers])  # [L, B, Q, 4]
-        num_layers, batch_size, num_queries, _ = logits.shape
-        if targets.valid.shape[0] != batch_size or targets.labels.device != logits.device:
-            raise ValueError(f"SetCriterion.forward_padded: targets for {targets.valid.shape[0]} images on "
-                             f"{targets.labels.device}, predictions for {batch_size} on {logits.device}")
-        # a NaN block is left to the losses (the trainer checks them), on every device
-        col_for_row = self.matcher.match_padded(logits, boxes, targets, check_invalid=False)  # [L, B, Q], -1: none
-        matched = col_for_row >= 0
-        slot = col_for_row.clamp(min=0)
-        slots = targets.labels.shape[1]
-        counts = targets.valid.sum(1)  # [B]
-        num_boxes = num_boxes_tensor(counts.sum(), logits.device)
-
+        match = match_padded_layers(self.matcher, "SetCriterion", [*outputs.get("aux_outputs", []), outputs],
+                                    targets)
+        logits, matched, num_boxes = match.logits, match.matched, match.num_boxes
         per_layer: dict[str, Tensor] = {}  # loss name -> [L]
         if "labels" in self.losses:
-            labels = targets.labels.expand(num_layers, batch_size, slots).gather(2, slot)
-            target_classes = torch.where(matched, labels, self.num_classes)  # [L, B, Q]
+            target_classes = torch.where(matched, match.labels, self.num_classes)  # [L, B, Q]
             log_prob = logits.log_softmax(-1).gather(3, target_classes[..., None]).squeeze(3)
             weight = self.empty_weight[target_classes]
             # F.cross_entropy's weighted mean, per layer
             per_layer["loss_ce"] = -(weight * log_prob).sum((1, 2)) / weight.sum((1, 2))
         if "boxes" in self.losses:
-            target_boxes = targets.boxes.expand(num_layers, batch_size, slots, 4).gather(
-                2, slot[..., None].expand(-1, -1, -1, 4))  # [L, B, Q, 4]
-            l1 = (boxes - target_boxes).abs().sum(3)
-            giou = generalized_box_iou_broadcast(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes))
-            per_layer["loss_bbox"] = torch.where(matched, l1, 0).sum((1, 2)) / num_boxes
-            per_layer["loss_giou"] = torch.where(matched, 1 - giou, 0).sum((1, 2)) / num_boxes
+            per_layer.update(padded_box_losses(match.boxes, targets.boxes, match.col_for_row, num_boxes))
         class_error = None
         with torch.no_grad():
             if "labels" in self.losses:
-                correct = (logits[-1].argmax(-1) == target_classes[-1]) & matched[-1]
-                accuracy = correct.sum() * 100.0 / matched[-1].sum().clamp(min=1)  # 0 (error 100) when none match
-                class_error = 100 - accuracy
+                class_error = padded_class_error(logits[-1], target_classes[-1], matched[-1])
             if "cardinality" in self.losses:
-                predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(2).float()  # [L, B]
-                per_layer["cardinality_error"] = (predicted - counts.float()).abs().mean(1)
-        # `forward`'s keys in its order: the last layer's losses (class_error after loss_ce), then aux layer 0, 1, ...
-        unbound = {name: values.unbind(0) for name, values in per_layer.items()}
-        losses: dict[str, Tensor] = {}
-        for layer_index in [num_layers - 1, *range(num_layers - 1)]:
-            is_last = layer_index == num_layers - 1
-            suffix = "" if is_last else f"_{layer_index}"
-            for name, values in unbound.items():
-                losses[name + suffix] = values[layer_index]
-                if name == "loss_ce" and is_last and class_error is not None:
-                    losses["class_error"] = class_error
-        return losses
-
-    def _screen_targets(self, targets: Sequence[dict[str, Tensor]], labels: Tensor, boxes: Tensor,
-                        num_targets: Sequence[int]) -> tuple[Sequence[dict[str, Tensor]], Tensor, Tensor]:
-        """Check the target values: raise at once, or record the check and replace bad values (module docstring).
-
-        labels [N] int64 and boxes [N, 4]: every target of the batch, on the logits' device.
-        Returns (targets, labels, boxes): as given when checked at once, else with a bad label
-        replaced by no-object and a bad box by (0.5, 0.5, 0.5, 0.5), all on the device.
-        """
-        bad_label = (labels < 0) | (labels >= self.num_classes)
-        bad_box = ~torch.isfinite(boxes).all(1) | (boxes[:, 2:] < 0).any(1)
-        bad = (bad_label | bad_box).any()
-        at_once = self.check_targets if self.check_targets is not None else labels.device.type == "cpu"
-        if at_once:
-            # A CPU tensor is read through numpy (its memory, no op and no sync); elsewhere this is the sync.
-            if bool(bad.numpy() if bad.device.type == "cpu" else bad.item()):
-                raise BadTargetError(f"SetCriterion: {describe_bad_targets(targets, self.num_classes)}")
-            return targets, labels, boxes
-        call = self._forwards_since_check
-        self._forwards_since_check += 1
-        self._recent_targets.append((call, [{key: target[key] for key in ("labels", "boxes", "image_id")
-                                             if key in target} for target in targets]))
-        if self.target_status is None or self.target_status.device != labels.device:
-            self.target_status = torch.full((), -1, dtype=torch.int64, device=labels.device)
-        self.target_status = torch.where(bad & (self.target_status < 0), call, self.target_status)
-        labels = torch.where(bad_label, self.num_classes, labels)
-        boxes = torch.where(bad_box[:, None], 0.5, boxes)
-        targets = [{**target, "labels": image_labels, "boxes": image_boxes} for target, image_labels, image_boxes
-                   in zip(targets, labels.split(list(num_targets)), boxes.split(list(num_targets)))]
-        return targets, labels, boxes
-
-    def raise_if_bad_targets(self) -> None:
-        """Read the recorded target check on the host (one sync on a GPU); raise BadTargetError if it failed.
-
-        The error names the first forward since the previous call that had a bad target
-        (`error.call`: its index among them) and, from its kept targets, the images and values.
-        Each call starts a new period. Nothing recorded (checks at once, no forward): no read.
-        """
-        status, forwards, recent = self.target_status, self._forwards_since_check, dict(self._recent_targets)
-        self.target_status, self._forwards_since_check = None, 0
-        self._recent_targets.clear()
-        if status is None:
-            return
-        first_bad = int(status)
-        if first_bad < 0:
-            return
-        kept = recent.get(first_bad)
-        detail = (describe_bad_targets(kept, self.num_classes) if kept is not None else
-                  f"its targets are no longer kept (those of the last {KEPT_TARGET_BATCHES} forwards are)")
-        raise BadTargetError(f"SetCriterion: forward {first_bad + 1} of the {forwards} since the last check: "
-                             f"{detail}", call=first_bad)
+                per_layer["cardinality_error"] = padded_cardinality_error(logits, match.counts)
+        return layer_losses_in_order(per_layer, class_error)
 
     def loss_labels(self, logits: Tensor, target_labels: Tensor, matched: _MatchedBatch,
                     log: bool = True) -> dict[str, Tensor]:

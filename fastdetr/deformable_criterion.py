@@ -22,21 +22,40 @@ How it differs from the official, as fastdetr's SetCriterion differs from DETR's
   Logged only, kept for comparable logs.
 - `build_deformable_criterion`'s weight_dict is the official's; it also weights the "_enc" losses
   for a two-stage model without aux loss (the official then computes them with no weight).
-Target values are not read (labels must lie in [0, num_classes), as in the official, where a label
-outside fails in the one-hot scatter); `FocalHungarianMatcher(validate_targets=True)` checks them on the host.
+- Target values are checked as fastdetr's SetCriterion checks them (`fastdetr.criterion`'s docstring): a
+  label outside [0, num_classes) (the official fails in its one-hot scatter) or a box not finite or of
+  negative size is a `BadTargetError` naming the image, at once for CPU tensors, recorded on the device
+  otherwise (a bad label then becomes class 0, a bad box a centred one, until the trainer reads the check).
+- `forward_padded`: the losses for targets padded to fixed slots (static shapes, CUDA graphs), every decoder
+  layer in one batched computation and one matcher call, no host sync with a device solver.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou_broadcast
-from .criterion import _MatchedBatch, matched_box_losses, matched_class_error, num_boxes_tensor
+from .criterion import (
+    PaddedMatch,
+    TargetCheck,
+    _MatchedBatch,
+    layer_losses_in_order,
+    match_padded_layers,
+    matched_box_losses,
+    matched_class_error,
+    num_boxes_tensor,
+    padded_box_losses,
+    padded_cardinality_error,
+    padded_class_error,
+)
 from .deformable_config import DeformableDETRConfig
 from .matcher import HungarianMatcher, Indices, Solver, check_targets
+
+if TYPE_CHECKING:
+    from .padded import PaddedTargets
 
 LOSSES = ("labels", "boxes", "cardinality")
 FOCAL_ALPHA = 0.25
@@ -123,7 +142,7 @@ class FocalHungarianMatcher(HungarianMatcher):
                                        self.cost_giou, self.focal_alpha, self.focal_gamma)
 
 
-class DeformableSetCriterion(nn.Module):
+class DeformableSetCriterion(TargetCheck):
     """Deformable DETR's loss: focal classification over num_classes sigmoids, L1 and GIoU on matched pairs.
 
     num_classes: object classes (the logits have num_classes entries, no no-object class).
@@ -131,11 +150,15 @@ class DeformableSetCriterion(nn.Module):
     weight_dict: loss name -> weight, for `fastdetr.criterion.total_loss`.
     losses: a subset of ("labels", "boxes", "cardinality").
     focal_alpha, focal_gamma: the focal loss's (official 0.25 and 2).
+    check_targets: when a bad target value raises `BadTargetError`, as SetCriterion's (None: at once for CPU
+        tensors, recorded on a device and read by `raise_if_bad_targets`).
     """
+
+    replacement_label = 0   # the recorded check's stand-in for a bad label (there is no no-object class)
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: dict[str, float],
                  losses: Sequence[str] = LOSSES, focal_alpha: float = FOCAL_ALPHA,
-                 focal_gamma: float = FOCAL_GAMMA) -> None:
+                 focal_gamma: float = FOCAL_GAMMA, check_targets: bool | None = None) -> None:
         super().__init__()
         unknown = [loss for loss in losses if loss not in LOSSES]
         if unknown:
@@ -146,6 +169,8 @@ class DeformableSetCriterion(nn.Module):
         self.losses = list(losses)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.check_targets = check_targets
+        self._init_target_check()
 
     def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Losses of the last layer, every aux layer ("aux_outputs") and the encoder proposals ("enc_outputs").
@@ -165,6 +190,8 @@ class DeformableSetCriterion(nn.Module):
         num_targets = [int(t["labels"].shape[0]) for t in targets]
         target_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        targets, target_labels, target_boxes = self._screen_targets(targets, target_labels, target_boxes,
+                                                                    num_targets)
 
         aux_outputs = list(outputs.get("aux_outputs", []))
         last = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")}
@@ -192,6 +219,42 @@ class DeformableSetCriterion(nn.Module):
             losses.update(self._layer_losses(enc, enc_indices, torch.zeros_like(target_labels), target_boxes,
                                              num_targets, target_counts, num_boxes, offsets_cache, False, "_enc"))
         return losses
+
+    def forward_padded(self, outputs: dict[str, Any], targets: "PaddedTargets") -> dict[str, Tensor]:
+        """`forward`'s losses, same keys and order, for targets padded to fixed slots
+        (`fastdetr.padded.PaddedTargets` on the logits' device, values checked where they were padded): every
+        decoder layer matched in one `match_padded` call and its losses computed in one batched pass, the
+        encoder proposals in one more. No shape depends on a value; no host sync with a device solver.
+        Equal to `forward` on the same targets to float32 rounding when the matchings agree."""
+        last = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")}
+        match = match_padded_layers(self.matcher, type(self).__name__, [*outputs.get("aux_outputs", []), last],
+                                    targets)
+        per_layer, class_error = self._padded_losses(match, targets, log=True)
+        extra: dict[str, Tensor] = {}
+        if "enc_outputs" in outputs:
+            binary = type(targets)(torch.zeros_like(targets.labels), targets.boxes, targets.valid)
+            enc = match_padded_layers(self.matcher, type(self).__name__, [outputs["enc_outputs"]], binary)
+            enc_losses, _ = self._padded_losses(enc, binary, log=False)
+            extra = {name + "_enc": values[0] for name, values in enc_losses.items()}
+        return layer_losses_in_order(per_layer, class_error, extra)
+
+    def _padded_losses(self, match: PaddedMatch, targets: "PaddedTargets",
+                       log: bool) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Per-layer losses ([L] each) of a padded matching, and the last layer's class_error (with `log`)."""
+        logits, matched, num_boxes = match.logits, match.matched, match.num_boxes
+        per_layer: dict[str, Tensor] = {}
+        class_error = None
+        if "labels" in self.losses:
+            onehot = F.one_hot(match.labels, logits.shape[-1]).to(logits.dtype) * matched[..., None]
+            focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
+            per_layer["loss_ce"] = focal.sum((1, 2, 3)) / num_boxes   # the official's mean over Q, sum, * Q
+            if log:
+                class_error = padded_class_error(logits[-1], match.labels[-1], matched[-1])
+        if "boxes" in self.losses:
+            per_layer.update(padded_box_losses(match.boxes, targets.boxes, match.col_for_row, num_boxes))
+        if "cardinality" in self.losses:
+            per_layer["cardinality_error"] = padded_cardinality_error(logits, match.counts)
+        return per_layer, class_error
 
     def _layer_losses(self, layer: dict[str, Tensor], indices: Indices, target_labels: Tensor, target_boxes: Tensor,
                       num_targets: Sequence[int], target_counts: Tensor, num_boxes: Tensor,
@@ -244,12 +307,14 @@ class DeformableSetCriterion(nn.Module):
 def build_deformable_criterion(config: DeformableDETRConfig, *, cost_class: float = 2, cost_bbox: float = 5,
                                cost_giou: float = 2, cls_loss_coef: float = 2, bbox_loss_coef: float = 5,
                                giou_loss_coef: float = 2, focal_alpha: float = FOCAL_ALPHA,
-                               backend: str | Solver = "auto") -> DeformableSetCriterion:
+                               backend: str | Solver = "auto", check_targets: bool | None = None
+                               ) -> DeformableSetCriterion:
     """Deformable DETR's criterion for `config` (num_classes, dec_layers, aux_loss, two_stage), official defaults.
 
     weight_dict: {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}; with config.aux_loss the same for
     "_0" ... "_{dec_layers-2}" and "_enc" (as the official, also without two-stage); for two-stage
     always "_enc". Matcher costs 2 / 5 / 2 (focal class cost), losses labels, boxes, cardinality.
+    check_targets: DeformableSetCriterion's.
     """
     matcher = FocalHungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou,
                                     focal_alpha=focal_alpha, backend=backend)
@@ -259,4 +324,5 @@ def build_deformable_criterion(config: DeformableDETRConfig, *, cost_class: floa
     if config.aux_loss or config.two_stage:
         suffixes.append("_enc")
     weight_dict.update({k + suffix: v for suffix in suffixes for k, v in base.items()})
-    return DeformableSetCriterion(config.num_classes, matcher, weight_dict, LOSSES, focal_alpha)
+    return DeformableSetCriterion(config.num_classes, matcher, weight_dict, LOSSES, focal_alpha,
+                                  check_targets=check_targets)

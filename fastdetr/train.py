@@ -9,7 +9,8 @@ What a run does (the original DETR's recipe, main.py/engine.py, rewritten):
   criterion (focal loss, `build_deformable_criterion`) and the official Deformable DETR's recipe
   (fundamentalvision/Deformable-DETR main.py): a third parameter group, the sampling offsets and
   reference points (`LINEAR_PROJ_NAMES`) at `lr * LINEAR_PROJ_LR_MULT`, and its defaults (`RECIPES`)
-  for every recipe field left at None. Static shapes and CUDA graphs are DETR-only so far.
+  for every recipe field left at None. Static shapes work for both families (the padded step, eagerly);
+  CUDA graphs are DETR-only so far.
 - Mixed precision on CUDA (bf16 autocast, or fp16 autocast with a GradScaler);
   fp32 on the CPU. The criterion always runs in fp32.
 - No host sync per step: each step's losses go into a small device buffer
@@ -219,9 +220,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_steps: expected a positive integer, got {self.max_steps!r}")
         if self.cuda_graph:
             self.static_shapes = True
-        if self.static_shapes and model_family(self.model) == "deformable_detr":
-            raise ValueError(f"TrainConfig.{'cuda_graph' if self.cuda_graph else 'static_shapes'}: not supported "
-                             f"yet for Deformable DETR (model {self.model!r}); train it on the dynamic path")
+        if self.cuda_graph and model_family(self.model) == "deformable_detr":
+            raise ValueError(f"TrainConfig.cuda_graph: not supported yet for Deformable DETR (model {self.model!r}): "
+                             "its capture has never run on a GPU; use static_shapes (the padded step, eagerly) or "
+                             "the dynamic path")
         if self.max_targets is not None and (isinstance(self.max_targets, bool) or not isinstance(self.max_targets, int)
                                              or self.max_targets < 1):
             raise ValueError(f"TrainConfig.max_targets: expected None or a positive integer, got {self.max_targets!r}")
@@ -880,10 +882,6 @@ class _TrainingRun:
         return flags[0] > 0, flags[1] > 0
 
     def _raise_if_bad_targets(self, rows: int) -> None:
-        if self.deformable:
-            # DeformableSetCriterion records no value check: a label outside [0, num_classes) fails in its
-            # one-hot scatter, in the step itself, as in the official
-            return
         try:  # the criterion's target check, recorded on the device; the device has caught up by now
             self.criterion.raise_if_bad_targets()
         except BadTargetError as error:  # its forwards since the last check are this window's rows

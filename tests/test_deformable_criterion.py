@@ -258,3 +258,126 @@ def test_postprocess_selects_the_top_scores_over_queries_and_classes():
     assert few[0]["scores"].shape == (15,)
     with pytest.raises(ValueError, match="target_sizes"):
         PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, sizes[:1])
+
+
+# ---- padded targets (static shapes) -------------------------------------------------------------------
+
+PADDED_LAYOUTS = {"mixed": [4, 0, 6], "one_each": [1, 1], "empty_batch": [0, 0], "full": [7, 3]}
+
+
+@pytest.mark.parametrize("two_stage", [False, True])
+@pytest.mark.parametrize("layout", sorted(PADDED_LAYOUTS))
+def test_forward_padded_equals_forward(layout, two_stage):
+    """Every layer batched, one matcher call (and one for the proposals): the same keys in the same order,
+    values to 1e-6 and gradients to 1e-5 of the per-image path's."""
+    from fastdetr.padded import pad_targets
+
+    sizes = PADDED_LAYOUTS[layout]
+    outputs, targets = random_case(20 + len(layout), sizes=sizes, num_queries=11, num_layers=3,
+                                   num_proposals=24 if two_stage else 0)
+    criterion = build_deformable_criterion(config(with_box_refine=two_stage, two_stage=two_stage), backend="scipy")
+    expected = criterion(outputs, targets)
+    padded = criterion.forward_padded(outputs, pad_targets(targets, 7, 5))
+    assert list(padded) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(padded[name], value, rtol=1e-6, atol=1e-6, msg=name)
+    leaves = [outputs["pred_logits"], outputs["pred_boxes"], *outputs["aux_outputs"][0].values(),
+              *(outputs["enc_outputs"].values() if two_stage else [])]
+    grads = torch.autograd.grad(total_loss(expected, criterion.weight_dict), leaves, retain_graph=True)
+    padded_grads = torch.autograd.grad(total_loss(padded, criterion.weight_dict), leaves)
+    for index, (grad, padded_grad) in enumerate(zip(grads, padded_grads)):
+        assert torch.isfinite(padded_grad).all()
+        torch.testing.assert_close(padded_grad, grad, rtol=1e-5, atol=1e-6, msg=f"leaf {index}")
+
+
+def test_forward_padded_itself_makes_no_host_sync():
+    """On the meta device (no data: any .item(), bool() or device-to-host copy fails or is counted), with a
+    matcher whose match_padded is tensor ops only (the assignment kernel's no-sync launch is tested with DETR's
+    matcher): the losses, encoder proposals included, read nothing."""
+    from fastdetr.padded import pad_targets
+
+    outputs, targets = random_case(31, sizes=[3, 0, 5], num_queries=10, num_layers=2, num_proposals=16)
+    criterion = build_deformable_criterion(config(dec_layers=2, with_box_refine=True, two_stage=True),
+                                           backend="scipy")
+
+    def first_queries(logits, boxes, padded, check_invalid):   # query q takes slot q where that slot is valid
+        slots = torch.arange(logits.shape[2], device=logits.device).expand(logits.shape[:3])
+        width = padded.valid.shape[1]
+        valid = torch.nn.functional.pad(padded.valid, (0, logits.shape[2] - width))[None].expand_as(slots)
+        return torch.where(valid, slots, -1)
+
+    criterion.matcher.match_padded = first_queries
+    meta = {key: value.detach().to("meta").requires_grad_() for key, value in outputs.items()
+            if key not in ("aux_outputs", "enc_outputs")}
+    meta["aux_outputs"] = [{k: v.detach().to("meta") for k, v in aux.items()} for aux in outputs["aux_outputs"]]
+    meta["enc_outputs"] = {k: v.detach().to("meta") for k, v in outputs["enc_outputs"].items()}
+    padded = pad_targets(targets, 6, 5)
+    padded = type(padded)(*(tensor.to("meta") for tensor in padded))
+    with OpCounter() as counter:
+        losses = criterion.forward_padded(meta, padded)
+        total = total_loss(losses, criterion.weight_dict)
+    assert counter.sync_ops == []
+    assert total.device.type == "meta" and "loss_giou_enc" in losses and losses["loss_ce_0"].shape == ()
+
+
+def test_forward_padded_with_the_assignment_kernel():
+    pytest.importorskip("triton", reason="the triton solver needs Triton")
+    if not (torch.cuda.is_available() or __import__("fastdetr.backend").backend.interpreter_enabled()):
+        pytest.skip("no GPU and TRITON_INTERPRET is off: the assignment kernel cannot run")
+    from fastdetr.padded import pad_targets
+
+    outputs, targets = random_case(30, sizes=[3, 0, 5], num_queries=10, num_layers=2, num_proposals=16)
+    cfg = config(dec_layers=2, with_box_refine=True, two_stage=True)
+    expected = build_deformable_criterion(cfg, backend="scipy")(outputs, targets)
+    criterion = build_deformable_criterion(cfg, backend="triton")
+    losses = criterion.forward_padded(outputs, pad_targets(targets, 6, 5))
+    assert list(losses) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(losses[name], value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+# ---- bad target values ----------------------------------------------------------------------------------
+
+def _with_image_ids(seed):
+    outputs, targets = random_case(seed, sizes=[4, 0, 6], num_layers=2, num_proposals=15)
+    for image_id, target in zip((11, 12, 13), targets):
+        target["image_id"] = torch.tensor([image_id])
+    return outputs, targets
+
+
+@pytest.mark.parametrize("bad", ["label 5", "label -1", "nan box", "negative width"])
+def test_a_bad_target_raises_naming_the_image(bad):
+    from fastdetr.criterion import BadTargetError
+
+    outputs, targets = _with_image_ids(40)
+    if bad.startswith("label"):
+        targets[2]["labels"][3] = int(bad.split()[1])
+    else:
+        targets[0]["boxes"][1] = torch.tensor([0.5, math.nan, 0.2, 0.2] if bad == "nan box" else [0.5, 0.5, -0.1, 0.2])
+    criterion = build_deformable_criterion(config(dec_layers=2, with_box_refine=True, two_stage=True),
+                                           backend="scipy")
+    with pytest.raises(BadTargetError) as raised:
+        criterion(outputs, targets)
+    message = str(raised.value)
+    assert message.startswith("DeformableSetCriterion: bad target values in 1 of 3 image(s)")
+    named = "targets[2] (image_id 13): label" if bad.startswith("label") else "targets[0] (image_id 11): box"
+    assert named in message
+
+
+def test_the_recorded_check_keeps_losses_finite_and_raises_when_read():
+    from fastdetr.criterion import BadTargetError
+
+    criterion = build_deformable_criterion(config(dec_layers=2, with_box_refine=True, two_stage=True),
+                                           backend="scipy", check_targets=False)
+    good_outputs, good = _with_image_ids(41)
+    bad_outputs, bad = _with_image_ids(42)
+    bad[2]["labels"][0] = 9
+    with OpCounter() as counter:
+        losses = [criterion(good_outputs, good), criterion(bad_outputs, bad)]
+    assert counter.sync_ops == []
+    assert all(torch.isfinite(value).all() for step in losses for value in step.values())
+    with pytest.raises(BadTargetError) as raised:
+        criterion.raise_if_bad_targets()
+    assert raised.value.call == 1 and "forward 2 of the 2 since the last check" in str(raised.value)
+    assert "targets[2] (image_id 13): label 9 (target 0) is outside [0, 5)" in str(raised.value)
+    criterion.raise_if_bad_targets()   # a new period: nothing recorded

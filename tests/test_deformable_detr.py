@@ -220,3 +220,18 @@ def test_other_level_counts_build_and_run(levels):
     assert len(model.input_proj) == levels and model.transformer.level_embed.shape == (levels, 128)
     out = model([torch.randn(3, 64, 96)])
     assert out["pred_boxes"].shape == (1, 8, 4)
+
+
+def test_level_sizes_are_read_from_the_host_not_the_device():
+    """The forward's level sizes come from the feature maps' shapes: the (L, 2) tensor is made once per sizes
+    and device and carries them, so reading them never copies from the device (a meta tensor cannot be read:
+    any read would fail here)."""
+    from fastdetr.reference.deformable_detr import _level_sizes, _spatial_shapes
+
+    maps = [torch.empty(2, 8, 5, 7, device="meta"), torch.empty(2, 8, 3, 4, device="meta")]
+    shapes = _spatial_shapes(maps, torch.device("meta"))
+    assert shapes.device.type == "meta" and shapes.shape == (2, 2) and shapes.dtype == torch.int64
+    assert _level_sizes(shapes) == [(5, 7), (3, 4)]
+    assert _spatial_shapes([torch.empty(1, 3, 5, 7), torch.empty(1, 3, 3, 4)], torch.device("meta")) is shapes
+    plain = torch.tensor([[6, 2], [1, 1]])    # a tensor made elsewhere: read from its values
+    assert _level_sizes(plain) == [(6, 2), (1, 1)]

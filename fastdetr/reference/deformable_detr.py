@@ -48,17 +48,37 @@ def _clones(module: nn.Module, count: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
 
 
+# (level sizes, device) -> the (L, 2) tensor of those sizes, made once: a forward then copies nothing to the
+# device, and a captured CUDA graph replays with a tensor allocated before the capture
+_SHAPES: dict[tuple[tuple[tuple[int, int], ...], str], Tensor] = {}
+
+
 def _spatial_shapes(srcs: list[Tensor], device: torch.device) -> Tensor:
-    """(L, 2) int64 (H_l, W_l) of the levels; while tracing from their Shape ops, so an export stays dynamic."""
+    """(L, 2) int64 (H_l, W_l) of the levels; while tracing from their Shape ops, so an export stays dynamic.
+
+    Otherwise one tensor per (sizes, device), kept (never written in place), carrying the sizes as host ints
+    (`_level_sizes` reads them there: no device-to-host copy)."""
     if tracing():
         return torch.stack([torch.stack(list(src.shape[-2:])) for src in srcs]).to(device)
-    return torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long, device=device)
+    sizes = tuple((int(src.shape[-2]), int(src.shape[-1])) for src in srcs)
+    key = (sizes, str(device))
+    if key not in _SHAPES:
+        if len(_SHAPES) > 1024:   # many image sizes (dynamic shapes): keep the cache bounded
+            _SHAPES.clear()
+        shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)
+        shapes.level_sizes = sizes
+        _SHAPES[key] = shapes
+    return _SHAPES[key]
 
 
 def _level_sizes(spatial_shapes: Tensor) -> list[tuple[Any, Any]]:
-    """Each level's (H_l, W_l) from spatial_shapes (L, 2): ints, or while tracing 0-d tensors the trace records."""
+    """Each level's (H_l, W_l) from spatial_shapes (L, 2): ints (from the host copy `_spatial_shapes` attaches,
+    else read from the tensor), or while tracing 0-d tensors the trace records."""
     if tracing():
         return [tuple(shape.unbind(0)) for shape in spatial_shapes.unbind(0)]
+    known = getattr(spatial_shapes, "level_sizes", None)
+    if known is not None:
+        return list(known)
     return [(height, width) for height, width in spatial_shapes.tolist()]
 
 
