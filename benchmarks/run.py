@@ -26,7 +26,9 @@ Suites (each is also a script of its own in benchmarks/):
   where it imports, the official CUDA op, at Deformable-DETR, RT-DETR and DINO shapes;
 - layers (GPU): benchmarks/layers.py, encoder/decoder/transformer, reference
   eager vs torch.compile vs fastdetr;
-- model (GPU): benchmarks/model.py, DETR-R50 inference and training step;
+- model (GPU): benchmarks/model.py, DETR-R50 inference and training step (fixed sizes; DETR's augmentation
+  sizes with static shapes and CUDA graphs), and Deformable-DETR-R50 inference at 800x1333 (batch 1) and
+  training step (batch 2), reference vs fused;
 - matcher (GPU, and its CPU part anywhere): benchmarks/matcher.py;
 - proxies (CPU, through Triton's interpreter): benchmarks/proxies.py, ATen ops,
   Triton launches, host syncs and bytes saved for backward of one training
@@ -80,7 +82,7 @@ SUITES = (
     Suite("deformable_attention", True, "multi-scale deformable attention op and module vs grid_sample vs the "
           "CUDA op (benchmarks/deformable_attention.py)"),
     Suite("layers", True, "encoder/decoder/transformer: reference vs torch.compile vs fastdetr (benchmarks/layers.py)"),
-    Suite("model", True, "DETR-R50 inference and training step (benchmarks/model.py)"),
+    Suite("model", True, "DETR-R50 and Deformable-DETR-R50 inference and training step (benchmarks/model.py)"),
     Suite("matcher", False, "a step's matching: original loop vs fastdetr backends (benchmarks/matcher.py)"),
     Suite("proxies", False, "CPU proxies: ops, launches, syncs, saved bytes, reference vs fused "
           "(benchmarks/proxies.py)"),
@@ -189,8 +191,10 @@ def run_model(env: dict, level: str) -> list[dict]:
 
     if level == "smoke":
         one_layer = dataclasses.replace(model.SMOKE, overrides=(*model.SMOKE.overrides, ("dec_layers", 1)))
-        return model.measure(2, "cpu", env, providers=("reference-fp32", "fastdetr-bf16"), timer=_smoke_timer,
+        rows = model.measure(2, "cpu", env, providers=("reference-fp32", "fastdetr-bf16"), timer=_smoke_timer,
                              memory=None, scale=one_layer)
+        return rows + model.measure_deformable("cpu", env, providers=("reference-fp32", "fastdetr-bf16"),
+                                               timer=_smoke_timer, memory=None, scale=model.DEFORMABLE_SMOKE)
     # a training step takes milliseconds, not microseconds: a longer repetition gives do_bench a few samples
     warmup, rep = (25, 250) if level == "quick" else (25, 1000)
     providers = ("reference-fp32", "reference-bf16", "fastdetr-bf16") if level == "quick" else model.PROVIDERS
@@ -207,6 +211,12 @@ def run_model(env: dict, level: str) -> list[dict]:
     rows += model.measure_static(torch.device("cuda"), env, 25, 250 if quick else 500,
                                  providers=static_providers,
                                  train_batches=(2,) if quick else model.STATIC_TRAIN_BATCHES)
+    # Deformable-DETR-R50 (issue 18), last: inference at batch 1, the training step at batch 2. Estimated, not
+    # measured: --quick adds 40-60 s, most of it the Triton JIT of the fused kernels at its shapes and the
+    # reference's grid_sample training steps in fp32 and bf16.
+    deformable_providers = model.DEFORMABLE_PROVIDERS if level == "full" else tuple(
+        p for p in model.DEFORMABLE_PROVIDERS if not p.endswith("+compile"))
+    rows += model.measure_deformable(torch.device("cuda"), env, warmup, rep, providers=deformable_providers)
     return rows
 
 
@@ -253,7 +263,7 @@ def _suite_of(row: dict) -> str:
     case = row["case"]
     if case == "ceiling":
         return "ceiling"
-    if case in ("detr_r50", "detr_r50_static", "transformers_detr_r50_finetune"):
+    if case in ("detr_r50", "detr_r50_static", "transformers_detr_r50_finetune", "deformable_detr_r50"):
         return "model"
     if case.startswith("msda_"):
         return "deformable_attention"

@@ -175,6 +175,7 @@ def test_static_case_without_a_gpu_it_skips(capsys, tmp_path):
     assert bench.main(["--out", str(tmp_path), "--case", "all"]) == 0
     out = capsys.readouterr().out
     assert "skipped detr_r50 " in out and f"skipped {bench.STATIC_CASE}" in out and not any(tmp_path.iterdir())
+    assert f"skipped {bench.DEFORMABLE_CASE} (inference at B=1, training at B=2, 5 providers)" in out
 
 
 def test_help_lists_the_cases():
@@ -183,7 +184,8 @@ def test_help_lists_the_cases():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "model.py"
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "--case {detr_r50,static,all}" in proc.stdout and "--static-providers" in proc.stdout
+    assert "--case {detr_r50,static,deformable,all}" in proc.stdout and "--static-providers" in proc.stdout
+    assert "--deformable-providers" in proc.stdout
 
 
 def test_run_model_measures_the_static_case_without_compiles(monkeypatch):
@@ -194,9 +196,14 @@ def test_run_model_measures_the_static_case_without_compiles(monkeypatch):
     monkeypatch.setattr(bench, "measure", lambda *args, **kwargs: [])
     monkeypatch.setattr(bench, "measure_transformers", lambda *args, **kwargs: [])
     monkeypatch.setattr(bench, "measure_static", lambda *args, **kwargs: calls.append(kwargs) or [])
+    deformable = []
+    monkeypatch.setattr(bench, "measure_deformable", lambda *args, **kwargs: deformable.append(kwargs) or [])
     for level in ("quick", "full"):
         assert run.run_model(environment("cpu"), level) == []
     quick, full = calls
+    # Deformable-DETR-R50: every reference and fused provider, torch.compile's only in the full run
+    assert deformable[0]["providers"] == ("reference-fp32", "reference-bf16", "fastdetr-fp32", "fastdetr-bf16")
+    assert deformable[1]["providers"] == bench.DEFORMABLE_PROVIDERS
     assert quick["train_batches"] == (2,) and full["train_batches"] == bench.STATIC_TRAIN_BATCHES
     assert "fastdetr-bf16+graph" in quick["providers"] and "reference-bf16" in quick["providers"]
     assert not any(p.endswith("+compile") for p in quick["providers"] + full["providers"])
