@@ -13,6 +13,7 @@ the target), so an interrupted save never leaves a truncated checkpoint behind.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
@@ -48,7 +49,9 @@ def _read(path_or_url: str | os.PathLike, map_location: Any) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        # the official Deformable DETR's files keep their argparse Namespace ("args"): plain values, allowed
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (or it holds objects other than tensors and "
@@ -76,13 +79,16 @@ def _count_layers(state_dict: dict[str, Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def infer_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> DETRConfig:
-    """Read a DETRConfig off an official-layout state_dict.
+def infer_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> DETRConfig | DeformableDETRConfig:
+    """Read a DETRConfig off an official-layout state_dict (a DeformableDETRConfig off an official Deformable
+    DETR one, `infer_deformable_config`: it has `transformer.level_embed`).
 
     Everything is inferred from key names and shapes except `nheads` (8 is
     assumed), `dilation` (False: DC5 weights are indistinguishable, pass a
     config for them), dropout and aux_loss (defaults).
     """
+    if "transformer.level_embed" in state_dict:
+        return infer_deformable_config(state_dict, source)
     try:
         class_weight = state_dict["class_embed.weight"]
         query_weight = state_dict["query_embed.weight"]
@@ -90,15 +96,9 @@ def infer_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> D
         ffn_weight = state_dict["transformer.decoder.layers.0.linear1.weight"]
     except KeyError as error:
         raise CheckpointError(f"{source}: not a DETR state_dict, key {error} is missing") from error
-    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
-    layer3_blocks = _count_layers(state_dict, "backbone.0.body.layer3.")
-    depth = {(True, 6): "resnet50", (True, 23): "resnet101", (False, 2): "resnet18", (False, 6): "resnet34"}
-    backbone = depth.get((bottleneck, layer3_blocks))
-    if backbone is None:
-        raise CheckpointError(f"{source}: backbone with {layer3_blocks} layer3 blocks is not a known ResNet")
     return DETRConfig(
         num_classes=class_weight.shape[0] - 1,
-        backbone=backbone,
+        backbone=_resnet(state_dict, source),
         backbone_width=stem_weight.shape[0],
         frozen_batchnorm=not any(key.endswith("num_batches_tracked") for key in state_dict),
         position_embedding="learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
@@ -108,6 +108,57 @@ def infer_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> D
         dim_feedforward=ffn_weight.shape[0],
         pre_norm="transformer.encoder.norm.weight" in state_dict,
         num_queries=query_weight.shape[0],
+    )
+
+
+def _resnet(state_dict: dict[str, Tensor], source: str) -> str:
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
+    layer3_blocks = _count_layers(state_dict, "backbone.0.body.layer3.")
+    depth = {(True, 6): "resnet50", (True, 23): "resnet101", (False, 2): "resnet18", (False, 6): "resnet34"}
+    backbone = depth.get((bottleneck, layer3_blocks))
+    if backbone is None:
+        raise CheckpointError(f"{source}: backbone with {layer3_blocks} layer3 blocks is not a known ResNet")
+    return backbone
+
+
+def infer_deformable_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> DeformableDETRConfig:
+    """Read a DeformableDETRConfig off an official Deformable DETR state_dict (fundamentalvision's files).
+
+    From key names and shapes: classes, widths, backbone, levels, layers, FFN, points per level (8 heads
+    assumed, as every official model), queries (two-stage: its 300 proposals), box refinement (the decoder's
+    own box heads, `transformer.decoder.bbox_embed.*`) and two-stage (`transformer.enc_output`). `dilation`
+    (DC5) cannot be told apart and stays False; dropout and aux_loss keep their defaults.
+    """
+    try:
+        class_weight = state_dict["class_embed.0.weight"]
+        stem_weight = state_dict["backbone.0.body.conv1.weight"]
+        ffn_weight = state_dict["transformer.encoder.layers.0.linear1.weight"]
+        levels = state_dict["transformer.level_embed"].shape[0]
+        encoder_logits = state_dict["transformer.encoder.layers.0.self_attn.attention_weights.weight"].shape[0]
+        decoder_logits = state_dict["transformer.decoder.layers.0.cross_attn.attention_weights.weight"].shape[0]
+    except KeyError as error:
+        raise CheckpointError(f"{source}: not a Deformable DETR state_dict, key {error} is missing") from error
+    heads = DeformableDETRConfig.nheads
+    two_stage = "transformer.enc_output.weight" in state_dict
+    if not two_stage and "query_embed.weight" not in state_dict:
+        raise CheckpointError(f"{source}: not a Deformable DETR state_dict, key 'query_embed.weight' is missing "
+                              "(and no 'transformer.enc_output.weight' of a two-stage model)")
+    return DeformableDETRConfig(
+        num_classes=class_weight.shape[0],
+        backbone=_resnet(state_dict, source),
+        backbone_width=stem_weight.shape[0],
+        frozen_batchnorm=not any(key.endswith("num_batches_tracked") for key in state_dict),
+        num_feature_levels=levels,
+        hidden_dim=class_weight.shape[1],
+        nheads=heads,
+        enc_layers=_count_layers(state_dict, "transformer.encoder.layers."),
+        dec_layers=_count_layers(state_dict, "transformer.decoder.layers."),
+        dim_feedforward=ffn_weight.shape[0],
+        enc_n_points=encoder_logits // (heads * levels),
+        dec_n_points=decoder_logits // (heads * levels),
+        num_queries=DeformableDETRConfig.num_queries if two_stage else state_dict["query_embed.weight"].shape[0],
+        with_box_refine="transformer.decoder.bbox_embed.0.layers.0.weight" in state_dict,
+        two_stage=two_stage,
     )
 
 
@@ -151,9 +202,9 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: st
 
 def load_checkpoint(path_or_url: str | os.PathLike, model: nn.Module | None = None, *,
                     config: DETRConfig | DeformableDETRConfig | None = None, map_location: Any = "cpu") -> nn.Module:
-    """Load DETR weights into `model` (strictly) and return it.
+    """Load DETR or Deformable DETR weights into `model` (strictly) and return it.
 
-    Reads fastdetr's and the official DETR's files, and Hugging Face
+    Reads fastdetr's and the official DETR's and Deformable DETR's files, and Hugging Face
     transformers' `DetrForObjectDetection` weights (`fastdetr.hub`): a
     `model.safetensors` or `pytorch_model.bin`, or the save_pretrained
     directory holding one, in either key layout. Without a model, one is built:

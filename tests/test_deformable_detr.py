@@ -235,3 +235,44 @@ def test_level_sizes_are_read_from_the_host_not_the_device():
     assert _spatial_shapes([torch.empty(1, 3, 5, 7), torch.empty(1, 3, 3, 4)], torch.device("meta")) is shapes
     plain = torch.tensor([[6, 2], [1, 1]])    # a tensor made elsewhere: read from its values
     assert _level_sizes(plain) == [(6, 2), (1, 1)]
+
+
+def _architecture(config) -> dict:
+    """A config's fields but the training-only ones a state_dict cannot tell (dropout, what is frozen)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("dropout", "freeze_stem", "train_backbone")}
+
+
+@pytest.mark.parametrize("variant", ["plain", "box_refine", "two_stage"])
+def test_an_official_checkpoint_file_loads_without_a_model(variant, tmp_path):
+    """The official training script's file ({"model", "optimizer", "lr_scheduler", "epoch", "args"}, args an
+    argparse Namespace) read with weights_only: the model is built from its keys and shapes alone."""
+    import argparse
+
+    options = {"plain": {}, "box_refine": {"with_box_refine": True},
+               "two_stage": {"with_box_refine": True, "two_stage": True}}[variant]
+    torch.manual_seed(0)
+    model = fastdetr.deformable_detr_small(num_classes=7, num_queries=12, dec_n_points=2, **options).eval()
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []},
+                "lr_scheduler": {"last_epoch": 49}, "epoch": 49,
+                "args": argparse.Namespace(lr=2e-4, with_box_refine=bool(options), dataset_file="coco")}, path)
+    loaded = fastdetr.load_checkpoint(path).eval()
+    assert isinstance(loaded, fastdetr.DeformableDETR)
+    assert _architecture(loaded.config) == _architecture(model.config.replace(
+        num_queries=300 if variant == "two_stage" else model.config.num_queries))
+    image = torch.randn(3, 160, 128)   # 426 tokens over the 4 levels: two-stage takes the top 300
+    if variant == "two_stage":   # the file cannot say how many proposals the run took: the official 300
+        loaded.transformer.two_stage_num_proposals = model.transformer.two_stage_num_proposals
+    with torch.no_grad():
+        torch.testing.assert_close(loaded([image])["pred_boxes"], model([image])["pred_boxes"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"two-stage takes the top 300 of the encoder's tokens, but the levels' "
+                                         r"maps \(12x10, 6x5, 3x3, 2x2\) hold 163; use larger images"):
+        fastdetr.deformable_detr_small(two_stage=True, with_box_refine=True, num_queries=300)([torch.randn(3, 96, 80)])
+
+
+def test_resnet50_keys_give_the_official_config():
+    from fastdetr.checkpoint import infer_config
+
+    for options in ({}, {"with_box_refine": True}, {"with_box_refine": True, "two_stage": True}):
+        model = fastdetr.deformable_detr_resnet50(**options)
+        assert infer_config(model.state_dict()) == model.config, options

@@ -392,6 +392,11 @@ class DeformableTransformer(nn.Module):
         batch, _, channels = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.two_stage:
+            if not tracing() and memory.shape[1] < self.two_stage_num_proposals:
+                maps = ", ".join(f"{src.shape[-2]}x{src.shape[-1]}" for src in srcs)
+                raise ValueError(f"DeformableTransformer: two-stage takes the top {self.two_stage_num_proposals} of "
+                                 f"the encoder's tokens, but the levels' maps ({maps}) hold {memory.shape[1]}; use "
+                                 "larger images or fewer proposals (num_queries)")
             output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes)
             # the model's extra (last) heads score every token as a proposal
             enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
