@@ -68,8 +68,11 @@ from torch import Tensor, nn
 from .box_ops import box_cxcywh_to_xyxy
 from .nested import batch_images
 from .nn.attention import MultiheadAttention as FusedMultiheadAttention
+from .nn.deformable_transformer import DeformableTransformerDecoderLayer as FusedDeformableDecoderLayer
+from .nn.deformable_transformer import DeformableTransformerEncoderLayer as FusedDeformableEncoderLayer
 from .nn.transformer import TransformerDecoderLayer as FusedDecoderLayer
 from .nn.transformer import TransformerEncoderLayer as FusedEncoderLayer
+from .reference import deformable_detr as deformable_reference
 from .reference import transformer as reference
 from .reference.deformable_detr import DeformableDETR, top_detections
 from .reference.deformable_detr import PostProcess as DeformablePostProcess
@@ -85,6 +88,8 @@ _REFERENCE_CLASS: dict[type, type] = {
     FusedEncoderLayer: reference.TransformerEncoderLayer,
     FusedDecoderLayer: reference.TransformerDecoderLayer,
     FusedMultiheadAttention: nn.MultiheadAttention,
+    FusedDeformableEncoderLayer: deformable_reference.DeformableTransformerEncoderLayer,
+    FusedDeformableDecoderLayer: deformable_reference.DeformableTransformerDecoderLayer,
 }
 
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")

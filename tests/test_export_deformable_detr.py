@@ -76,3 +76,21 @@ def test_deformable_detr_exports_without_mask(tmp_path):
 def test_deformable_detr_needs_opset_16(tmp_path):
     with pytest.raises(ValueError, match="GridSample"):
         export_onnx(_model("plain"), tmp_path / "deformable.onnx", opset=15)
+
+
+def test_a_fused_deformable_detr_exports_its_reference_math(tmp_path):
+    """`fastdetr.optimize`'d layers (whose kernels a trace cannot record) export as their reference classes and
+    are fused again afterwards; the graph equals the unconverted model's in onnxruntime."""
+    import copy
+
+    model = _model("plain")
+    fused = fastdetr.optimize(copy.deepcopy(model))
+    path = export_onnx(fused, tmp_path / "fused.onnx", with_mask=True, image_size=EXPORT_SIZE,
+                       batch_size=EXPORT_BATCH)
+    assert type(fused.transformer.encoder.layers[0]) is fastdetr.nn.DeformableTransformerEncoderLayer
+    assert type(fused.transformer.decoder.layers[0]) is fastdetr.nn.DeformableTransformerDecoderLayer
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch, height, width = RUN_SIZES[0]
+    images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(5))
+    errors = compare_onnx(model, session, images, _mask(batch, height, width, 5))
+    assert max(errors.values()) <= RTOL, errors
