@@ -324,3 +324,84 @@ def test_optimized_model_under_bf16_autocast_stays_on_the_fused_path(monkeypatch
     assert relative_error(boxes, exact) <= max(1e-2, BASELINE_FACTOR * relative_error(ref, exact))
     outputs["pred_logits"].float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in optimized.parameters() if p.grad is not None)
+
+
+def test_optimized_deformable_detr_r50_matches_the_reference(monkeypatch):
+    """A whole Deformable-DETR-R50 (random weights, box refinement), forward and backward, fused vs not, float32:
+    the MSDA kernels, the fused layers' epilogues and FFNs, the decoder's self-attention kernel."""
+    torch.manual_seed(0)
+    if ON_CPU:
+        model = fastdetr.deformable_detr_small(num_classes=5, hidden_dim=D_MODEL, nheads=HEADS,
+                                               dim_feedforward=FFN, enc_layers=1, dec_layers=2, num_queries=QUERIES,
+                                               enc_n_points=2, dec_n_points=2, with_box_refine=True,
+                                               num_feature_levels=3)
+        # C3-C5 only: a stride-64 level of these tiny images would be 1 x 1, its GroupNorm's gradient
+        # ill-conditioned in float32 itself
+        sizes = [(96, 80), (64, 112)]
+    else:
+        model = fastdetr.deformable_detr_resnet50(num_classes=91, with_box_refine=True)
+        sizes = [(640, 800), (576, 736)]
+    model = model.to(DEVICE).train()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # off the official init, whose zero offsets and logits sample one fixed pattern
+        for param in model.transformer.parameters():
+            param.add_(torch.randn(param.shape, generator=generator).to(DEVICE) * 0.02)
+    optimized = fastdetr.optimize(copy.deepcopy(model))
+    images = [torch.randn(3, h, w, device=DEVICE) for h, w in sizes]
+    results = []
+    for net in (model, optimized):
+        if net is optimized:
+            monkeypatch.setattr(torch.nn.MultiheadAttention, "forward",
+                                lambda *a, **k: pytest.fail("the fused decoder fell back to nn.MultiheadAttention"))
+        outputs = net(images)
+        torch.manual_seed(1)
+        loss = (outputs["pred_logits"] * torch.randn_like(outputs["pred_logits"])).sum() + \
+            (outputs["pred_boxes"] * torch.randn_like(outputs["pred_boxes"])).sum()
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+        results.append((outputs["pred_logits"].detach(), outputs["pred_boxes"].detach(), grads))
+    (logits, boxes, grads), (logits_opt, boxes_opt, grads_opt) = results
+    assert relative_error(logits_opt, logits) <= 1e-5 and relative_error(boxes_opt, boxes) <= 1e-5
+    assert grads.keys() == grads_opt.keys()
+    largest = max(grad.norm().item() for grad in grads.values())
+    for name, grad in grads.items():
+        assert relative_error(grads_opt[name], grad, norm_floor=1e-3 * largest) <= 1e-4, name
+
+
+def test_deformable_criterion_with_the_device_matcher_makes_no_host_sync():
+    """Deformable DETR's criterion (focal cost in PyTorch, the batched assignment kernel), per image and padded,
+    two-stage proposals included, under CUDA's sync debug mode "error"; the losses equal the scipy backend's."""
+    from fastdetr.deformable_config import DeformableDETRConfig
+    from fastdetr.deformable_criterion import build_deformable_criterion
+    from fastdetr.matcher import resolve_solver
+    from fastdetr.padded import pad_targets
+
+    generator = torch.Generator().manual_seed(8)
+
+    def layer(queries):
+        return {"pred_logits": torch.randn(4, queries, 91, generator=generator).to(DEVICE),
+                "pred_boxes": torch.rand(4, queries, 4, generator=generator).mul(0.5).add(0.25).to(DEVICE)}
+
+    layers = [layer(300) for _ in range(6)]
+    outputs = {**layers[-1], "aux_outputs": layers[:-1], "enc_outputs": layer(2000)}
+    sizes = torch.randint(0, 31, (4,), generator=generator).tolist()
+    host = [{"labels": torch.randint(0, 91, (n,), generator=generator),
+             "boxes": torch.rand(n, 4, generator=generator).mul(0.5).add(0.25)} for n in sizes]
+    targets = [{key: value.to(DEVICE) for key, value in target.items()} for target in host]
+    padded = pad_targets(host, 300, 91).to(DEVICE)
+    config = DeformableDETRConfig(with_box_refine=True, two_stage=True)
+    criterion = build_deformable_criterion(config, backend="triton", check_targets=False)
+    criterion.matcher.solver = resolve_solver("triton", check_invalid=False)
+    criterion(outputs, targets), criterion.forward_padded(outputs, padded)   # compile outside the checked region
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses, padded_losses = criterion(outputs, targets), criterion.forward_padded(outputs, padded)
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    expected = build_deformable_criterion(config, backend="scipy")(outputs, targets)
+    for name, value in expected.items():
+        assert torch.allclose(losses[name], value, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(padded_losses[name], value, rtol=1e-5, atol=1e-5), name
