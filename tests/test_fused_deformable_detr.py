@@ -252,3 +252,24 @@ def test_the_official_layers_structure_converts(launches, reference_sampling):
     assert isinstance(layers[0].self_attn, fnn.MultiScaleDeformableAttention)
     _assert_outputs_match(model(images), expected, FORWARD_TOLERANCE)
     assert launches["linear_relu_dropout"] == 3
+
+
+def test_torch_compile_fullgraph_takes_the_fused_ops():
+    """`torch.compile(fullgraph=True)` of the fused model: one graph holding fastdetr's custom ops (no graph
+    break on the level sizes or the input checks), the same outputs as eager."""
+    model = _model(seed=14).eval()
+    fused = fastdetr.optimize(copy.deepcopy(model))
+    ops = Counter()
+
+    def backend(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if node.op == "call_function" and str(node.target).startswith("fastdetr."):
+                ops[str(node.target).split(".")[1]] += 1
+        return graph_module
+
+    images = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        compiled = torch.compile(fused, backend=backend, fullgraph=True)(images)
+        expected = model(images)
+    assert ops["ffn_inference"] == 3 and ops["linear_layernorm_fwd"] == 5 and ops["attention_fwd"] == 2, ops
+    _assert_outputs_match(compiled, expected, FORWARD_TOLERANCE)

@@ -43,7 +43,8 @@ How it differs from the official module:
 - bad inputs raise ValueError naming the argument, where the official asserts or
   fails inside the kernel; the token count against input_spatial_shapes is checked
   here when that tensor is on the CPU (on a GPU it would cost a host sync per call,
-  and the core checks it), and not while tracing (`torch.jit.trace`, `torch.onnx.export`),
+  and the core checks it), and not while tracing (`torch.jit.trace`, `torch.onnx.export`)
+  or compiling (`torch.compile`: a value a graph cannot guard on),
   where the graph takes the sizes as traced values and the check would be a constant of
   the example;
 - the offsets' bias is initialised in place (the official assigns a new Parameter):
@@ -155,7 +156,7 @@ class MultiScaleDeformableAttention(MSDeformAttn):
             if tuple(input_padding_mask.shape) != (batch, tokens) or input_padding_mask.dtype != torch.bool:
                 raise ValueError(f"{name}: input_padding_mask must be bool (N={batch}, S={tokens}), True on padding; "
                                  f"got {input_padding_mask.dtype} {tuple(input_padding_mask.shape)}")
-        if input_spatial_shapes.device.type == "cpu" and not tracing():
+        if input_spatial_shapes.device.type == "cpu" and not tracing() and not torch.compiler.is_compiling():
             held = int(input_spatial_shapes.prod(-1).sum())
             if held != tokens:
                 raise ValueError(f"{name}: input_flatten has {tokens} tokens, input_spatial_shapes "
