@@ -32,7 +32,8 @@ Suites (each is also a script of its own in benchmarks/):
 - matcher (GPU, and its CPU part anywhere): benchmarks/matcher.py;
 - proxies (CPU, through Triton's interpreter): benchmarks/proxies.py, ATen ops,
   Triton launches, host syncs and bytes saved for backward of one training
-  step, reference vs fused (fastdetr.measure.proxies).
+  step, reference vs fused (fastdetr.measure.proxies), DETR-R50 and Deformable-DETR-R50 (its quick
+  shape at both levels: the full one takes hours through the interpreter).
 Timing: triton.testing.do_bench (CUDA events, warm-up, median with 20/80
 quantiles, L2 flushed between calls) for the GPU suites; the model rotates
 three input batches; the matcher times wall clock (its original loop syncs).
@@ -238,16 +239,20 @@ def run_matcher(env: dict, level: str) -> list[dict]:
 def run_proxies(env: dict, level: str) -> list[dict]:
     """benchmarks/proxies.py through Triton's interpreter, in a process of its own (the interpreter is chosen
     when a kernel module is imported, and this process may have imported them for a GPU)."""
-    shape = "DETR_R50_STEP" if level == "full" else "QUICK_STEP"   # the full model's layers take minutes
-    script = ("import json, sys; from benchmarks.proxies import proxy_rows; "
-              f"from fastdetr.measure.proxies import {shape}; "
-              f"json.dump(proxy_rows(json.loads(sys.argv[1]), shape={shape}), sys.stdout)")
-    cpu_env = {**env, "device": "cpu (Triton interpreter)"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cpu_env)], capture_output=True, text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPO, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the proxies suite failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from benchmarks.proxies import SHAPES
+
+    rows = []
+    for shape in SHAPES["full" if level == "full" else "quick"]:   # a process and a timeout per model
+        script = ("import json, sys; from benchmarks.proxies import proxy_rows; "
+                  f"from fastdetr.measure.proxies import {shape}; "
+                  f"json.dump(proxy_rows(json.loads(sys.argv[1]), shape={shape}), sys.stdout)")
+        cpu_env = {**env, "device": "cpu (Triton interpreter)"}
+        proc = subprocess.run([sys.executable, "-c", script, json.dumps(cpu_env)], capture_output=True, text=True,
+                              env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPO, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the proxies suite failed at {shape}:\n{proc.stderr[-3000:]}")
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    return rows
 
 
 RUNNERS: dict[str, Callable[[dict, str], list[dict]]] = {

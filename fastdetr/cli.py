@@ -241,8 +241,13 @@ def _add_proxies(sub) -> None:
 
     parser = sub.add_parser("proxies", help="one training step's launches, host syncs and saved bytes, "
                             "reference vs fused, counted on a CPU", description=proxies.__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"the tests' shape ({proxies.QUICK_STEP.describe()}) "
-                        f"instead of {proxies.DETR_R50_STEP.describe()}")
+    parser.add_argument("--model", choices=proxies.MODELS, default="detr",
+                        help="the model whose step is counted: detr (default, DETR-R50) or deformable_detr "
+                        "(Deformable-DETR-R50, plain: no box refinement, not two-stage)")
+    parser.add_argument("--quick", action="store_true", help=f"the tests' shape ({proxies.QUICK_STEP.describe()}; "
+                        f"deformable_detr: {proxies.DEFORMABLE_QUICK_STEP.describe()}) instead of "
+                        f"{proxies.DETR_R50_STEP.describe()} (deformable_detr: "
+                        f"{proxies.DEFORMABLE_R50_STEP.describe()})")
     parser.add_argument("--enc-layers", type=int, help="override the shape's encoder layers")
     parser.add_argument("--dec-layers", type=int, help="override the shape's decoder layers")
     parser.add_argument("--queries", type=int, help="override the shape's number of queries")
@@ -258,7 +263,8 @@ def _proxies(args: argparse.Namespace) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     from .measure import proxies
 
-    shape = proxies.QUICK_STEP if args.quick else proxies.DETR_R50_STEP
+    full, quick = proxies.STEPS[args.model]
+    shape = quick if args.quick else full
     overrides = {name: value for name, value in (("enc_layers", args.enc_layers), ("dec_layers", args.dec_layers),
                                                  ("num_queries", args.queries)) if value is not None}
     return proxies.run_report(dataclasses.replace(shape, **overrides), args.device, args.verbose)

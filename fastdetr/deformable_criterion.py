@@ -245,7 +245,9 @@ class DeformableSetCriterion(TargetCheck):
         per_layer: dict[str, Tensor] = {}
         class_error = None
         if "labels" in self.losses:
-            onehot = F.one_hot(match.labels, logits.shape[-1]).to(logits.dtype) * matched[..., None]
+            # a comparison, not F.one_hot (which reads the labels' range on the host for CPU tensors)
+            classes = torch.arange(logits.shape[-1], device=logits.device)
+            onehot = ((match.labels[..., None] == classes) & matched[..., None]).to(logits.dtype)
             focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
             per_layer["loss_ce"] = focal.sum((1, 2, 3)) / num_boxes   # the official's mean over Q, sum, * Q
             if log:

@@ -4,10 +4,14 @@ import sys
 
 from .measure.proxies import (  # noqa: F401
     CONFIGURATIONS,
+    DEFORMABLE_QUICK_STEP,
+    DEFORMABLE_R50_STEP,
     DETR_R50_STEP,
     MATCHERS,
+    MODELS,
     PHASES,
     QUICK_STEP,
+    STEPS,
     StepProxies,
     StepShape,
     format_table,

@@ -32,7 +32,15 @@ import torch
 from fastdetr.backend import interpreter_enabled, triton_importable
 from fastdetr.cli import main
 from fastdetr.measure.counters import OpCounter, TritonLaunchCounter
-from fastdetr.measure.proxies import CONFIGURATIONS, QUICK_STEP, format_table, step_proxies
+from fastdetr.measure.proxies import (
+    CONFIGURATIONS,
+    DEFORMABLE_QUICK_STEP,
+    DEFORMABLE_R50_STEP,
+    QUICK_STEP,
+    STEPS,
+    format_table,
+    step_proxies,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -259,3 +267,127 @@ def test_refuses_to_measure_a_fused_step_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         step_proxies(True, "scipy", QUICK_STEP)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deformable DETR: the same step for Deformable-DETR-R50 (StepShape.model "deformable_detr")
+# ---------------------------------------------------------------------------------------------
+# Measured with `TRITON_INTERPRET=1 .venv/bin/fastdetr proxies --model deformable_detr --quick --verbose`
+# (DEFORMABLE_QUICK_STEP: 2 + 2 layers, 20 queries, batch 2 of 16x24 and 24x16 images; torch 2.13 CPU, Triton 3.6
+# interpreter; about 75 s per fused configuration on 2 busy cores, nearly all of it the MSDA kernels).
+
+def test_deformable_shapes_and_their_description():
+    assert DEFORMABLE_QUICK_STEP.deformable and not QUICK_STEP.deformable
+    assert STEPS["deformable_detr"] == (DEFORMABLE_R50_STEP, DEFORMABLE_QUICK_STEP)
+    assert (DEFORMABLE_R50_STEP.enc_layers, DEFORMABLE_R50_STEP.dec_layers, DEFORMABLE_R50_STEP.num_queries) == \
+           (6, 6, 300)
+    assert DEFORMABLE_QUICK_STEP.describe().startswith("Deformable-DETR-R50 widths, 2+2 layers, 20 queries")
+    assert QUICK_STEP.describe().startswith("DETR-R50 widths")
+    with pytest.raises(ValueError, match="StepShape.model"):
+        dataclasses.replace(QUICK_STEP, model="dino")
+
+
+@pytest.fixture(scope="module")
+def measured_deformable():
+    """step_proxies of every configuration at DEFORMABLE_QUICK_STEP, by name; about 4 minutes through the
+    interpreter on a 2-core CPU."""
+    if not (triton_importable() and interpreter_enabled()):
+        pytest.skip("the fused kernels run on a CPU only through Triton's interpreter (TRITON_INTERPRET=1)")
+    results = [step_proxies(fused, matcher, DEFORMABLE_QUICK_STEP, static=static)
+               for _, fused, matcher, static in CONFIGURATIONS]
+    return {result.name: result for result in results}
+
+
+def _msda_calls(shape) -> int:
+    return shape.enc_layers + shape.dec_layers   # one MSDA per encoder layer (self), per decoder layer (cross)
+
+
+@pytest.mark.slow  # one Deformable-DETR-R50-widths step per configuration through the interpreter (above)
+def test_deformable_reference_step(measured_deformable):
+    reference = measured_deformable["reference-scipy"]
+    assert reference.triton_launches == 0 and reference.allocations == 0
+    # measured 1806 launches (forward 739, criterion 271, backward 796; at 64x96 images 8 more in the forward, the
+    # flattening reshapes that the 1x1 levels make views)
+    assert 1750 <= reference.launches <= 1820
+    assert sum(reference.phase_launches.values()) == reference.launches
+    # the scipy solver's one copy of the cost blocks (every decoder layer at once), then the reference MSDA's two
+    # host reads of spatial_shapes and level_start_index per call, which a GPU makes and a CPU tensor does not
+    # (measured: exactly these, 9)
+    reads = 2 * _msda_calls(DEFORMABLE_QUICK_STEP)
+    assert reference.sync_ops == ("host solver: cost blocks to the host", *["tolist: values to the host"] * reads)
+    assert reference.optimizer_launches <= 20                                                  # measured 17
+
+
+@pytest.mark.slow  # one Deformable-DETR-R50-widths step per configuration through the interpreter (above)
+def test_deformable_fused_step_launches_the_fused_kernels_and_fewer_launches(measured_deformable):
+    reference, fused = measured_deformable["reference-scipy"], measured_deformable["fastdetr-scipy"]
+    calls = _msda_calls(DEFORMABLE_QUICK_STEP)
+    # one query-side MSDA kernel per call, forward and backward: a module left unconverted shows up here (measured
+    # 4, 4), and the decoder self-attention kernel once per decoder layer (measured 2 each)
+    assert fused.launch_counts.get("_msda_query_fwd_kernel") == fused.launch_counts.get("_msda_query_bwd_kernel") \
+        == calls
+    for kernel in ("_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"):
+        assert fused.launch_counts.get(kernel) == DEFORMABLE_QUICK_STEP.dec_layers, kernel
+    # measured 48 Triton launches; 1477 launches = 1561 ATen ops - 132 allocations + 48 (forward 500, criterion
+    # 271, backward 706) against the reference's 1806
+    assert fused.triton_launches <= 48
+    assert fused.launches <= 1490
+    assert reference.launches - fused.launches >= 310                                          # measured 329
+    assert fused.phase_launches["criterion"] == reference.phase_launches["criterion"]          # the same criterion
+    # the fused MSDA reads no shape on the host (its CPU-only token-count check runs outside the counters)
+    assert fused.sync_ops == ("host solver: cost blocks to the host",)                          # measured: exactly
+    assert fused.optimizer_launches <= 12                                                      # measured 10
+
+
+@pytest.mark.slow  # one Deformable-DETR-R50-widths step per configuration through the interpreter (above)
+def test_deformable_fused_step_with_the_triton_matcher_is_sync_free(measured_deformable):
+    fused = measured_deformable["fastdetr-triton"]
+    assert fused.host_syncs == 0 and fused.sync_ops == ()                                     # measured: none
+    # the focal cost runs in PyTorch (FocalHungarianMatcher): the assignment kernel alone, once for all layers
+    assert fused.launch_counts["_assignment_fwd_kernel"] == 1
+    assert "_matching_cost_fwd_kernel" not in fused.launch_counts
+    # measured 1482 launches (forward 500, criterion 276, backward 706), 49 of them Triton's
+    assert fused.triton_launches <= 49
+    assert fused.launches <= 1495
+    assert sum(fused.phase_launches.values()) == fused.launches
+    assert fused.step_launches == fused.launches + fused.optimizer_launches                   # measured 1492
+
+
+@pytest.mark.slow  # one Deformable-DETR-R50-widths step per configuration through the interpreter (above)
+def test_deformable_static_step_batches_the_criterion(measured_deformable):
+    dynamic, static = measured_deformable["fastdetr-triton"], measured_deformable["fastdetr-static-triton"]
+    # measured 1282 launches (forward 494, criterion 190, backward 598) against 1482: every layer's losses at once
+    assert static.launches <= 1295
+    assert static.phase_launches["criterion"] <= 195
+    assert dynamic.phase_launches["criterion"] - static.phase_launches["criterion"] >= 80      # measured 86
+    assert static.phase_launches["backward"] <= dynamic.phase_launches["backward"] - 100       # measured 108
+    assert sum(static.phase_launches.values()) == static.launches
+    assert static.launch_counts["_assignment_fwd_kernel"] == 1
+    assert static.host_syncs == 0 and static.sync_ops == ()                                   # measured: none
+    assert static.optimizer_launches == dynamic.optimizer_launches
+
+
+@pytest.mark.slow  # one Deformable-DETR-R50-widths step per configuration through the interpreter (above)
+def test_deformable_fused_step_saves_fewer_activation_bytes(measured_deformable):
+    reference = measured_deformable["reference-scipy"].saved_activation_bytes   # measured 7,042,818 (6.72 MiB)
+    fused = measured_deformable["fastdetr-scipy"].saved_activation_bytes         # measured 3,339,522 (3.18 MiB)
+    assert measured_deformable["fastdetr-triton"].saved_activation_bytes == fused
+    assert fused <= 0.5 * reference                                                            # measured 0.47
+
+
+@pytest.mark.slow  # one Deformable-DETR-R50-widths step per configuration through the interpreter (above)
+def test_deformable_rows_and_cli(measured_deformable, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.proxies import CASES, proxy_rows
+
+    env = dict(device="cpu", git_sha="test", torch=torch.__version__, triton="test", timestamp="now")
+    rows = proxy_rows(env, list(measured_deformable.values()))
+    assert {row["case"] for row in rows} == {CASES["deformable_detr"]} == {"deformable_detr_r50_step_proxies"}
+    by_configuration = {(result.provider != "reference", result.matcher, result.provider == "fastdetr-static"): result
+                        for result in measured_deformable.values()}
+    monkeypatch.setattr("fastdetr.measure.proxies.step_proxies",
+                        lambda fused, matcher, shape, device, static: by_configuration[(fused, matcher, static)])
+    assert main(["proxies", "--model", "deformable_detr", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "DeformableSetCriterion" in out and "Deformable-DETR-R50 widths, 2+2 layers, 20 queries" in out
+    assert f"| reference | scipy | {measured_deformable['reference-scipy'].aten_ops} |" in out

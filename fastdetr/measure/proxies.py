@@ -1,6 +1,7 @@
 """What one DETR training step costs a GPU, counted on a CPU: kernel launches, host syncs, saved bytes.
 
-    fastdetr proxies [--quick] [--enc-layers N] [--dec-layers N] [--queries Q] [--device cpu|cuda] [--verbose]
+    fastdetr proxies [--model detr|deformable_detr] [--quick] [--enc-layers N] [--dec-layers N] [--queries Q]
+                     [--device cpu|cuda] [--verbose]
 
 At DETR's sizes a GPU step is bound by kernel launches and host syncs as much
 as by arithmetic (shared/DESIGN.md), and both are counts: they can be taken
@@ -46,6 +47,19 @@ made beforehand so the step counted is a steady one -- is counted apart
 original gets on a GPU (torch's AdamW and `clip_grad_norm_`, foreach there),
 fastdetr its fused AdamW and one foreach clipping call (`fastdetr.optim`).
 
+Deformable DETR (`StepShape.model` "deformable_detr"): the same step and configurations for plain
+Deformable-DETR-R50 (the "deformable_detr_resnet50" preset, no box refinement, not two-stage;
+`fastdetr.build_deformable_criterion`, whose FocalHungarianMatcher computes its focal cost in PyTorch with
+either solver: the "triton" matcher is the assignment kernel alone; the static form its `forward_padded`). The
+fused model is `fastdetr.optimize`'s: fastdetr.nn.MultiScaleDeformableAttention and the fused encoder and
+decoder layers. Two things a CPU would count otherwise than a GPU: the reference MSDA reads spatial_shapes
+and level_start_index on the host (`tolist`, two device-to-host copies per call on a GPU, none on a CPU
+tensor: counted as syncs by their calls, as the scipy solver's copy), and the fused MSDA checks the levels'
+token count on CPU tensors only (a value read, 3 ops): run outside the counters. The optimizer phase is the
+same `_optimizer` over all trainable parameters; the official's three learning-rate groups (backbone,
+sampling offsets and reference points, the rest) change no launch count (one fused launch or foreach call
+covers every group).
+
 Shapes. Op, launch and sync counts do not depend on the image sizes or the
 number of queries (tests/test_proxies.py checks it for the reference); from two
 decoder layers on they grow linearly with the layers (the first aux layer also
@@ -57,7 +71,11 @@ the reference's faster: it keeps the (B * heads, L, S) attention weights.
 step stays affordable; `QUICK_STEP`, which the tests measure, keeps the widths
 and the aux losses with 2 + 2 layers and 20 queries. The measured counts live
 in the benchmark results (`fastdetr bench --suites proxies`) and, as bounds
-with the values they were set from, in tests/test_proxies.py.
+with the values they were set from, in tests/test_proxies.py. `DEFORMABLE_R50_STEP`: 6 + 6 layers and 300
+queries on the same images (maps 12x12, 6x6, 3x3, 2x2); through the interpreter its fused MSDA kernels take
+hours on a CPU (their programs grow with tokens and queries). `DEFORMABLE_QUICK_STEP`: 2 + 2 layers, 20
+queries, images 16x24 and 24x16, about a minute per fused configuration; its 1x1 levels make two reshapes
+views (8 fewer forward ops in the reference, 4 fused, than at 64x96; otherwise the same counts).
 """
 from __future__ import annotations
 
@@ -68,12 +86,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..criterion import build_criterion, total_loss
+from ..deformable_criterion import build_deformable_criterion
 from .counters import ALLOCATION_OPS, OpCounter, TritonLaunchCounter
 from .problem import DETR_R50
 from .saved_bytes import SavedBytes, gpu_dropout, saved_tensor_bytes
 
+MODELS = ("detr", "deformable_detr")
+DEFORMABLE_PRESET = "deformable_detr_resnet50"
+NUM_CLASSES = DETR_R50.num_classes   # 91, COCO's ids, for both models (Deformable DETR's focal head: 91 outputs)
 MATCHERS = ("scipy", "triton")
 # (provider, fused, matcher, static): the reference with the original's matcher, then fastdetr with it and with its
 # own, then fastdetr's static-shape step (`fastdetr.static`: padded batch and targets, `forward_padded`)
@@ -87,29 +111,47 @@ OPTIMIZER_HOST_OPS = ("aten._local_scalar_dense", "aten._record_function_enter_n
 
 @dataclass(frozen=True)
 class StepShape:
-    """The measured step's problem size; the widths are always DETR-R50's (`fastdetr.measure.problem.DETR_R50`).
+    """The measured step's problem size; the widths are always the model's R50 preset's: DETR-R50's
+    (`fastdetr.measure.problem.DETR_R50`) or, with model "deformable_detr", Deformable-DETR-R50's
+    (the "deformable_detr_resnet50" preset: 4 levels, d 256, FFN 1024, focal head of 91 classes).
 
     image_sizes: (H, W) per image, padded to the largest of each (DETR's batching);
-    num_targets: boxes per image, len(image_sizes) entries.
+    num_targets: boxes per image, len(image_sizes) entries; model: one of MODELS.
     """
     enc_layers: int = DETR_R50.enc_layers
     dec_layers: int = DETR_R50.dec_layers
     num_queries: int = DETR_R50.queries
     image_sizes: tuple[tuple[int, int], ...] = ((64, 96), (96, 64))
     num_targets: tuple[int, ...] = (4, 7)
+    model: str = "detr"
 
     def __post_init__(self) -> None:
         if len(self.num_targets) != len(self.image_sizes):
             raise ValueError(f"StepShape: {len(self.image_sizes)} images but {len(self.num_targets)} target counts")
+        if self.model not in MODELS:
+            raise ValueError(f"StepShape.model: expected one of {MODELS}, got {self.model!r}")
+
+    @property
+    def deformable(self) -> bool:
+        return self.model == "deformable_detr"
 
     def describe(self) -> str:
         sizes = ", ".join(f"{h}x{w}" for h, w in self.image_sizes)
-        return (f"DETR-R50 widths, {self.enc_layers}+{self.dec_layers} layers, {self.num_queries} queries, "
+        widths = "Deformable-DETR-R50" if self.deformable else "DETR-R50"
+        return (f"{widths} widths, {self.enc_layers}+{self.dec_layers} layers, {self.num_queries} queries, "
                 f"batch {len(self.image_sizes)} ({sizes}), {'/'.join(map(str, self.num_targets))} targets")
 
 
 DETR_R50_STEP = StepShape()
 QUICK_STEP = StepShape(enc_layers=2, dec_layers=2, num_queries=20)
+# 64x96 and 96x64 images give Deformable DETR's four levels (strides 8 / 16 / 32 / 64) 8x12, 4x6, 2x3 and 1x2 maps
+DEFORMABLE_R50_STEP = StepShape(num_queries=300, model="deformable_detr")
+# The quick one's smaller images (padded 24x24: 3x3, 2x2, 1x1, 1x1 maps) keep the interpreter's MSDA kernels, most
+# of its time, affordable; at its two 1x1 levels two reshapes of the flattened maps are views where larger maps copy
+DEFORMABLE_QUICK_STEP = StepShape(enc_layers=2, dec_layers=2, num_queries=20, image_sizes=((16, 24), (24, 16)),
+                                  model="deformable_detr")
+# model -> (its full step, its quick step): what `fastdetr proxies --model M [--quick]` measures
+STEPS = {"detr": (DETR_R50_STEP, QUICK_STEP), "deformable_detr": (DEFORMABLE_R50_STEP, DEFORMABLE_QUICK_STEP)}
 
 
 @dataclass(frozen=True)
@@ -155,14 +197,14 @@ class StepProxies:
 
 def _batch(shape: StepShape, device: torch.device, seed: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """Random images (3, H, W) and targets: "labels" (n,) among DETR-R50's classes, "boxes" (n, 4) cxcywh
-    inside the image."""
+    inside the image. The labels lie in [0, 91): valid for both models' heads."""
     generator = torch.Generator().manual_seed(seed + 1)
     images = [torch.randn(3, h, w, generator=generator).to(device) for h, w in shape.image_sizes]
     targets = []
     for n in shape.num_targets:
         centers = torch.rand(n, 2, generator=generator) * 0.5 + 0.25
         sizes = torch.rand(n, 2, generator=generator) * 0.4 + 0.05
-        targets.append({"labels": torch.randint(0, DETR_R50.num_classes, (n,), generator=generator).to(device),
+        targets.append({"labels": torch.randint(0, NUM_CLASSES, (n,), generator=generator).to(device),
                         "boxes": torch.cat([centers, sizes], dim=1).to(device)})
     return images, targets
 
@@ -179,6 +221,22 @@ class _HostSolverCopies:
         if cost.device.type == "cpu":   # a GPU cost's copy is an aten._to_copy the OpCounter sees itself
             self.calls += 1
         return self.solver(cost, num_targets)
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts `Tensor.tolist()` of CPU tensors: on a GPU each is a device-to-host copy the OpCounter sees there
+    (an `aten._to_copy`), on a CPU tensor no op at all. In the counted steps they are the reference MSDA's reads
+    of spatial_shapes and level_start_index (`fastdetr.reference.deformable_attention.ms_deform_attn`, two per
+    call: the official's CUDA op reads one, its assert of the token count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "tolist" and args and args[0].device.type == "cpu":
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
 
 
 def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R50_STEP,
@@ -199,7 +257,7 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
     import fastdetr
     from fastdetr.backend import interpreter_enabled
     from fastdetr.matcher import resolve_solver
-    from fastdetr.models import build_model
+    from fastdetr.models import build_deformable_model, build_model
 
     if matcher not in MATCHERS:
         raise ValueError(f"step_proxies: matcher must be one of {MATCHERS}, got {matcher!r}")
@@ -209,17 +267,26 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
                            "set TRITON_INTERPRET=1 before fastdetr's kernels are imported")
 
     torch.manual_seed(seed)
-    model = build_model(DETR_R50.preset, num_classes=DETR_R50.num_classes, enc_layers=shape.enc_layers,
-                        dec_layers=shape.dec_layers, num_queries=shape.num_queries).to(device).train()
+    sizes = dict(num_classes=NUM_CLASSES, enc_layers=shape.enc_layers, dec_layers=shape.dec_layers,
+                 num_queries=shape.num_queries)
+    if shape.deformable:
+        model = build_deformable_model(DEFORMABLE_PRESET, **sizes)
+    else:
+        model = build_model(DETR_R50.preset, **sizes)
+    model = model.to(device).train()
     if fused:
         fastdetr.optimize(model)
-    criterion = build_criterion(model.config, backend=matcher).to(device).train()
+    # the deformable criterion's FocalHungarianMatcher computes its focal cost in PyTorch whichever solver
+    build = build_deformable_criterion if shape.deformable else build_criterion
+    criterion = build(model.config, backend=matcher).to(device).train()
     host_copies = None
     if matcher == "scipy":
         host_copies = criterion.matcher.solver = _HostSolverCopies(criterion.matcher.solver)
     else:
         criterion.matcher.solver = resolve_solver("triton", check_invalid=False)
     _warm_caches(model)
+    if device.type == "cpu":
+        _hide_cpu_only_checks(model)
     images, targets = _batch(shape, device, seed)
     if static:
         images, targets = _static_batch(images, targets, shape, device)
@@ -243,7 +310,8 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
 
     dropout = gpu_dropout() if gpu_dropout_on_cpu and device.type == "cpu" else contextlib.nullcontext()
     start = time.perf_counter()
-    with dropout, OpCounter() as ops, TritonLaunchCounter() as launches:
+    host_reads = _HostReads() if device.type == "cpu" else contextlib.nullcontext()
+    with dropout, host_reads, OpCounter() as ops, TritonLaunchCounter() as launches:
         # model and criterion as arguments: their parameters and buffers count as parameters, not activations
         saved = saved_tensor_bytes(forward_and_loss, model, criterion, images, targets)
         kept.pop().backward()
@@ -264,7 +332,9 @@ def step_proxies(fused: bool, matcher: str = "scipy", shape: StepShape = DETR_R5
         phase_launches[phase] = aten_ops - allocations + triton_launches - previous
         previous += phase_launches[phase]
     copies = host_copies.calls if host_copies is not None else 0
-    sync_ops = (*ops.sync_ops, *["host solver: cost blocks to the host"] * copies)
+    reads = host_reads.calls if isinstance(host_reads, _HostReads) else 0
+    sync_ops = (*ops.sync_ops, *["host solver: cost blocks to the host"] * copies,
+                *["tolist: values to the host"] * reads)
     return StepProxies(
         provider=_provider(fused, static), matcher=matcher, shape=shape, device=str(device),
         aten_ops=ops.ops, allocations=snapshots["backward"][1], triton_launches=launches.launches,
@@ -283,6 +353,21 @@ def _warm_caches(model: torch.nn.Module) -> None:
             module._folded()
 
 
+def _hide_cpu_only_checks(model: torch.nn.Module) -> None:
+    """Runs what a module checks on CPU tensors only outside the counters: `fastdetr.nn.MultiScaleDeformableAttention`
+    reads its spatial shapes' token count when they are CPU tensors (3 ops and one `aten._local_scalar_dense` per
+    call) and not on a GPU, where the step counted runs. The check still runs."""
+    from ..nn.deformable_attention import MultiScaleDeformableAttention
+
+    for module in model.modules():
+        if isinstance(module, MultiScaleDeformableAttention):
+            def check(*args, _check=module._check_inputs, **kwargs):
+                with _disable_current_modes():
+                    return _check(*args, **kwargs)
+
+            module._check_inputs = check
+
+
 def _provider(fused: bool, static: bool) -> str:
     return ("fastdetr-static" if static else "fastdetr") if fused else "reference"
 
@@ -296,7 +381,7 @@ def _static_batch(images: list[Tensor], targets: list[dict[str, Tensor]], shape:
     height, width = max(h for h, _ in shape.image_sizes), max(w for _, w in shape.image_sizes)
     bucket = SizeBuckets(32, max(height, width)).bucket(height, width)
     host_targets = [{key: value.cpu() for key, value in target.items()} for target in targets]
-    return batch_images(images, bucket), pad_targets(host_targets, shape.num_queries, DETR_R50.num_classes).to(device)
+    return batch_images(images, bucket), pad_targets(host_targets, shape.num_queries, NUM_CLASSES).to(device)
 
 
 def _optimizer(model: torch.nn.Module, fused: bool, device: torch.device):
@@ -362,7 +447,8 @@ def run_report(shape: StepShape, device: torch.device | str = "cpu", verbose: bo
     On a CPU the caller sets TRITON_INTERPRET=1 before the first kernel module is imported (fastdetr.cli
     does). verbose: also list the launches per kernel, the sync ops, and the ATen ops that differ.
     """
-    print(f"one training step (forward, SetCriterion with aux losses, backward), train mode, dropout 0.1: "
+    criterion = "DeformableSetCriterion" if shape.deformable else "SetCriterion"
+    print(f"one training step (forward, {criterion} with aux losses, backward), train mode, dropout 0.1: "
           f"{shape.describe()}, {device}", flush=True)
     results = []
     for _, fused, matcher, static in CONFIGURATIONS:
@@ -372,7 +458,9 @@ def run_report(shape: StepShape, device: torch.device | str = "cpu", verbose: bo
     print()
     print(format_table(results))
     print("launches = ATen ops (views excluded) - allocations + Triton launches. Host syncs include the scipy "
-          "matcher's one copy of the cost blocks to the host, which a GPU makes and a CPU tensor does not.")
+          "matcher's one copy of the cost blocks to the host, which a GPU makes and a CPU tensor does not"
+          + (", and the reference MSDA's two reads of its level shapes per call (tolist), likewise."
+             if shape.deformable else "."))
     if verbose:
         for result in results:
             print(f"\n{result.name}: Triton launches {dict(sorted(result.launch_counts.items()))}")
