@@ -231,6 +231,18 @@ def test_dropout_in_train_mode_keeps_the_expected_fraction():
     assert all(torch.isfinite(p.grad).all() for p in fused.parameters())
 
 
+def _outputs_and_gradients(net, images):
+    """(logits, boxes, {parameter name: gradient}) of a random projection of both outputs (seed 1)."""
+    net.zero_grad()
+    outputs = net(images)
+    torch.manual_seed(1)
+    loss = (outputs["pred_logits"] * torch.randn_like(outputs["pred_logits"])).sum() + \
+        (outputs["pred_boxes"] * torch.randn_like(outputs["pred_boxes"])).sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    return outputs["pred_logits"].detach(), outputs["pred_boxes"].detach(), grads
+
+
 def test_optimized_detr_r50_matches_the_reference():
     """A whole DETR-R50 (random weights), forward and backward, fused vs not, float32."""
     torch.manual_seed(0)
@@ -246,17 +258,8 @@ def test_optimized_detr_r50_matches_the_reference():
     assert all(type(layer) in (fnn.TransformerEncoderLayer, fnn.TransformerDecoderLayer)
                for layer in (*optimized.transformer.encoder.layers, *optimized.transformer.decoder.layers))
     images = [torch.randn(3, h, w, device=DEVICE) for h, w in sizes]
-    results = []
-    for net in (model, optimized):
-        net.zero_grad()
-        outputs = net(images)
-        torch.manual_seed(1)
-        loss = (outputs["pred_logits"] * torch.randn_like(outputs["pred_logits"])).sum() + \
-            (outputs["pred_boxes"] * torch.randn_like(outputs["pred_boxes"])).sum()
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
-        results.append((outputs["pred_logits"].detach(), outputs["pred_boxes"].detach(), grads))
-    (logits, boxes, grads), (logits_opt, boxes_opt, grads_opt) = results
+    (logits, boxes, grads), (logits_opt, boxes_opt, grads_opt) = (_outputs_and_gradients(net, images)
+                                                                  for net in (model, optimized))
     assert relative_error(logits_opt, logits) <= 1e-5 and relative_error(boxes_opt, boxes) <= 1e-5
     assert grads.keys() == grads_opt.keys()
     for name, grad in grads.items():
@@ -348,19 +351,10 @@ def test_optimized_deformable_detr_r50_matches_the_reference(monkeypatch):
             param.add_(torch.randn(param.shape, generator=generator).to(DEVICE) * 0.02)
     optimized = fastdetr.optimize(copy.deepcopy(model))
     images = [torch.randn(3, h, w, device=DEVICE) for h, w in sizes]
-    results = []
-    for net in (model, optimized):
-        if net is optimized:
-            monkeypatch.setattr(torch.nn.MultiheadAttention, "forward",
-                                lambda *a, **k: pytest.fail("the fused decoder fell back to nn.MultiheadAttention"))
-        outputs = net(images)
-        torch.manual_seed(1)
-        loss = (outputs["pred_logits"] * torch.randn_like(outputs["pred_logits"])).sum() + \
-            (outputs["pred_boxes"] * torch.randn_like(outputs["pred_boxes"])).sum()
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
-        results.append((outputs["pred_logits"].detach(), outputs["pred_boxes"].detach(), grads))
-    (logits, boxes, grads), (logits_opt, boxes_opt, grads_opt) = results
+    logits, boxes, grads = _outputs_and_gradients(model, images)
+    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward",
+                        lambda *a, **k: pytest.fail("the fused decoder fell back to nn.MultiheadAttention"))
+    logits_opt, boxes_opt, grads_opt = _outputs_and_gradients(optimized, images)
     assert relative_error(logits_opt, logits) <= 1e-5 and relative_error(boxes_opt, boxes) <= 1e-5
     assert grads.keys() == grads_opt.keys()
     largest = max(grad.norm().item() for grad in grads.values())

@@ -356,10 +356,10 @@ def test_deformable_fused_step_with_the_triton_matcher_is_sync_free(measured_def
 @pytest.mark.slow  # one Deformable-DETR-R50-widths step per configuration through the interpreter (above)
 def test_deformable_static_step_batches_the_criterion(measured_deformable):
     dynamic, static = measured_deformable["fastdetr-triton"], measured_deformable["fastdetr-static-triton"]
-    # measured 1282 launches (forward 494, criterion 190, backward 598) against 1482: every layer's losses at once
+    # measured 1279 launches (forward 494, criterion 187, backward 598) against 1482: every layer's losses at once
     assert static.launches <= 1295
     assert static.phase_launches["criterion"] <= 195
-    assert dynamic.phase_launches["criterion"] - static.phase_launches["criterion"] >= 80      # measured 86
+    assert dynamic.phase_launches["criterion"] - static.phase_launches["criterion"] >= 80      # measured 89
     assert static.phase_launches["backward"] <= dynamic.phase_launches["backward"] - 100       # measured 108
     assert sum(static.phase_launches.values()) == static.launches
     assert static.launch_counts["_assignment_fwd_kernel"] == 1
