@@ -280,6 +280,17 @@ class TargetCheck(nn.Module):
         self._forwards_since_check = 0
         self._recent_targets: deque[tuple[int, list[dict[str, Tensor]]]] = deque(maxlen=KEPT_TARGET_BATCHES)
 
+    def _gather_targets(self, targets: Sequence[dict[str, Tensor]], logits: Tensor
+                        ) -> tuple[Sequence[dict[str, Tensor]], list[int], Tensor, Tensor]:
+        """(targets, per-image counts, every label [N] int64, every box [N, 4]) on the logits' device, shapes
+        checked (metadata only: no sync) and values screened (`_screen_targets`)."""
+        check_target_shapes(targets, logits.shape[0], self.num_classes, None)
+        num_targets = [int(t["labels"].shape[0]) for t in targets]
+        labels = torch.cat([t["labels"] for t in targets]).to(device=logits.device, dtype=torch.int64)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device)
+        targets, labels, boxes = self._screen_targets(targets, labels, boxes, num_targets)
+        return targets, num_targets, labels, boxes
+
     def _screen_targets(self, targets: Sequence[dict[str, Tensor]], labels: Tensor, boxes: Tensor,
                         num_targets: Sequence[int]) -> tuple[Sequence[dict[str, Tensor]], Tensor, Tensor]:
         """Check the target values: raise at once, or record the check and replace bad values (module docstring).
@@ -379,12 +390,7 @@ class SetCriterion(TargetCheck):
         """
         logits = outputs["pred_logits"]
         device = logits.device
-        check_target_shapes(targets, logits.shape[0], self.num_classes, None)  # metadata only: no sync
-        num_targets = [int(t["labels"].shape[0]) for t in targets]
-        target_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
-        targets, target_labels, target_boxes = self._screen_targets(targets, target_labels, target_boxes,
-                                                                    num_targets)
+        targets, num_targets, target_labels, target_boxes = self._gather_targets(targets, logits)
 
         aux_outputs = list(outputs.get("aux_outputs", []))
         layers = [*aux_outputs, {k: v for k, v in outputs.items() if k != "aux_outputs"}]

@@ -186,12 +186,7 @@ class DeformableSetCriterion(TargetCheck):
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"DeformableSetCriterion: pred_logits has {logits.shape[-1]} classes, "
                              f"expected num_classes = {self.num_classes}")
-        check_targets(targets, logits.shape[0], self.num_classes, None)  # metadata only: no sync
-        num_targets = [int(t["labels"].shape[0]) for t in targets]
-        target_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
-        targets, target_labels, target_boxes = self._screen_targets(targets, target_labels, target_boxes,
-                                                                    num_targets)
+        targets, num_targets, target_labels, target_boxes = self._gather_targets(targets, logits)
 
         aux_outputs = list(outputs.get("aux_outputs", []))
         last = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")}

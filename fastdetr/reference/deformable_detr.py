@@ -33,7 +33,7 @@ from ..deformable_config import DeformableDETRConfig
 from ..nested import to_image_batch
 from .backbone import Backbone
 from .deformable_attention import ms_deform_attn, sampling_locations, tracing
-from .detr import MLP, check_image_dtype
+from .detr import MLP, as_target_sizes, check_image_dtype
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .transformer import _activation
 
@@ -615,11 +615,7 @@ class PostProcess(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        if not isinstance(target_sizes, Tensor):
-            target_sizes = torch.as_tensor(target_sizes, device=logits.device)
-        if target_sizes.dim() != 2 or target_sizes.shape != (logits.shape[0], 2):
-            raise ValueError(f"target_sizes: expected ({logits.shape[0]}, 2) (height, width) per image, "
-                             f"got {tuple(target_sizes.shape)}")
+        target_sizes = as_target_sizes(target_sizes, logits)
         _, num_queries, num_classes = logits.shape
         num_select = min(self.num_select, num_queries * num_classes)
         scores, labels, boxes = top_detections(logits, boxes, target_sizes, num_select)

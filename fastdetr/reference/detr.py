@@ -115,6 +115,17 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+def as_target_sizes(target_sizes: Any, logits: Tensor) -> Tensor:
+    """A post-process's target_sizes as a (B, 2) (height, width) tensor on the logits' device (a list or
+    tuple is converted); ValueError naming the expected shape otherwise."""
+    if not isinstance(target_sizes, Tensor):
+        target_sizes = torch.as_tensor(target_sizes, device=logits.device)
+    if target_sizes.dim() != 2 or target_sizes.shape != (logits.shape[0], 2):
+        raise ValueError(f"target_sizes: expected ({logits.shape[0]}, 2) (height, width) per image, "
+                         f"got {tuple(target_sizes.shape)}")
+    return target_sizes
+
+
 class PostProcess(nn.Module):
     """Turns DETR outputs into per-image detections in pixel coordinates.
 
@@ -127,13 +138,7 @@ class PostProcess(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        if not isinstance(target_sizes, Tensor):
-            target_sizes = torch.as_tensor(target_sizes, device=logits.device)
-        if target_sizes.dim() != 2 or target_sizes.shape != (logits.shape[0], 2):
-            raise ValueError(
-                f"target_sizes: expected ({logits.shape[0]}, 2) (height, width) per image, "
-                f"got {tuple(target_sizes.shape)}"
-            )
+        target_sizes = as_target_sizes(target_sizes, logits)
         prob = F.softmax(logits, -1)
         scores, labels = prob[..., :-1].max(-1)
         boxes = box_cxcywh_to_xyxy(boxes)
